@@ -1,0 +1,33 @@
+# Two commands on a fresh machine with Python 3.10-3.13: `make run` and `make test`.
+# uv installs the locked dependencies (uv.lock) into .venv; uv itself goes into .tools.
+PYTHON ?= python3
+UV := .tools/bin/uv
+VENV := .venv/bin
+
+.PHONY: setup run test lint bench clean
+
+setup: .venv/.synced
+
+.tools/bin/uv:
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet --disable-pip-version-check "uv==0.13.8"
+
+.venv/.synced: pyproject.toml uv.lock | .tools/bin/uv
+	$(UV) sync --frozen
+	touch $@
+
+run: setup  ## the default experiment: split digits, live vs EMA
+	$(VENV)/python -m cl_ema $(ARGS)
+
+test: setup  ## the whole test suite (CPU)
+	$(VENV)/python -m pytest -q $(ARGS)
+
+lint: setup
+	$(VENV)/ruff check cl_ema tests benchmarks
+	$(VENV)/ruff format --check cl_ema tests benchmarks
+
+bench: setup  ## EMA update speed (see README, "Benchmarks")
+	$(VENV)/python benchmarks/ema_update.py $(ARGS)
+
+clean:
+	rm -rf .venv .tools outputs multirun wandb

@@ -1,0 +1,88 @@
+"""Raw datasets as tensors: scikit-learn digits (offline) and torchvision MNIST / CIFAR.
+
+Each loader returns the train and test splits as ``TensorStore``s on the CPU. torchvision does the
+downloading (into ``root`` when ``download`` is true) and the checksum checks; its errors become
+one-line ``UserError``s naming the dataset and the folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cl_ema.data.storage import Normalization, TensorStore
+from cl_ema.errors import UserError
+
+MNIST_NORM = Normalization(1 / 255, (0.1307,), (0.3081,))
+CIFAR10_NORM = Normalization(1 / 255, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_NORM = Normalization(1 / 255, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+DIGITS_NORM = Normalization(1 / 16, (0.0,), (1.0,))  # pixel values 0..16 → [0, 1]
+DIGITS_TEST_FRACTION = 0.25
+DIGITS_SPLIT_SEED = 0  # the split is fixed; ``seed`` only changes class order and training
+
+
+def load_digits() -> tuple[TensorStore, TensorStore]:
+    """scikit-learn's 8×8 digits (1,797 images, 10 classes), a fixed stratified 75/25 split."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sklearn_digits()
+    images = bunch.images.astype(np.uint8)[:, None]  # (N, 1, 8, 8), values 0..16
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        images, bunch.target, test_size=DIGITS_TEST_FRACTION, stratify=bunch.target, random_state=DIGITS_SPLIT_SEED
+    )
+    return _store(x_tr, y_tr, DIGITS_NORM), _store(x_te, y_te, DIGITS_NORM)
+
+
+def load_mnist(root: Path, download: bool) -> tuple[TensorStore, TensorStore]:
+    from torchvision.datasets import MNIST
+
+    train, test = (_torchvision(MNIST, "MNIST", root, download, train=flag) for flag in (True, False))
+    return (
+        _store(train.data.numpy()[:, None], train.targets.numpy(), MNIST_NORM),
+        _store(test.data.numpy()[:, None], test.targets.numpy(), MNIST_NORM),
+    )
+
+
+def load_cifar(num_classes: int, root: Path, download: bool) -> tuple[TensorStore, TensorStore]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls, name, norm = (
+        (CIFAR10, "CIFAR-10", CIFAR10_NORM) if num_classes == 10 else (CIFAR100, "CIFAR-100", CIFAR100_NORM)
+    )
+    train, test = (_torchvision(cls, name, root, download, train=flag) for flag in (True, False))
+    # torchvision keeps CIFAR as (N, 32, 32, 3) uint8; the models want channels first.
+    return (
+        _store(train.data.transpose(0, 3, 1, 2), np.asarray(train.targets), norm),
+        _store(test.data.transpose(0, 3, 1, 2), np.asarray(test.targets), norm),
+    )
+
+
+def _store(images: np.ndarray, labels: np.ndarray, norm: Normalization) -> TensorStore:
+    inputs = torch.from_numpy(np.ascontiguousarray(images))
+    return TensorStore(inputs, torch.as_tensor(np.asarray(labels), dtype=torch.long), norm)
+
+
+def _torchvision(cls: Callable, name: str, root: Path, download: bool, *, train: bool):
+    split = "train" if train else "test"
+    try:
+        return cls(root=str(root), train=train, download=download)
+    except RuntimeError as err:
+        if not download and "not found" in str(err).lower():
+            raise UserError(
+                f"{name} {split} set not found in {root} and data.download=false: "
+                "set data.root to the folder holding it, or allow data.download=true"
+            ) from err
+        raise UserError(
+            f"{name} {split} set in {root} is corrupt or incomplete ({err}); delete it to re-download"
+        ) from err
+    except OSError as err:  # network failures (URLError is an OSError) and unreadable files
+        action = "download" if download else "read"
+        raise UserError(f"could not {action} {name} {split} set in {root}: {err}") from err
+    except Exception as err:  # truncated pickles / idx files surface as assorted errors
+        raise UserError(
+            f"{name} {split} set in {root} is corrupt ({type(err).__name__}: {err}); delete it to re-download"
+        ) from err

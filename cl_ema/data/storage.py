@@ -1,0 +1,139 @@
+"""Datasets held once as tensors on the training device; batches are gathered by sample index.
+
+Avalanche streams in cl_ema carry sample *indices* (plus labels and task labels), not images:
+class order, task splits and replay buffers are Avalanche's, while the pixels stay on the device
+and a batch is one gather, one optional augmentation and one normalization there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class Normalization:
+    """x ↦ (x · scale − mean) / std, per channel."""
+
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class TensorStore:
+    """One split of a dataset on a device: ``inputs[i]`` is sample ``i`` (uint8 or float).
+
+    With ``permutations`` (P, D) the store is virtual and holds P·N samples: index ``p·N + i``
+    is sample ``i`` with its flattened pixels permuted by ``permutations[p]`` (permuted MNIST).
+    """
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        norm: Normalization,
+        permutations: Tensor | None = None,
+    ) -> None:
+        if inputs.dim() != 4:
+            raise ValueError(f"inputs must be (N, C, H, W), got {tuple(inputs.shape)}")
+        self.inputs = inputs
+        self.base_targets = targets
+        self.permutations = permutations
+        self.norm = norm
+        channels = inputs.shape[1]
+        self._mean = torch.tensor(norm.mean, dtype=torch.float32, device=inputs.device).view(1, channels, 1, 1)
+        self._std = torch.tensor(norm.std, dtype=torch.float32, device=inputs.device).view(1, channels, 1, 1)
+        self._scale = norm.scale
+
+    @property
+    def device(self) -> torch.device:
+        return self.inputs.device
+
+    @property
+    def num_base(self) -> int:
+        return self.inputs.shape[0]
+
+    def __len__(self) -> int:
+        copies = 1 if self.permutations is None else self.permutations.shape[0]
+        return copies * self.num_base
+
+    @property
+    def targets(self) -> Tensor:
+        """Labels of all (virtual) samples, on the CPU, for building Avalanche datasets."""
+        copies = 1 if self.permutations is None else self.permutations.shape[0]
+        return self.base_targets.cpu().repeat(copies)
+
+    def to(self, device: torch.device) -> TensorStore:
+        perms = None if self.permutations is None else self.permutations.to(device)
+        return TensorStore(self.inputs.to(device), self.base_targets.to(device), self.norm, perms)
+
+    def permuted(self, permutations: Tensor) -> TensorStore:
+        """The same samples, once per permutation of the flattened pixels."""
+        return TensorStore(self.inputs, self.base_targets, self.norm, permutations)
+
+    def targets_at(self, index: Tensor) -> Tensor:
+        """Labels of the samples at ``index``, on the device."""
+        return self.base_targets[index.to(self.device) % self.num_base]
+
+    def raw(self, index: Tensor) -> Tensor:
+        """Samples at ``index`` as stored (uint8 or float), permutation applied."""
+        index = index.to(self.device)
+        if self.permutations is None:
+            return self.inputs[index]
+        base = self.inputs[index % self.num_base]
+        perm = self.permutations[index // self.num_base]
+        return base.flatten(1).gather(1, perm).view_as(base)
+
+    def normalize(self, raw: Tensor) -> Tensor:
+        return (raw.float() * self._scale - self._mean) / self._std
+
+    def batch(self, index: Tensor) -> Tensor:
+        """Normalized float inputs for ``index`` (no augmentation)."""
+        return self.normalize(self.raw(index))
+
+
+class CropFlip:
+    """Random crop with zero padding and random horizontal flip, on a whole batch on its device.
+
+    The standard CIFAR augmentation (pad 4, crop 32, flip p=0.5), drawn from its own generator
+    so that the same seed gives the same batches.
+    """
+
+    def __init__(self, padding: int = 4, flip: bool = True, seed: int = 0) -> None:
+        self.padding = padding
+        self.flip = flip
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def get_state(self) -> dict[str, Tensor]:
+        return {str(d): g.get_state() for d, g in self._generators.items()}
+
+    def set_state(self, state: dict[str, Tensor]) -> None:
+        for device, value in state.items():
+            self._generator(torch.device(device)).set_state(value)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        gen = self._generator(x.device)
+        if self.padding:
+            p = self.padding
+            padded = F.pad(x, (p, p, p, p))
+            top = torch.randint(0, 2 * p + 1, (n, 1), device=x.device, generator=gen)
+            left = torch.randint(0, 2 * p + 1, (n, 1), device=x.device, generator=gen)
+            rows = (top + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+            cols = (left + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+            batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+            chan = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+            x = padded[batch, chan, rows, cols]
+        if self.flip:
+            flip = torch.rand(n, device=x.device, generator=gen) < 0.5
+            x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+        return x

@@ -1,0 +1,151 @@
+"""A continual stream: Avalanche defines the tasks, the tensors live on the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+from avalanche.benchmarks.scenarios.generic_scenario import CLScenario
+from avalanche.benchmarks.scenarios.supervised import (
+    class_incremental_benchmark,
+    with_classes_timeline,
+)
+from avalanche.benchmarks.utils.classification_dataset import (
+    _as_taskaware_supervised_classification_dataset,
+)
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from cl_ema.config import DATASETS, SCENARIOS
+from cl_ema.data import sources
+from cl_ema.data.storage import CropFlip, TensorStore
+from cl_ema.errors import UserError
+
+
+@dataclass
+class ContinualStream:
+    """Everything a run needs to know about its data."""
+
+    benchmark: CLScenario  # Avalanche stream of index datasets: items are (index, label, task)
+    train: TensorStore
+    test: TensorStore
+    task_classes: list[list[int]]  # classes of each task, sorted
+    test_indices: list[Tensor]  # per task, indices into ``test`` (on the device)
+    class_order: list[int]
+    num_classes: int
+    augment: CropFlip | None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.inputs.shape[1:])  # type: ignore[return-value]
+
+    def seen_classes(self, task: int) -> list[int]:
+        """Classes of tasks 0..task (the class-IL output space after training ``task``)."""
+        return sorted({c for t in range(task + 1) for c in self.task_classes[t]})
+
+
+def build_stream(
+    dataset: str,
+    scenario: str,
+    n_tasks: int,
+    *,
+    seed: int,
+    root: Path,
+    download: bool,
+    device: torch.device,
+    class_order: list[int] | None = None,
+    augment: bool = False,
+) -> ContinualStream:
+    """Load ``dataset`` onto ``device`` and split it into ``n_tasks`` tasks."""
+    train, test = _load(dataset, root, download)
+    num_classes = int(train.base_targets.max()) + 1
+    if scenario == "split":
+        order = _class_order(class_order, num_classes, seed)
+        if n_tasks < 1 or num_classes % n_tasks:
+            raise UserError(f"data.n_tasks={n_tasks}: must divide the {num_classes} classes of {dataset}")
+        benchmark = class_incremental_benchmark(
+            {"train": _index_dataset(train), "test": _index_dataset(test)},
+            class_order=order,
+            num_experiences=n_tasks,
+        )
+    elif scenario == "permuted":
+        if class_order is not None:
+            raise UserError("data.class_order: not used by the permuted scenario (every task has all classes)")
+        if n_tasks < 1:
+            raise UserError(f"data.n_tasks={n_tasks}: must be >= 1")
+        order = list(range(num_classes))
+        perms = _permutations(n_tasks, int(np.prod(train.inputs.shape[1:])), seed)
+        train, test = train.permuted(perms), test.permuted(perms)
+        benchmark = with_classes_timeline(
+            benchmark_from_datasets(
+                train=[_index_dataset(train, task) for task in range(n_tasks)],
+                test=[_index_dataset(test, task) for task in range(n_tasks)],
+            )
+        )
+    else:
+        raise UserError(f"data.scenario={scenario!r}: must be one of {', '.join(SCENARIOS)}")
+
+    task_classes = [sorted(int(c) for c in exp.classes_in_this_experience) for exp in benchmark.train_stream]
+    train, test = train.to(device), test.to(device)
+    test_indices = [experience_indices(exp.dataset).to(device) for exp in benchmark.test_stream]
+    return ContinualStream(
+        benchmark=benchmark,
+        train=train,
+        test=test,
+        task_classes=task_classes,
+        test_indices=test_indices,
+        class_order=[int(c) for c in order],
+        num_classes=num_classes,
+        augment=CropFlip(padding=4, flip=True, seed=seed) if augment else None,
+    )
+
+
+def experience_indices(dataset) -> Tensor:
+    """All sample indices of an Avalanche index dataset, in its order."""
+    loader = DataLoader(dataset, batch_size=8192, shuffle=False)
+    return torch.cat([batch[0] for batch in loader]) if len(dataset) else torch.empty(0, dtype=torch.long)
+
+
+def _load(dataset: str, root: Path, download: bool) -> tuple[TensorStore, TensorStore]:
+    if dataset == "digits":
+        return sources.load_digits()
+    if dataset == "mnist":
+        return sources.load_mnist(root, download)
+    if dataset in ("cifar10", "cifar100"):
+        return sources.load_cifar(10 if dataset == "cifar10" else 100, root, download)
+    raise UserError(f"data.name={dataset!r}: must be one of {', '.join(DATASETS)}")
+
+
+def _class_order(given: list[int] | None, num_classes: int, seed: int) -> list[int]:
+    if given is None:
+        # Fixed per seed, independent of any other random state.
+        return [int(c) for c in np.random.RandomState(seed).permutation(num_classes)]
+    if sorted(given) != list(range(num_classes)):
+        raise UserError(f"data.class_order: must be a permutation of 0..{num_classes - 1}")
+    return list(given)
+
+
+def _permutations(n_tasks: int, size: int, seed: int) -> Tensor:
+    """Pixel permutations per task; task 0 sees the original images (van de Ven et al.)."""
+    rng = np.random.RandomState(seed)
+    perms = [np.arange(size)] + [rng.permutation(size) for _ in range(n_tasks - 1)]
+    return torch.as_tensor(np.stack(perms), dtype=torch.long)
+
+
+def _index_dataset(store: TensorStore, copy: int | None = None):
+    """Avalanche dataset whose inputs are indices into ``store`` (one permuted copy, or all)."""
+    if copy is None:
+        index = torch.arange(len(store))
+    else:
+        index = torch.arange(store.num_base) + copy * store.num_base
+    targets = store.targets[index]
+    dataset = TensorDataset(index, targets)
+    dataset.targets = targets  # type: ignore[attr-defined]
+    return _as_taskaware_supervised_classification_dataset(dataset)

@@ -1,0 +1,33 @@
+"""Shared helpers: compose configs the way the CLI does, run experiments in-process."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from cl_ema.config import check, register_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+register_schema()
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def run_experiment(out_dir: Path, *overrides: str, experiment: str = "split_digits"):
+    """Compose, check and run like ``python -m cl_ema``; returns (results, console text)."""
+    from cl_ema.runner import run
+    from cl_ema.tracking import Console
+
+    cfg = compose_config("logger=none", "checkpoint=false", *overrides)
+    check(cfg)
+    text = io.StringIO()
+    results = run(cfg, out_dir, experiment, console=Console(text))
+    return results, text.getvalue()

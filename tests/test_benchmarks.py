@@ -1,0 +1,22 @@
+"""The benchmark scripts run (tiny sizes): their numbers go into the README."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from helpers import ROOT
+
+
+def test_ema_update_benchmark_smoke():
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/ema_update.py", "--repeats", "2", "--widths", "4", "8", "--no-train-step"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for row in ("flat lerp_ (floor)", "cl_ema K=1", "cl_ema K=4", "per-parameter loop", "torch AveragedModel"):
+        assert row in proc.stdout
+    assert "K=1 / floor" in proc.stdout and "device: cpu" in proc.stdout

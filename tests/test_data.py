@@ -1,0 +1,141 @@
+"""Data: digits, torchvision loaders on generated files, index streams, device batches, augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fake_datasets import skip_cifar_md5, write_cifar, write_mnist  # noqa: F401
+from helpers import run_experiment
+from torch.utils.data import DataLoader
+
+from cl_ema.data import CropFlip, build_stream, experience_indices
+from cl_ema.errors import UserError
+
+CPU = torch.device("cpu")
+
+
+def stream(name: str, root=None, scenario: str = "split", n_tasks: int = 5, seed: int = 0, **kw):
+    return build_stream(name, scenario, n_tasks, seed=seed, root=root, download=False, device=CPU, **kw)
+
+
+def test_digits_is_a_fixed_stratified_split_in_five_tasks():
+    s = stream("digits")
+    assert (len(s.train), len(s.test)) == (1347, 450)
+    assert s.num_tasks == 5 and all(len(c) == 2 for c in s.task_classes)
+    assert sorted(c for cs in s.task_classes for c in cs) == list(range(10))
+    test_counts = np.bincount(s.test.base_targets.numpy())
+    all_counts = test_counts + np.bincount(s.train.base_targets.numpy())
+    assert np.all(np.abs(test_counts - 0.25 * all_counts) <= 1)  # stratified 75/25
+    other = stream("digits", seed=1)
+    assert torch.equal(other.test.inputs, s.test.inputs)  # the split does not depend on the seed
+    assert other.class_order != s.class_order  # the class order does
+    assert stream("digits", seed=0).class_order == s.class_order
+
+
+def test_each_experience_holds_exactly_its_classes_samples():
+    s = stream("digits")
+    targets = s.train.base_targets
+    for exp, classes in zip(s.benchmark.train_stream, s.task_classes):
+        index = experience_indices(exp.dataset)
+        expected = torch.nonzero(torch.isin(targets, torch.tensor(classes))).flatten()
+        assert torch.equal(index.sort().values, expected)  # none lost, none duplicated
+        # one shuffled epoch through Avalanche's loader sees each sample once
+        seen = torch.cat([batch[0] for batch in DataLoader(exp.dataset, batch_size=32, shuffle=True)])
+        assert torch.equal(seen.sort().values, expected)
+        assert torch.equal(torch.cat([b[1] for b in DataLoader(exp.dataset, batch_size=64)]), targets[index])
+    for exp, index in zip(s.benchmark.test_stream, s.test_indices):
+        assert torch.equal(experience_indices(exp.dataset), index)
+
+
+def test_fixed_class_order_and_bad_task_count():
+    s = stream("digits", class_order=list(range(10)))
+    assert s.task_classes[0] == [0, 1]
+    with pytest.raises(UserError, match="data.n_tasks=3: must divide the 10 classes"):
+        stream("digits", n_tasks=3)
+    with pytest.raises(UserError, match="data.class_order"):
+        stream("digits", class_order=[0, 1, 2])
+
+
+@pytest.mark.parametrize("num_classes,name", [(10, "cifar10"), (100, "cifar100")])
+def test_cifar_loads_from_torchvision_layout(tmp_path, skip_cifar_md5, num_classes, name):  # noqa: F811
+    files = write_cifar(tmp_path, num_classes, per_class=2)
+    s = stream(name, root=tmp_path, n_tasks=num_classes // 2 if num_classes == 10 else 10, augment=True)
+    assert s.train.inputs.shape == (2 * num_classes, 3, 32, 32) and s.train.inputs.dtype == torch.uint8
+    # torchvision's sample i, channels first
+    first = torch.from_numpy(files["train"][0][0].reshape(3, 32, 32))
+    order = torch.tensor(np.concatenate([np.asarray(files["train"][1])]))
+    assert torch.equal(s.train.base_targets, order)
+    assert torch.equal(s.train.inputs[0], first)
+    assert s.augment is not None
+
+
+def test_mnist_split_and_permuted(tmp_path):
+    files = write_mnist(tmp_path)
+    split = stream("mnist", root=tmp_path)
+    assert split.train.inputs.shape == (50, 1, 28, 28)
+    assert torch.equal(split.train.inputs[:, 0], torch.from_numpy(files["train"][0]))
+    permuted = stream("mnist", root=tmp_path, scenario="permuted", n_tasks=3)
+    assert len(permuted.train) == 150 and permuted.task_classes == [list(range(10))] * 3
+    x0 = permuted.train.raw(torch.tensor([7]))
+    assert torch.equal(x0, split.train.inputs[7:8])  # task 0 is unpermuted
+    x1 = permuted.train.raw(torch.tensor([50 + 7]))
+    perm = permuted.train.permutations[1]
+    assert not torch.equal(x1, x0)
+    assert torch.equal(x1.flatten(), x0.flatten()[perm])
+    assert torch.equal(permuted.train.targets_at(torch.tensor([57])), split.train.base_targets[7:8])
+    assert torch.equal(permuted.test_indices[2], torch.arange(20) + 40)
+
+
+def test_missing_dataset_with_downloads_off_names_the_folder(tmp_path):
+    with pytest.raises(UserError, match=rf"MNIST train set not found in {tmp_path} and data.download=false"):
+        stream("mnist", root=tmp_path)
+    with pytest.raises(UserError, match="CIFAR-10 train set not found"):
+        stream("cifar10", root=tmp_path)
+
+
+def test_corrupt_dataset_is_a_clear_error(tmp_path, skip_cifar_md5):  # noqa: F811
+    files = write_cifar(tmp_path, 10)
+    (files["folder"] / "data_batch_3").write_bytes(b"\x80\x04truncated")
+    with pytest.raises(UserError, match="CIFAR-10 train set in .* is corrupt"):
+        stream("cifar10", root=tmp_path)
+    write_mnist(tmp_path)
+    (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08")
+    with pytest.raises(UserError, match="MNIST test set in .* is corrupt"):
+        stream("mnist", root=tmp_path)
+
+
+def test_crop_flip_shapes_determinism_and_effect():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32).repeat(8, 1, 1, 1)
+    a, b = CropFlip(seed=3)(x), CropFlip(seed=3)(x)
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert torch.equal(a, b)  # same seed, same batch
+    assert not torch.equal(CropFlip(seed=4)(x), a)
+    assert not torch.equal(a, x)  # the crop / flip really happened
+    # zero padding shows up as zero borders for some samples; every sample is a shifted/flipped window
+    flips = CropFlip(padding=0, seed=0)(x)
+    for sample, original in zip(flips, x):
+        assert torch.equal(sample, original) or torch.equal(sample, original.flip(2))
+    crops = CropFlip(padding=4, flip=False, seed=0)(x)
+    assert (crops == 0).any()
+    u8 = CropFlip(seed=0)(torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8))
+    assert u8.dtype == torch.uint8
+
+
+def test_end_to_end_on_generated_cifar10(tmp_path, skip_cifar_md5):  # noqa: F811
+    write_cifar(tmp_path / "data", 10, per_class=4, test_per_class=2)
+    results, text = run_experiment(
+        tmp_path / "out",
+        "experiment=split_cifar10",
+        "strategy=ema_replay",
+        f"data.root={tmp_path / 'data'}",
+        "data.download=false",
+        "model.width=4",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "replay.mem_size=10",
+        "device=cpu",
+        experiment="split_cifar10",
+    )
+    assert results.status == "completed" and results.tasks_done == 5
+    assert results.tracks == ["live", "ema_0.9997"]

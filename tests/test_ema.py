@@ -1,0 +1,297 @@
+"""The EMA engine against its formula, and its swap / restore / checkpoint contracts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cl_ema.ema import EMA, recompute_bn, track_name, warmup_decay
+from cl_ema.errors import UserError
+
+
+def small_net(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).to(dtype)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 3, 8, 8, generator=g).to(next(model.parameters()).dtype)
+    y = torch.randint(0, 5, (8,), generator=g)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x).float(), y).backward()
+    opt.step()
+
+
+def averaged_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    state.update({n: b.detach().float().clone() for n, b in model.named_buffers() if b.is_floating_point()})
+    return state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_update_follows_the_formula_in_fp32(dtype):
+    model = small_net(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    decay = 0.9
+    ema = EMA(model, decay)
+    ema.register()
+    expected = averaged_state(model)
+    for step in range(5):
+        train_step(model, opt, step)
+        ema.update()
+        live = averaged_state(model)
+        # the rule written out: shadow = decay * shadow + (1 - decay) * param
+        expected = {n: decay * expected[n] + (1 - decay) * live[n] for n in expected}
+    shadow = ema.averaged_state_dict()
+    assert shadow.keys() == expected.keys()
+    for name, value in shadow.items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, expected[name].float(), rtol=1e-6, atol=1e-6)
+    with ema.swapped():  # swapped in: the fp32 shadow cast to the model's dtype
+        for name, value in model.state_dict().items():
+            if name in expected:
+                assert torch.equal(value, shadow[name].to(dtype)), name
+
+
+def test_apply_restore_round_trip_is_bit_exact_and_keeps_parameter_objects():
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ema = EMA(model, 0.5)
+    ema.register()
+    for step in range(3):
+        train_step(model, opt, step)
+        ema.update()
+    params_before = list(model.parameters())
+    state_before = copy.deepcopy(model.state_dict())
+    ema.apply_shadow()
+    assert not torch.equal(model[0].weight, state_before["0.weight"])  # really swapped
+    model(torch.randn(2, 3, 8, 8))  # eval-time forward in train mode moves BN statistics…
+    ema.restore()
+    for name, value in model.state_dict().items():  # …and restore undoes it, bit for bit
+        assert torch.equal(value, state_before[name]), name
+    assert all(a is b for a, b in zip(params_before, model.parameters()))
+    # the optimizer still trains the same parameter objects, and the EMA keeps following them
+    weight = model[3].weight.detach().clone()
+    train_step(model, opt, 10)
+    assert not torch.equal(weight, model[3].weight)
+    ema.update()
+    with ema.swapped():
+        pass
+    assert ema.num_updates == 4
+
+
+def test_swapped_context_restores_on_error():
+    model = small_net()
+    ema = EMA(model, 0.9)
+    ema.register()
+    with torch.no_grad():
+        model[3].weight.add_(1.0)
+    live = model[3].weight.detach().clone()
+    with pytest.raises(ValueError), ema.swapped():
+        raise ValueError("evaluation failed")
+    assert torch.equal(model[3].weight, live)
+
+
+def test_seed_api_register_update_apply_restore():
+    model = small_net()
+    ema = EMA(model, 0.999)
+    ema.register()
+    start = model[3].bias.detach().clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    ema.apply_shadow()  # one update from θ0 towards θ0 + 1: shadow = θ0 + 0.001
+    torch.testing.assert_close(model[3].bias, start + 0.001)
+    ema.restore()
+    torch.testing.assert_close(model[3].bias, start + 1.0)
+
+
+def test_several_decays_equal_independent_single_decay_emas_step_by_step():
+    decays = [0.5, 0.9, 0.99, 0.999]
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    multi = EMA(model, decays)
+    multi.register()
+    singles = [EMA(model, d) for d in decays]
+    for single in singles:
+        single.register()
+    for step in range(6):
+        train_step(model, opt, step)
+        multi.update()
+        for single in singles:
+            single.update()
+        for k, single in enumerate(singles):
+            ours, theirs = multi.averaged_state_dict(k), single.averaged_state_dict()
+            assert all(torch.equal(ours[n], theirs[n]) for n in ours), (step, decays[k])
+    assert multi.track_names == ["ema_0.5", "ema_0.9", "ema_0.99", "ema_0.999"]
+
+
+def test_multi_decay_chunks_cover_large_tensors(monkeypatch):
+    import cl_ema.ema as ema_module
+
+    monkeypatch.setattr(ema_module, "_CHUNK", 7)  # many chunks, a ragged last one
+    model = nn.Linear(10, 5)
+    ema = EMA(model, [0.5, 0.25])
+    ema.register()
+    start = ema.averaged_state_dict()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+        model.bias.add_(2.0)
+    ema.update()
+    for k, weight in enumerate((0.5, 0.75)):
+        for name, value in ema.averaged_state_dict(k).items():
+            torch.testing.assert_close(value, start[name] + 2.0 * weight)
+
+
+def test_update_every_skips_steps():
+    model = nn.Linear(3, 1)
+    ema = EMA(model, 0.5, update_every=3)
+    ema.register()
+    start = model.weight.detach().clone()
+    for step in range(1, 7):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        ema.update()
+        if step == 3:  # first real update at the third step: 0.5·start + 0.5·3
+            torch.testing.assert_close(ema.averaged_state_dict()["weight"], 0.5 * start + 1.5)
+    assert ema.num_calls == 6 and ema.num_updates == 2
+    assert ema.horizon(0.5) == 6.0
+
+
+def test_warmup_follows_its_formula():
+    assert warmup_decay(0.999, 0) == 0.0  # the first update copies the weights
+    for t in (1, 10, 100):
+        assert warmup_decay(0.999, t) == pytest.approx(1 - (1 + t) ** (-2 / 3))
+    assert warmup_decay(0.9, 10**6) == 0.9  # capped at the configured decay
+    assert warmup_decay(0.999, 5, gamma=2.0, power=1.0) == pytest.approx(1 - (1 + 5 / 2.0) ** -1.0)
+    model = nn.Linear(2, 1, bias=False)
+    ema = EMA(model, 0.999, warmup=True)
+    ema.register()
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update()  # decay 0 → shadow = θ
+    assert torch.equal(ema.averaged_state_dict()["weight"], torch.full((1, 2), 3.0))
+    assert ema.current_decays() == [pytest.approx(1 - 2 ** (-2 / 3))]
+
+
+def test_buffer_policies():
+    model = small_net()
+    bn = model[1]
+    for policy, averaged in (("average", True), ("copy", False)):
+        ema = EMA(model, 0.5, buffers=policy)
+        ema.register()
+        with torch.no_grad():
+            bn.running_mean.fill_(4.0)
+            bn.num_batches_tracked.fill_(7)
+        ema.update()
+        with ema.swapped():
+            if averaged:  # running_mean started at 0: 0.5·0 + 0.5·4
+                assert torch.equal(bn.running_mean, torch.full((4,), 2.0))
+            else:  # the live statistics, as of the last update
+                assert torch.equal(bn.running_mean, torch.full((4,), 4.0))
+            assert bn.num_batches_tracked.item() == 7  # integer buffers are never averaged
+        with torch.no_grad():
+            bn.running_mean.zero_()
+            bn.num_batches_tracked.zero_()
+    names = [n for group in EMA(model, 0.5, buffers="copy").state_dict()["names"] for n in group]
+    assert "1.running_mean" not in names
+
+
+def test_recompute_bn_matches_torch_update_bn():
+    model = small_net()
+    batches = [torch.randn(16, 3, 8, 8) for _ in range(4)]
+    reference = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn([(b,) for b in batches], reference)
+    model.eval()
+    recompute_bn(model, iter(batches))
+    assert not model.training and model[1].momentum == 0.1
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+
+
+def test_state_dict_round_trip_restores_every_shadow_exactly():
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = EMA(model, [0.9, 0.99], warmup=True)
+    ema.register()
+    for step in range(4):
+        train_step(model, opt, step)
+        ema.update()
+    state = ema.state_dict()
+    other_model = small_net()
+    other = EMA(other_model, [0.9, 0.99], warmup=True)
+    other.register()
+    other.load_state_dict(state)
+    for a, b in zip(other.state_dict()["shadows"], state["shadows"]):
+        assert torch.equal(a, b)
+    assert other.num_updates == 4
+    with pytest.raises(UserError, match="decays"):
+        EMA(small_net(), [0.5]).load_state_dict(state)
+    wrong = EMA(nn.Linear(2, 2), [0.9, 0.99])
+    wrong.register()
+    with pytest.raises(UserError, match="do not match"):
+        wrong.load_state_dict(state)
+
+
+def test_channels_last_layout_is_kept():
+    model = small_net().to(memory_format=torch.channels_last)
+    conv_stride = model[0].weight.stride()
+    ema = EMA(model, 0.9)
+    ema.register()
+    assert model[0].weight.stride() == conv_stride
+    out = model(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last))
+    assert out.shape == (2, 5)
+
+
+def test_moving_the_model_after_register_is_an_error():
+    model = small_net()
+    ema = EMA(model, 0.9)
+    ema.register()
+    model.double()
+    with pytest.raises(RuntimeError, match="moved or replaced"):
+        ema.update()
+
+
+@pytest.mark.parametrize("decay", [1.5, -0.1, "0.9", True])
+def test_decay_outside_unit_interval_is_rejected(decay):
+    with pytest.raises(UserError, match="ema.decay"):
+        EMA(nn.Linear(1, 1), decay)
+
+
+def test_misuse_is_reported():
+    ema = EMA(nn.Linear(2, 2), 0.9)
+    with pytest.raises(RuntimeError, match="before register"):
+        ema.update()
+    ema.register()
+    ema.apply_shadow()
+    with pytest.raises(RuntimeError, match="swapped in"):
+        ema.update()
+    with pytest.raises(RuntimeError, match="twice"):
+        ema.apply_shadow()
+    ema.restore()
+    with pytest.raises(RuntimeError, match="without apply_shadow"):
+        ema.restore()
+    assert track_name(0.999) == "ema_0.999" and track_name(0.9999) == "ema_0.9999"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_update_matches_cpu():
+    cpu_model = small_net()
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    results = []
+    for model in (cpu_model, gpu_model):
+        ema = EMA(model, [0.9, 0.99])
+        ema.register()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        ema.update()
+        results.append([ema.averaged_state_dict(k) for k in range(2)])
+    for cpu_state, gpu_state in zip(*results):
+        for name, value in cpu_state.items():
+            torch.testing.assert_close(value, gpu_state[name].cpu())

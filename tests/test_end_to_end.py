@@ -1,0 +1,197 @@
+"""Whole runs on split digits: forgetting, replay, EMA leaves training alone, outputs, W&B, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, run_experiment
+from wandb_records import find_run_file, read_run
+
+DECAYS = "ema.decays=[0.9,0.99,0.995]"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Runs shared by the tests below, made once: name → (results, out_dir, console text)."""
+    made = {}
+
+    def get(name: str, *overrides: str):
+        if name not in made:
+            out = tmp_path_factory.mktemp(name)
+            results, text = run_experiment(out, *overrides)
+            made[name] = (results, out, text)
+        return made[name]
+
+    return get
+
+
+def matrices(results, track: str):
+    return [results.matrices[track, s] for s in ("class_il", "task_il")]
+
+
+def test_plain_fine_tuning_forgets(runs):
+    results, _, _ = runs("plain", "strategy=plain")
+    final = results.metrics("live", 4)
+    assert final["avg_forgetting"] > 0.8  # class-IL fine-tuning: old classes are all but lost
+    assert final["learning_acc"] > 0.9  # while each task is learned well
+    assert results.tracks == ["live"]
+
+
+def test_replay_forgets_clearly_less_than_plain(runs):
+    plain, _, _ = runs("plain", "strategy=plain")
+    replay, _, _ = runs("replay", "strategy=replay")
+    assert replay.metrics("live", 4)["avg_forgetting"] < plain.metrics("live", 4)["avg_forgetting"] - 0.4
+    assert replay.metrics("live", 4)["avg_acc"] > plain.metrics("live", 4)["avg_acc"] + 0.3
+
+
+def test_ema_does_not_change_training(runs):
+    plain, _, _ = runs("plain", "strategy=plain")
+    ema, _, _ = runs("ema", "strategy=ema")
+    for a, b in zip(matrices(plain, "live"), matrices(ema, "live")):
+        assert np.array_equal(a, b)
+    assert ema.tracks == ["live", "ema_0.99"]
+    assert not np.array_equal(ema.matrices["ema_0.99", "class_il"], ema.matrices["live", "class_il"])
+
+
+def test_many_decays_from_one_run_leave_training_alone(runs):
+    plain, _, _ = runs("plain", "strategy=plain")
+    multi, _, text = runs("multi", "strategy=ema", DECAYS)
+    assert multi.tracks == ["live", "ema_0.9", "ema_0.99", "ema_0.995"]
+    for a, b in zip(matrices(plain, "live"), matrices(multi, "live")):
+        assert np.array_equal(a, b)
+    single, _, _ = runs("ema", "strategy=ema")  # decay 0.99 alone gives the same track
+    for a, b in zip(matrices(single, "ema_0.99"), matrices(multi, "ema_0.99")):
+        assert np.array_equal(a, b)
+    for track in multi.tracks:
+        assert track in text
+    assert "ema_0.995: averages over ~200 steps" in text
+
+
+def test_ema_replay_live_track_equals_replay(runs):
+    replay, _, _ = runs("replay", "strategy=replay")
+    both, _, _ = runs("ema_replay", "strategy=ema_replay", "ema.decays=[0.9,0.99]")
+    for a, b in zip(matrices(replay, "live"), matrices(both, "live")):
+        assert np.array_equal(a, b)
+
+
+def test_sync_task_end_changes_training(runs):
+    ema, _, _ = runs("ema", "strategy=ema")
+    synced, _, _ = runs("synced", "strategy=ema", "ema.sync=task_end")
+    assert not np.array_equal(synced.matrices["live", "class_il"], ema.matrices["live", "class_il"])
+    # right after each task the live weights *are* the EMA weights
+    assert np.array_equal(synced.matrices["live", "class_il"], synced.matrices["ema_0.99", "class_il"])
+
+
+def test_result_files(runs):
+    results, out, _ = runs("multi", "strategy=ema", DECAYS)
+    data = json.loads((out / "results.json").read_text())
+    assert data["status"] == "completed" and data["tasks_done"] == 5 and data["strategy"] == "ema"
+    assert set(data["tracks"]) == {"live", "ema_0.9", "ema_0.99", "ema_0.995"}
+    for track, entry in data["tracks"].items():
+        matrix = np.array(entry["acc_matrix"])
+        assert matrix.shape == (5, 5) and ((matrix >= 0) & (matrix <= 1)).all()
+        assert entry["avg_acc"] == pytest.approx(matrix[-1].mean())
+        assert entry["avg_forgetting"] == pytest.approx(np.mean([matrix[j, j] - matrix[4, j] for j in range(4)]))
+        assert entry["bwt"] == pytest.approx(-entry["avg_forgetting"])
+        assert set(entry["task_il"]) >= {"acc_matrix", "avg_acc", "avg_forgetting", "bwt"}
+        csv_rows = (out / "matrices" / f"{track}.class_il.csv").read_text().splitlines()
+        assert len(csv_rows) == 6 and float(csv_rows[5].split(",")[5]) == pytest.approx(matrix[4, 4], abs=1e-6)
+    assert data["class_order"] == results.meta["class_order"] and len(data["steps_per_task"]) == 5
+    assert (out / "acc_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.rglob("*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_checkpoint_holds_every_shadow_and_loads_safely(tmp_path):
+    from cl_ema.ema import EMA
+    from cl_ema.models import build_model
+
+    run_experiment(tmp_path, "strategy=ema", "ema.decays=[0.9,0.99]", "checkpoint=true", "data.n_tasks=2")
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["task"] == 1 and state["results"]["tasks_done"] == 2
+    model = build_model("mlp", (1, 8, 8), 10, hidden=100, layers=2)
+    model.load_state_dict(state["model"])
+    ema = EMA(model, [0.9, 0.99])
+    ema.register()
+    ema.load_state_dict(state["ema"][0])
+    for got, saved in zip(ema.state_dict()["shadows"], state["ema"][0]["shadows"]):
+        assert torch.equal(got, saved)
+    assert ema.num_updates == sum(state["results"]["steps_per_task"])
+
+
+def test_wandb_offline_run_holds_what_was_logged(tmp_path):
+    results, _ = run_experiment(tmp_path, "logger=wandb", "logger.mode=auto", "strategy=ema", "seed=3")
+    logged = read_run(find_run_file(tmp_path))
+    tasks = [row["task"] for row in logged.history if "live/class_il/avg_acc" in row]
+    assert tasks == [1, 2, 3, 4, 5]
+    last = [row for row in logged.history if row.get("task") == 5 and "ema_0.99/class_il/avg_acc" in row][0]
+    assert last["ema_0.99/class_il/avg_acc"] == pytest.approx(results.metrics("ema_0.99", 4)["avg_acc"])
+    assert last["live/task_il/acc_task_1"] == pytest.approx(results.matrices["live", "task_il"][4, 0])
+    assert last["live/class_il/forgetting_task_1"] == pytest.approx(results.forgetting("live", 4)[0])
+    assert logged.summary["final/ema_0.99/avg_acc"] == pytest.approx(results.metrics("ema_0.99", 4)["avg_acc"])
+    assert logged.summary["final/live/task_il/avg_acc"] == pytest.approx(
+        results.metrics("live", 4, "task_il")["avg_acc"]
+    )
+    assert logged.config["seed"] == 3 and logged.config["ema"]["decay"] == 0.99
+    assert any(m.glob_name == "*" and m.step_metric == "task" for m in logged.metrics)
+    assert logged.run.run_group == "split_digits-ema-ema_0.99"
+    assert set(logged.run.tags) >= {"split_digits", "ema"}
+    media = {k: v for row in logged.history for k, v in row.items() if k.endswith("acc_matrix")}
+    assert media["live/acc_matrix"]["_type"] == "table-file" and media["ema_0.99/acc_matrix"]["nrows"] == 50
+    assert media["acc_matrix"]["_type"] == "image-file"
+
+
+def test_wandb_failure_does_not_stop_training(tmp_path, monkeypatch):
+    import wandb
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("api.wandb.ai unreachable")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    with pytest.warns(UserWarning, match="W&B logging disabled .*unreachable"):
+        results, _ = run_experiment(tmp_path, "logger=wandb", "data.n_tasks=2")
+    assert results.status == "completed" and (tmp_path / "results.json").exists()
+
+
+def test_cli_default_run_from_a_non_editable_install(tmp_path):
+    """`python -m cl_ema` with no arguments, from a wheel, in an unrelated working directory."""
+    bin_dir = Path(sys.executable).parent
+    subprocess.run(
+        [bin_dir / "uv", "build", "--wheel", "--out-dir", tmp_path / "dist", ROOT], check=True, capture_output=True
+    )
+    wheel = next((tmp_path / "dist").glob("cl_ema-*.whl"))
+    site = tmp_path / "site"
+    subprocess.run(
+        [bin_dir / "uv", "pip", "install", "--no-deps", "--target", site, wheel], check=True, capture_output=True
+    )
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    env.pop("WANDB_MODE", None)  # logger=wandb, mode=auto: offline without an account
+    env.pop("WANDB_API_KEY", None)
+    env["HOME"] = str(tmp_path)  # no ~/.netrc login
+    proc = subprocess.run(
+        [sys.executable, "-m", "cl_ema"], cwd=work, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "task 5/5" in proc.stdout and "final metrics" in proc.stdout and "ema_0.99" in proc.stdout
+    assert "W&B offline run:" in proc.stdout and "wandb sync" in proc.stdout
+    (result_file,) = work.glob("outputs/split_digits/ema/*/results.json")
+    data = json.loads(result_file.read_text())
+    assert data["status"] == "completed" and set(data["tracks"]) == {"live", "ema_0.99"}
+    assert (result_file.parent / ".hydra" / "config.yaml").exists()  # the composed config
+    where = subprocess.run(
+        [sys.executable, "-c", "import cl_ema.__main__ as m; print(m.CONFIG_DIR)"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert where == str(site / "cl_ema" / "conf")  # the configs came from the wheel, not the checkout
