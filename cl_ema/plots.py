@@ -43,6 +43,11 @@ def heatmaps_png(matrices: dict[str, np.ndarray], title: str = "") -> bytes:
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
     if title:
         fig.suptitle(title)
+    return figure_png(fig)
+
+
+def figure_png(fig: plt.Figure) -> bytes:
+    """Render and close a figure."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -8,6 +8,8 @@ This module owns the metric names logged anywhere. W&B keys, all against the ste
     <track>/<setting>/<metric>             avg_acc, avg_forgetting, max_forgetting, bwt, learning_acc, fwt
     final/<track>/<metric>                 run summary after the last task (class-IL)
     final/<track>/task_il/<metric>         the same, task-IL
+    final/ema/<metric>                     with a single EMA decay: that track again, so a decay sweep
+                                           optimizes one metric name whatever the decay
 
 with ``<track>`` ``live`` or ``ema_<decay>`` and ``<setting>`` ``class_il`` or ``task_il``.
 """
@@ -48,13 +50,18 @@ def task_log(results: Results, task: int) -> dict[str, float]:
 
 def final_summary(results: Results) -> dict[str, float]:
     last = results.tasks_done - 1
+    ema_tracks = [t for t in results.tracks if t.startswith("ema_")]
+    aliases = {ema_tracks[0]: "ema"} if len(ema_tracks) == 1 else {}
     summary: dict[str, float] = {}
     for track in results.tracks:
         for setting in SETTINGS:
-            prefix = f"final/{track}" + ("" if setting == "class_il" else f"/{setting}")
             for name, value in results.metrics(track, last, setting).items():
-                if value is not None:
-                    summary[f"{prefix}/{name}"] = value
+                if value is None:
+                    continue
+                for label in (track, aliases.get(track)):
+                    if label:
+                        suffix = name if setting == "class_il" else f"{setting}/{name}"
+                        summary[f"final/{label}/{suffix}"] = value
     return summary
 
 

@@ -135,6 +135,7 @@ def test_wandb_offline_run_holds_what_was_logged(tmp_path):
     assert last["live/task_il/acc_task_1"] == pytest.approx(results.matrices["live", "task_il"][4, 0])
     assert last["live/class_il/forgetting_task_1"] == pytest.approx(results.forgetting("live", 4)[0])
     assert logged.summary["final/ema_0.99/avg_acc"] == pytest.approx(results.metrics("ema_0.99", 4)["avg_acc"])
+    assert logged.summary["final/ema/avg_acc"] == logged.summary["final/ema_0.99/avg_acc"]  # for decay sweeps
     assert logged.summary["final/live/task_il/avg_acc"] == pytest.approx(
         results.metrics("live", 4, "task_il")["avg_acc"]
     )
