@@ -32,6 +32,10 @@ def _run(cfg: DictConfig) -> float:
         results = run(cfg, Path(hydra_cfg.runtime.output_dir), experiment)
     except UserError as err:  # exit here: past this point Hydra would log the job as crashed
         _fail(str(err))
+    except OSError as err:
+        if err.filename is None:
+            raise
+        _fail(f"cannot write to {err.filename}: {err.strerror}")
     return results.metrics("live", results.tasks_done - 1)["avg_acc"]  # the objective for sweepers
 
 
@@ -65,6 +69,10 @@ def main() -> None:
         if user_wants_traceback:
             raise
         _fail(one_line(err))
+    except OSError as err:  # the run directory (or a file in it) cannot be written
+        if user_wants_traceback or err.filename is None:
+            raise
+        _fail(f"cannot write to {err.filename}: {err.strerror}")
 
 
 if __name__ == "__main__":

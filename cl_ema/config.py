@@ -30,6 +30,7 @@ MODEL_NAMES = ("mlp", "cnn", "resnet18")
 BUFFER_POLICIES = ("average", "copy")
 SYNC_MODES = ("none", "task_end")
 OPTIMIZERS = ("sgd", "adam")
+LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -112,6 +113,8 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: bool = True  # save checkpoints/last.pt after each task
+    resume: str | None = None  # a run directory, or true: the newest run of this configuration
+    deterministic: bool = False  # torch deterministic algorithms (CUDA); CPU runs are deterministic anyway
 
 
 def check_decay(decay: float, key: str = "ema.decay") -> float:
@@ -187,6 +190,9 @@ def check(cfg: DictConfig) -> None:
         _at_least("replay.batch_size_mem", cfg.replay.batch_size_mem, 1)
     _choice("logger", cfg.logger.name, LOGGERS)
     _choice("logger.mode", cfg.logger.mode, WANDB_MODES)
+    resume = str(cfg.resume or "")
+    if resume.lower() not in ("", "true", "latest") and not (Path(resume).expanduser() / LAST_CHECKPOINT).is_file():
+        raise UserError(f"resume={resume}: no {LAST_CHECKPOINT} in that directory")
     resolve_device(cfg.device)  # last: it imports torch
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.training.plugins import ReplayPlugin as AvalancheReplayPlugin
+from avalanche.training.storage_policy import BalancedExemplarsBuffer, ReservoirSamplingBuffer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cl_ema.config import SYNC_MODES, check_ema_options
+from cl_ema.data import experience_indices, index_dataset
 from cl_ema.ema import EMA, recompute_bn
 from cl_ema.errors import UserError
 from cl_ema.evaluation import Track
@@ -102,6 +105,74 @@ class ReplayPlugin(AvalancheReplayPlugin):
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         self.storage_policy.post_adapt(strategy, strategy.experience)
+
+    def state_dict(self) -> dict:
+        """The memory's contents (sample indices, labels, reservoir weights), group by group."""
+        policy = self.storage_policy
+        if not isinstance(policy, BalancedExemplarsBuffer) or not all(
+            isinstance(g, ReservoirSamplingBuffer) for g in policy.buffer_groups.values()
+        ):
+            raise UserError(f"checkpointing replay memory needs a reservoir-based buffer, not {type(policy).__name__}")
+        groups = []
+        for key, group in policy.buffer_groups.items():
+            index = experience_indices(group.buffer)
+            targets = torch.as_tensor(list(group.buffer.targets), dtype=torch.long)
+            groups.append({"key": key, "max_size": group.max_size, "index": index, "targets": targets,
+                           "weights": group._buffer_weights.clone()})  # fmt: skip
+        seen = sorted(getattr(policy, "seen_classes", set()))
+        return {"groups": groups, "seen_classes": seen, "num_exps": getattr(policy, "_num_exps", 0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        policy = self.storage_policy
+        policy.buffer_groups = {}
+        for entry in state["groups"]:
+            group = ReservoirSamplingBuffer(entry["max_size"])
+            group.buffer = index_dataset(entry["index"], entry["targets"])
+            group._buffer_weights = entry["weights"]
+            policy.buffer_groups[entry["key"]] = group
+        if hasattr(policy, "seen_classes"):
+            policy.seen_classes = set(state["seen_classes"])
+        if hasattr(policy, "_num_exps"):
+            policy._num_exps = state["num_exps"]
+
+
+class FiniteLossPlugin(SupervisedPlugin):
+    """Stops the run when the loss becomes NaN or infinite, naming the task and step.
+
+    The first non-finite step is tracked on the device (no synchronization per step) and read
+    every ``check_every`` steps and at the end of each task.
+    """
+
+    def __init__(self, check_every: int = 1) -> None:
+        super().__init__()
+        self.check_every = check_every
+        self._step: Tensor | None = None
+        self._first_bad: Tensor | None = None
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        device = strategy.device
+        self._step = torch.zeros((), dtype=torch.long, device=device)
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        self._step += 1
+        bad = ~torch.isfinite(strategy.loss.detach()) & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, self._step, self._first_bad)
+        if strategy.clock.train_exp_iterations % self.check_every == 0:
+            self._check(strategy)
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        self._check(strategy)
+
+    def _check(self, strategy) -> None:
+        step = int(self._first_bad)
+        if step >= 0:
+            task = strategy.experience.current_experience + 1
+            lr = strategy.optimizer.param_groups[0]["lr"]
+            raise UserError(
+                f"the loss became NaN or inf at task {task}, step {step} of that task (is train.lr={lr:g} too high?); "
+                "the results and checkpoint of the tasks before it stay on disk"
+            )
 
 
 class ProgressBarPlugin(SupervisedPlugin):

@@ -36,8 +36,10 @@ class Run:
 
     @property
     def setting(self) -> tuple[tuple[str, str], ...]:
-        flat = _flatten(self.data.get("config", {}))
-        return tuple(sorted((k, json.dumps(v)) for k, v in flat.items() if not _ignored(k)))
+        config = self.data.get("config", {})
+        plugins = set(config.get("strategy", {}).get("plugins", {}))
+        flat = _flatten(config)
+        return tuple(sorted((k, json.dumps(v)) for k, v in flat.items() if not _ignored(k, plugins)))
 
 
 @dataclass
@@ -52,8 +54,11 @@ class Setting:
         return list(self.runs[0].data["tracks"])
 
 
-def _ignored(key: str) -> bool:
-    return key in _IGNORED or key.startswith("logger.") or key.startswith("strategy.plugins.")
+def _ignored(key: str, plugins: set[str]) -> bool:
+    """Keys that do not change a run's results (``ema.*`` in a run without the EMA plugin, …)."""
+    section = key.split(".")[0]
+    unused = section in ("ema", "replay") and section not in plugins
+    return key in _IGNORED or unused or key.startswith(("logger.", "strategy.plugins."))
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -18,12 +18,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cl_ema.evaluation import Accuracies
 from cl_ema.metrics import METRICS, metrics_after, task_forgetting
+
+if TYPE_CHECKING:  # the report reads results without importing torch or Avalanche
+    from cl_ema.evaluation import Accuracies
 
 SETTINGS = ("class_il", "task_il")
 
@@ -97,6 +99,19 @@ class Results:
             "baseline": self.baseline,
             "tracks": tracks,
         }
+
+    def load(self, saved: dict[str, Any]) -> None:
+        """Continue from ``to_dict()`` output (of a run with the same tracks and tasks)."""
+        if set(saved["tracks"]) != set(self.tracks) or saved["num_tasks"] != self.num_tasks:
+            raise ValueError(f"tracks {sorted(saved['tracks'])} / {saved['num_tasks']} tasks do not match this run")
+        for track, entry in saved["tracks"].items():
+            for setting in SETTINGS:
+                values = entry["acc_matrix"] if setting == "class_il" else entry[setting]["acc_matrix"]
+                self.matrices[track, setting] = np.array(values, dtype=float)  # None → nan
+        self.baseline = saved["baseline"]
+        self.tasks_done = saved["tasks_done"]
+        for key in ("steps_per_task", "elapsed_s"):
+            self.meta[key] = saved[key]
 
     def save(self, out_dir: Path) -> None:
         """results.json, and one CSV per track and setting under matrices/."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import os
 import random
 import time
 from pathlib import Path
@@ -11,26 +11,40 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from cl_ema import checkpoint
 from cl_ema.config import data_root, resolve_device, to_container
-from cl_ema.data import build_stream
+from cl_ema.data import ContinualStream, build_stream
+from cl_ema.errors import UserError
 from cl_ema.evaluation import evaluate
 from cl_ema.models import build_model
-from cl_ema.plugins import EMAPlugin
-from cl_ema.results import Results, atomic_write
+from cl_ema.plugins import EMAPlugin, ReplayPlugin
+from cl_ema.results import Results
 from cl_ema.strategies import build_strategy
+from cl_ema.template import DeviceDataTemplate
 from cl_ema.tracking import Console, WandbLogger, save_outputs
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # CPU and every CUDA device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
 
 def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None = None) -> Results:
     """Run the configured experiment, writing results into ``out_dir``; return the results."""
     console = console or Console()
-    seed_everything(cfg.seed)
+    config = to_container(cfg)
+    resume_state = None
+    if cfg.resume:
+        out_dir = checkpoint.find_resume_dir(str(cfg.resume), out_dir, config)
+        resume_state = checkpoint.load(out_dir / checkpoint.LAST)
+        checkpoint.check_config(resume_state, config, out_dir / checkpoint.LAST)
+
+    seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device)
     stream = build_stream(
         cfg.data.name,
@@ -44,13 +58,10 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
         augment=cfg.data.augment,
     )
     seed_everything(cfg.seed)  # model init does not depend on how the data was loaded
-    model_options = {k: v for k, v in cfg.model.items() if k not in ("name", "weights")}
-    model = build_model(
-        cfg.model.name, stream.input_shape, stream.num_classes, weights=cfg.model.weights, **model_options
-    )
+    options = {k: v for k, v in cfg.model.items() if k not in ("name", "weights")}
+    model = build_model(cfg.model.name, stream.input_shape, stream.num_classes, weights=cfg.model.weights, **options)
     model.to(device)
     strategy, tracks = build_strategy(cfg, model, stream, device)
-    track_names = [t.name for t in tracks]
     meta = {
         "experiment": experiment,
         "strategy": cfg.strategy.name,
@@ -59,51 +70,39 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
         "class_order": stream.class_order,
         "task_classes": stream.task_classes,
         "steps_per_task": [],
-        "config": to_container(cfg),
+        "elapsed_s": 0.0,
+        "config": config,
     }
-    results = Results(track_names, stream.num_tasks, meta)
-    emas = [p.ema for p in strategy.plugins if isinstance(p, EMAPlugin)]
-    group = "-".join([experiment, cfg.strategy.name, *track_names[1:]])  # seeds of one setting aggregate
+    results = Results([t.name for t in tracks], stream.num_tasks, meta)
+    if resume_state:
+        restore(resume_state, strategy, stream, results, out_dir / checkpoint.LAST)
+        console.print(f"resuming {out_dir} after task {results.tasks_done}/{stream.num_tasks}")
+    else:
+        results.record_baseline(evaluate(model, stream, -1, batch_size=cfg.train.eval_batch_size))
+
     wandb = None
     if cfg.logger.name == "wandb":
-        wandb = WandbLogger(
-            cfg.logger,
-            out_dir,
-            meta["config"],
-            name=f"{group}-seed{cfg.seed}",
-            group=group,
-            tags=[experiment, cfg.strategy.name],
-        )
+        group = "-".join([experiment, cfg.strategy.name, *results.tracks[1:]])  # seeds of a setting aggregate
+        run_id = resume_state.get("wandb_run_id") if resume_state else None
+        wandb = WandbLogger(cfg.logger, out_dir, config, f"{group}-seed{cfg.seed}", group,
+                            [experiment, cfg.strategy.name], run_id=run_id)  # fmt: skip
+    print_header(console, cfg, experiment, stream, strategy, device)
 
-    console.print(
-        f"{experiment}: {stream.num_tasks} tasks, {stream.num_classes} classes, {len(stream.train)} train samples, "
-        f"strategy={cfg.strategy.name}, model={cfg.model.name}, device={device}, seed={cfg.seed}"
-    )
-    first_steps = cfg.train.epochs * -(-len(stream.benchmark.train_stream[0].dataset) // cfg.train.batch_size)
-    for ema in emas:
-        for decay, name in zip(ema.decays, ema.track_names):
-            console.print(
-                f"  {name}: averages over ~{ema.horizon(decay):,.0f} steps (update_every/(1-decay)); "
-                f"task 1 has {first_steps:,} steps"
-            )
-
-    results.record_baseline(evaluate(model, stream, -1, batch_size=cfg.train.eval_batch_size))
-    started = time.perf_counter()
+    started = time.perf_counter() - meta["elapsed_s"]
     try:
-        for task, experience in enumerate(stream.benchmark.train_stream):
+        for task in range(results.tasks_done, stream.num_tasks):
             steps_before = strategy.clock.train_iterations
-            strategy.train(experience)
+            strategy.train(stream.benchmark.train_stream[task])
             meta["steps_per_task"].append(strategy.clock.train_iterations - steps_before)
             for track in tracks:
                 with track.weights():
-                    results.record(
-                        track.name, task, evaluate(model, stream, task, batch_size=cfg.train.eval_batch_size)
-                    )
+                    accuracies = evaluate(model, stream, task, batch_size=cfg.train.eval_batch_size)
+                results.record(track.name, task, accuracies)
             results.tasks_done = task + 1
             meta["elapsed_s"] = round(time.perf_counter() - started, 2)
             save_outputs(results, out_dir)
             if cfg.checkpoint:
-                save_checkpoint(out_dir / "checkpoints" / "last.pt", task, model, strategy, results)
+                checkpoint.save(out_dir / checkpoint.LAST, snapshot(strategy, stream, results, wandb))
             console.task(results, task, meta["steps_per_task"][-1], stream.task_classes[task])
             if wandb:
                 wandb.log_task(results, task)
@@ -123,16 +122,56 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
     return results
 
 
-def save_checkpoint(path: Path, task: int, model: torch.nn.Module, strategy, results: Results) -> None:
-    """Everything needed to continue after ``task``; loadable with ``torch.load(weights_only=True)``."""
-    state = {
-        "task": task,
-        "model": model.state_dict(),
+def print_header(
+    console: Console, cfg: DictConfig, experiment: str, stream: ContinualStream, strategy, device: torch.device
+) -> None:
+    console.print(
+        f"{experiment}: {stream.num_tasks} tasks, {stream.num_classes} classes, {len(stream.train)} train samples, "
+        f"strategy={cfg.strategy.name}, model={cfg.model.name}, device={device}, seed={cfg.seed}"
+    )
+    first_steps = cfg.train.epochs * -(-len(stream.benchmark.train_stream[0].dataset) // cfg.train.batch_size)
+    for ema in (p.ema for p in strategy.plugins if isinstance(p, EMAPlugin)):
+        for decay, name in zip(ema.decays, ema.track_names):
+            console.print(
+                f"  {name}: averages over ~{ema.horizon(decay):,.0f} steps (update_every/(1-decay)); "
+                f"task 1 has {first_steps:,} steps"
+            )
+
+
+def _plugin(strategy: DeviceDataTemplate, kind: type):
+    return next((p for p in strategy.plugins if isinstance(p, kind)), None)
+
+
+def snapshot(strategy: DeviceDataTemplate, stream: ContinualStream, results: Results, wandb) -> dict:
+    """Everything needed to continue after the last finished task."""
+    ema, replay = _plugin(strategy, EMAPlugin), _plugin(strategy, ReplayPlugin)
+    return {
+        "config": results.meta["config"],
+        "model": strategy.model.state_dict(),
         "optimizer": strategy.optimizer.state_dict(),
-        "ema": [p.state_dict() for p in strategy.plugins if isinstance(p, EMAPlugin)],
-        "torch_rng": torch.get_rng_state(),
+        "ema": ema.state_dict() if ema else None,
+        "replay": replay.state_dict() if replay else None,
+        "rng": checkpoint.rng_state({"augment": stream.augment.get_state() if stream.augment else {}}),
         "results": results.to_dict(),
+        "train_iterations": strategy.clock.train_iterations,
+        "wandb_run_id": wandb.run_id if wandb else None,
     }
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, buffer.getvalue())
+
+
+def restore(state: dict, strategy: DeviceDataTemplate, stream: ContinualStream, results: Results, path: Path) -> None:
+    """Load a snapshot into a freshly built run."""
+    try:
+        checkpoint.restore_model(strategy.model, state["model"], path)
+        # Avalanche resets the optimizer on its first experience; do it now, then load the state
+        strategy.make_optimizer(reset_optimizer_state=True)
+        strategy.optimizer.load_state_dict(state["optimizer"])
+        for plugin, key in ((_plugin(strategy, EMAPlugin), "ema"), (_plugin(strategy, ReplayPlugin), "replay")):
+            if plugin is not None:
+                plugin.load_state_dict(state[key])
+        results.load(state["results"])
+        strategy.clock.train_iterations = state["train_iterations"]
+        checkpoint.set_rng_state(state["rng"])
+        if stream.augment:
+            stream.augment.set_state(state["rng"]["augment"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{path}: incomplete or foreign checkpoint ({type(err).__name__}: {err})") from err

@@ -20,7 +20,7 @@ from torch import nn
 
 from cl_ema.data import ContinualStream
 from cl_ema.evaluation import Track
-from cl_ema.plugins import ProgressBarPlugin
+from cl_ema.plugins import FiniteLossPlugin, ProgressBarPlugin
 from cl_ema.template import DeviceDataTemplate
 
 
@@ -57,7 +57,8 @@ def build_strategy(
         train_epochs=cfg.train.epochs,
         eval_mb_size=cfg.train.eval_batch_size,
         device=device,
-        plugins=[*plugins, ProgressBarPlugin()],
+        # reading the loss forces a GPU sync: check every 50 steps there, every step on CPU
+        plugins=[*plugins, FiniteLossPlugin(check_every=50 if device.type == "cuda" else 1), ProgressBarPlugin()],
         evaluator=_silent_evaluator(),  # cl_ema evaluates its tracks itself
     )
     return strategy, tracks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import torch
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor
 
@@ -30,6 +31,16 @@ class DeviceDataTemplate(SupervisedTemplate):
         self.mbatch[0] = self.stream.train.normalize(raw)
 
     def input_batches(self) -> Callable[[], Iterator[Tensor]]:
-        """Replays the current experience's batches (replay memory included), unaugmented."""
+        """Replays the current experience's batches (replay memory included), unaugmented.
+
+        The loader's shuffling draws from torch's global generator; the pass runs on a fork of
+        it, so re-estimating statistics never changes the training run.
+        """
         loader, store = self.dataloader, self.stream.train
-        return lambda: (store.batch(mbatch[0]) for mbatch in loader)
+
+        def batches() -> Iterator[Tensor]:
+            with torch.random.fork_rng(devices=[]):
+                for mbatch in loader:
+                    yield store.batch(mbatch[0])
+
+        return batches

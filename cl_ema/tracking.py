@@ -136,7 +136,16 @@ def wandb_mode(requested: str) -> str | None:
 class WandbLogger:
     """Logs to W&B; any W&B failure is reported once and the run goes on with local outputs."""
 
-    def __init__(self, settings: Any, out_dir: Path, config: dict, name: str, group: str, tags: list[str]) -> None:
+    def __init__(
+        self,
+        settings: Any,
+        out_dir: Path,
+        config: dict,
+        name: str,
+        group: str,
+        tags: list[str],
+        run_id: str | None = None,
+    ) -> None:
         self.run = None
         self.failed = False
         try:
@@ -154,6 +163,8 @@ class WandbLogger:
                 dir=str(out_dir),
                 mode=mode,
                 reinit="finish_previous",  # one run per job under Hydra multirun
+                id=run_id,
+                resume="allow" if run_id else None,  # a resumed cl_ema run continues its W&B run
                 settings=wandb.Settings(quiet=True),  # cl_ema prints its own tables
             )
             self.run.define_metric(STEP)
@@ -168,6 +179,10 @@ class WandbLogger:
             )
         self.failed = True
         self.run = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
 
     @property
     def offline_dir(self) -> str | None:

@@ -74,6 +74,24 @@ def test_many_decays_from_one_run_leave_training_alone(runs):
     assert "ema_0.995: averages over ~200 steps" in text
 
 
+def test_recompute_bn_leaves_training_alone_and_changes_the_ema_tracks(runs):
+    plain, _, _ = runs("plain_cnn", "strategy=plain", "model=cnn", "train.epochs=3")
+    averaged, _, _ = runs("ema_cnn", "strategy=ema", "model=cnn", "train.epochs=3", "ema.decay=0.9")
+    recomputed, _, _ = runs("ema_cnn_bn", "strategy=ema", "model=cnn", "train.epochs=3", "ema.decay=0.9",
+                            "ema.recompute_bn=true")  # fmt: skip
+    for other in (averaged, recomputed):
+        for a, b in zip(matrices(plain, "live"), matrices(other, "live")):
+            assert np.array_equal(a, b)
+    assert not np.array_equal(averaged.matrices["ema_0.9", "class_il"], recomputed.matrices["ema_0.9", "class_il"])
+
+
+def test_checkpointing_does_not_change_the_run(runs, tmp_path):
+    replay, _, _ = runs("replay", "strategy=replay")
+    again, _ = run_experiment(tmp_path, "strategy=replay", "checkpoint=true")
+    for a, b in zip(matrices(replay, "live"), matrices(again, "live")):
+        assert np.array_equal(a, b)
+
+
 def test_ema_replay_live_track_equals_replay(runs):
     replay, _, _ = runs("replay", "strategy=replay")
     both, _, _ = runs("ema_replay", "strategy=ema_replay", "ema.decays=[0.9,0.99]")
@@ -114,15 +132,15 @@ def test_checkpoint_holds_every_shadow_and_loads_safely(tmp_path):
 
     run_experiment(tmp_path, "strategy=ema", "ema.decays=[0.9,0.99]", "checkpoint=true", "data.n_tasks=2")
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
-    assert state["task"] == 1 and state["results"]["tasks_done"] == 2
+    assert state["format"] == "cl_ema-checkpoint-1" and state["results"]["tasks_done"] == 2
     model = build_model("mlp", (1, 8, 8), 10, hidden=100, layers=2)
     model.load_state_dict(state["model"])
     ema = EMA(model, [0.9, 0.99])
     ema.register()
-    ema.load_state_dict(state["ema"][0])
-    for got, saved in zip(ema.state_dict()["shadows"], state["ema"][0]["shadows"]):
+    ema.load_state_dict(state["ema"])
+    for got, saved in zip(ema.state_dict()["shadows"], state["ema"]["shadows"]):
         assert torch.equal(got, saved)
-    assert ema.num_updates == sum(state["results"]["steps_per_task"])
+    assert ema.num_updates == sum(state["results"]["steps_per_task"]) == state["train_iterations"]
 
 
 def test_wandb_offline_run_holds_what_was_logged(tmp_path):

@@ -1,21 +1,14 @@
 """Datasets → Avalanche streams of sample indices, with the tensors resident on the device."""
 
 from cl_ema.data.storage import CropFlip, Normalization, TensorStore
-from cl_ema.data.stream import (
-    DATASETS,
-    SCENARIOS,
-    ContinualStream,
-    build_stream,
-    experience_indices,
-)
+from cl_ema.data.stream import ContinualStream, build_stream, experience_indices, index_dataset
 
 __all__ = [
-    "DATASETS",
-    "SCENARIOS",
     "ContinualStream",
     "CropFlip",
     "Normalization",
     "TensorStore",
     "build_stream",
     "experience_indices",
+    "index_dataset",
 ]

@@ -109,7 +109,9 @@ def build_stream(
 
 def experience_indices(dataset) -> Tensor:
     """All sample indices of an Avalanche index dataset, in its order."""
-    loader = DataLoader(dataset, batch_size=8192, shuffle=False)
+    # a private generator: a DataLoader draws a base seed even unshuffled, and reading a replay
+    # buffer for a checkpoint must not move the training run's random state
+    loader = DataLoader(dataset, batch_size=8192, shuffle=False, generator=torch.Generator())
     return torch.cat([batch[0] for batch in loader]) if len(dataset) else torch.empty(0, dtype=torch.long)
 
 
@@ -140,12 +142,17 @@ def _permutations(n_tasks: int, size: int, seed: int) -> Tensor:
 
 
 def _index_dataset(store: TensorStore, copy: int | None = None):
-    """Avalanche dataset whose inputs are indices into ``store`` (one permuted copy, or all)."""
+    """Avalanche dataset of indices into ``store`` (one permuted copy, or all)."""
     if copy is None:
         index = torch.arange(len(store))
     else:
         index = torch.arange(store.num_base) + copy * store.num_base
-    targets = store.targets[index]
+    return index_dataset(index, store.targets[index])
+
+
+def index_dataset(index: Tensor, targets: Tensor):
+    """Avalanche classification dataset whose items are ``(index, label, task 0)``."""
     dataset = TensorDataset(index, targets)
     dataset.targets = targets  # type: ignore[attr-defined]
+    # the converter Avalanche's own benchmark generators use for plain datasets
     return _as_taskaware_supervised_classification_dataset(dataset)
