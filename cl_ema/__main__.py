@@ -13,15 +13,11 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from cl_ema.config import check, register_schema
+from cl_ema.config import CONFIG_DIR, check, register_schema
 from cl_ema.errors import UserError
 
-_HERE = Path(__file__).resolve().parent
-# Installed wheels carry the configs inside the package; a source checkout has them at the top.
-CONFIG_DIR = str(_HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parent / "conf")
 
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _run(cfg: DictConfig) -> float:
     try:
         check(cfg)

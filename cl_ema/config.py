@@ -86,6 +86,12 @@ class ReplayConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_n_steps: int = 0  # continual evaluation every N optimizer steps (0: only after each task)
+    subset_size: int = 200  # test samples per task for continual evaluation (fixed, seeded)
+
+
+@dataclass
 class StrategyConfig:
     name: str = "plain"
     plugins: dict[str, Any] = field(default_factory=dict)  # name → Hydra-instantiable plugin
@@ -111,6 +117,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: bool = True  # save checkpoints/last.pt after each task
     resume: str | None = None  # a run directory, or true: the newest run of this configuration
@@ -144,9 +151,24 @@ def check_ema_options(
     return decays
 
 
+_PACKAGE = Path(__file__).resolve().parent
+# Installed wheels carry the configs inside the package; a source checkout has them at the top.
+CONFIG_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf"
+
+
 def register_schema() -> None:
     store = ConfigStore.instance()
     store.store(name="cl_ema_schema", node=Config)
+
+
+def compose(*overrides: str) -> DictConfig:
+    """The config ``python -m cl_ema <overrides>`` would run (for scripts and notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -188,6 +210,8 @@ def check(cfg: DictConfig) -> None:
     _at_least("replay.mem_size", cfg.replay.mem_size, 1)
     if cfg.replay.batch_size_mem is not None:
         _at_least("replay.batch_size_mem", cfg.replay.batch_size_mem, 1)
+    _at_least("eval.every_n_steps", cfg.eval.every_n_steps, 0)
+    _at_least("eval.subset_size", cfg.eval.subset_size, 1)
     _choice("logger", cfg.logger.name, LOGGERS)
     _choice("logger.mode", cfg.logger.mode, WANDB_MODES)
     resume = str(cfg.resume or "")

@@ -52,3 +52,50 @@ def figure_png(fig: plt.Figure) -> bytes:
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def continual_png(curves: dict, title: str = "") -> bytes:
+    """Accuracy on each previous task over training steps, one panel per task, a line per track.
+
+    ``curves`` maps track name → ``cl_ema.continual.Curve``; dotted lines mark task starts.
+    """
+    names = list(curves)
+    reference = curves[names[0]]
+    num_tasks = max(reference.tasks) + 1
+    panels = max(num_tasks - 1, 1)
+    cols = min(panels, 3)
+    rows = -(-panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    starts = [
+        step
+        for i, (step, task) in enumerate(zip(reference.steps, reference.tasks))
+        if i == 0 or task != reference.tasks[i - 1]
+    ]
+    for k, ax in enumerate(axes.flat):
+        if k >= panels:
+            ax.axis("off")
+            continue
+        for index, name in enumerate(names):
+            curve = curves[name]
+            points = [(s, acc[k]) for s, acc in zip(curve.steps, curve.accuracies) if len(acc) > k]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(
+                    xs,
+                    [100 * y for y in ys],
+                    label=name,
+                    color=f"C{index}",
+                    linestyle="--" if name == "live" else "-",
+                    linewidth=1.2,
+                )
+        for start in starts[1:]:
+            ax.axvline(start, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_title(f"task {k + 1}", fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-2, 102)
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return figure_png(fig)

@@ -70,6 +70,9 @@ class EMAPlugin(SupervisedPlugin):
     def before_training(self, strategy, **kwargs) -> None:
         self.attach(strategy.model)
 
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        self._bn_batches = None  # evaluations during training use the averaged statistics
+
     def after_update(self, strategy, **kwargs) -> None:
         self.ema.update()
 

@@ -25,6 +25,7 @@ from cl_ema.errors import UserError
 from cl_ema.results import atomic_write
 
 REPORTED = ("avg_acc", "avg_forgetting", "max_forgetting", "bwt", "learning_acc")
+CONTINUAL = ("min_acc", "wc_acc", "aaa", "stability_gap")  # present with eval.every_n_steps
 # keys that never change results; the seed is what a setting averages over
 _IGNORED = {"seed", "device", "checkpoint", "logger", "data.root", "data.download"}
 
@@ -145,6 +146,25 @@ def markdown(settings: list[Setting], skipped: list[tuple[Path, str]], root: Pat
                 + " | ".join(cells)
                 + f" | {til} |"
             )
+    continual_rows = []
+    for setting in settings:
+        for track in setting.tracks:
+            entries = [run.data["tracks"][track].get("continual") for run in setting.runs]
+            if any(entries):
+                cells = [_cell([(e or {}).get(m) for e in entries]) for m in CONTINUAL]
+                continual_rows.append(
+                    f"| {setting.experiment} | {setting.strategy} | {setting.label} | {track} | "
+                    f"{sum(e is not None for e in entries)} | " + " | ".join(cells) + " |"
+                )
+    if continual_rows:
+        lines += [
+            "",
+            "## Continual evaluation (stability gap)",
+            "",
+            "| experiment | strategy | setting | track | runs | min-ACC | WC-ACC | AAA | stability gap |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *continual_rows,
+        ]
     if skipped:
         lines += ["", "## Runs not included", "", "| results file | why |", "|---|---|"]
         lines += [f"| {path.relative_to(root)} | {why} |" for path, why in skipped]

@@ -57,6 +57,7 @@ class Results:
         self.baseline: dict[str, list[float]] = {}  # setting → accuracies of the untrained model
         self.tasks_done = 0
         self.status = "running"
+        self.continual: dict[str, dict[str, Any]] = {}  # track → stability metrics, when measured
 
     def record(self, track: str, task: int, accuracies: Accuracies) -> None:
         self.matrices[track, "class_il"][task] = accuracies.class_il
@@ -90,6 +91,8 @@ class Results:
                     entry.update(values)
                 else:
                     entry[setting] = values
+            if track in self.continual:
+                entry["continual"] = self.continual[track]
             tracks[track] = entry
         return {
             **self.meta,

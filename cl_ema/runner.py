@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from cl_ema import checkpoint
 from cl_ema.config import data_root, resolve_device, to_container
+from cl_ema.continual import ContinualEvalPlugin, stability_metrics
 from cl_ema.data import ContinualStream, build_stream
 from cl_ema.errors import UserError
 from cl_ema.evaluation import evaluate
@@ -74,6 +75,11 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
         "config": config,
     }
     results = Results([t.name for t in tracks], stream.num_tasks, meta)
+    continual = None
+    if cfg.eval.every_n_steps:
+        continual = ContinualEvalPlugin(stream, tracks, cfg.eval.every_n_steps, cfg.eval.subset_size, cfg.seed,
+                                        cfg.train.eval_batch_size)  # fmt: skip
+        strategy.plugins.append(continual)
     if resume_state:
         restore(resume_state, strategy, stream, results, out_dir / checkpoint.LAST)
         console.print(f"resuming {out_dir} after task {results.tasks_done}/{stream.num_tasks}")
@@ -85,7 +91,9 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
         group = "-".join([experiment, cfg.strategy.name, *results.tracks[1:]])  # seeds of a setting aggregate
         run_id = resume_state.get("wandb_run_id") if resume_state else None
         wandb = WandbLogger(cfg.logger, out_dir, config, f"{group}-seed{cfg.seed}", group,
-                            [experiment, cfg.strategy.name], run_id=run_id)  # fmt: skip
+                            [experiment, cfg.strategy.name], results.tracks, run_id=run_id)  # fmt: skip
+        if continual:
+            continual.on_eval = wandb.log_eval
     print_header(console, cfg, experiment, stream, strategy, device)
 
     started = time.perf_counter() - meta["elapsed_s"]
@@ -100,7 +108,9 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
                 results.record(track.name, task, accuracies)
             results.tasks_done = task + 1
             meta["elapsed_s"] = round(time.perf_counter() - started, 2)
-            save_outputs(results, out_dir)
+            if continual:
+                results.continual = {n: stability_metrics(c, stream.num_tasks) for n, c in continual.curves.items()}
+            save_outputs(results, out_dir, continual.curves if continual else None)
             if cfg.checkpoint:
                 checkpoint.save(out_dir / checkpoint.LAST, snapshot(strategy, stream, results, wandb))
             console.task(results, task, meta["steps_per_task"][-1], stream.task_classes[task])
@@ -112,7 +122,7 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
         raise
     finally:
         if results.tasks_done:
-            save_outputs(results, out_dir)
+            save_outputs(results, out_dir, continual.curves if continual else None)
         if wandb:
             wandb.finish(results, out_dir)
     console.final(results)
@@ -144,13 +154,14 @@ def _plugin(strategy: DeviceDataTemplate, kind: type):
 
 def snapshot(strategy: DeviceDataTemplate, stream: ContinualStream, results: Results, wandb) -> dict:
     """Everything needed to continue after the last finished task."""
-    ema, replay = _plugin(strategy, EMAPlugin), _plugin(strategy, ReplayPlugin)
+    ema, replay, continual = (_plugin(strategy, kind) for kind in (EMAPlugin, ReplayPlugin, ContinualEvalPlugin))
     return {
         "config": results.meta["config"],
         "model": strategy.model.state_dict(),
         "optimizer": strategy.optimizer.state_dict(),
         "ema": ema.state_dict() if ema else None,
         "replay": replay.state_dict() if replay else None,
+        "continual": continual.state_dict() if continual else None,
         "rng": checkpoint.rng_state({"augment": stream.augment.get_state() if stream.augment else {}}),
         "results": results.to_dict(),
         "train_iterations": strategy.clock.train_iterations,
@@ -165,7 +176,8 @@ def restore(state: dict, strategy: DeviceDataTemplate, stream: ContinualStream, 
         # Avalanche resets the optimizer on its first experience; do it now, then load the state
         strategy.make_optimizer(reset_optimizer_state=True)
         strategy.optimizer.load_state_dict(state["optimizer"])
-        for plugin, key in ((_plugin(strategy, EMAPlugin), "ema"), (_plugin(strategy, ReplayPlugin), "replay")):
+        for kind, key in ((EMAPlugin, "ema"), (ReplayPlugin, "replay"), (ContinualEvalPlugin, "continual")):
+            plugin = _plugin(strategy, kind)
             if plugin is not None:
                 plugin.load_state_dict(state[key])
         results.load(state["results"])

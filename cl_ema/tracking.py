@@ -10,12 +10,16 @@ This module owns the metric names logged anywhere. W&B keys, all against the ste
     final/<track>/task_il/<metric>         the same, task-IL
     final/ema/<metric>                     with a single EMA decay: that track again, so a decay sweep
                                            optimizes one metric name whatever the decay
+    continual/<track>/acc_task_<j>         with eval.every_n_steps: accuracy during training, against
+                                           the step ``train_step`` (optimizer steps so far)
+    final/<track>/continual/<metric>       min_acc, wc_acc, aaa, stability_gap
 
 with ``<track>`` ``live`` or ``ema_<decay>`` and ``<setting>`` ``class_il`` or ``task_il``.
 """
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
 import sys
@@ -26,10 +30,11 @@ from typing import Any
 import numpy as np
 
 from cl_ema.metrics import METRICS
-from cl_ema.plots import heatmaps_png
+from cl_ema.plots import continual_png, heatmaps_png
 from cl_ema.results import SETTINGS, Results, atomic_write
 
 STEP = "task"
+TRAIN_STEP = "train_step"
 
 
 def task_log(results: Results, task: int) -> dict[str, float]:
@@ -62,14 +67,20 @@ def final_summary(results: Results) -> dict[str, float]:
                     if label:
                         suffix = name if setting == "class_il" else f"{setting}/{name}"
                         summary[f"final/{label}/{suffix}"] = value
+        for name, value in results.continual.get(track, {}).items():
+            if isinstance(value, float):
+                summary[f"final/{track}/continual/{name}"] = value
     return summary
 
 
-def save_outputs(results: Results, out_dir: Path) -> None:
-    """results.json, CSV matrices and the heatmap PNG, each written atomically."""
+def save_outputs(results: Results, out_dir: Path, curves: dict | None = None) -> None:
+    """results.json, CSV matrices and the heatmap PNG (and continual-evaluation curves), atomically."""
     results.save(out_dir)
     matrices = {t: results.matrices[t, "class_il"] for t in results.tracks}
     atomic_write(out_dir / "acc_matrix.png", heatmaps_png(matrices, "class-IL accuracy"))
+    if curves:
+        atomic_write(out_dir / "continual_eval.json", json.dumps({t: c.to_dict() for t, c in curves.items()}) + "\n")
+        atomic_write(out_dir / "continual_eval.png", continual_png(curves, "accuracy on each task during training"))
 
 
 class Console:
@@ -110,6 +121,14 @@ class Console:
             cells = "".join(f"{'-':>9}" if values[m] is None else f"{100 * values[m]:9.2f}" for m in METRICS)
             til = results.metrics(track, last, "task_il")["avg_acc"]
             self.print(f"{track:<{width}}{cells}{100 * til:9.2f}")
+        if results.continual:
+            keys = ("min_acc", "wc_acc", "aaa", "stability_gap")
+            self.print("\ncontinual evaluation, % (min-ACC, WC-ACC, average anytime accuracy, mean stability gap)")
+            self.print(f"{'track':<{width}}" + "".join(f"{k:>15}" for k in keys))
+            for track in results.tracks:
+                values = results.continual[track]
+                cells = "".join(f"{'-':>15}" if values[k] is None else f"{100 * values[k]:15.2f}" for k in keys)
+                self.print(f"{track:<{width}}{cells}")
 
 
 def wandb_logged_in() -> bool:
@@ -144,6 +163,7 @@ class WandbLogger:
         name: str,
         group: str,
         tags: list[str],
+        tracks: list[str],
         run_id: str | None = None,
     ) -> None:
         self.run = None
@@ -168,7 +188,10 @@ class WandbLogger:
                 settings=wandb.Settings(quiet=True),  # cl_ema prints its own tables
             )
             self.run.define_metric(STEP)
-            self.run.define_metric("*", step_metric=STEP)
+            self.run.define_metric(TRAIN_STEP)
+            for track in tracks:  # per-prefix step metrics: continual evaluation uses its own step
+                self.run.define_metric(f"{track}/*", step_metric=STEP)
+            self.run.define_metric("continual/*", step_metric=TRAIN_STEP)
         except Exception as err:  # noqa: BLE001 - W&B must never stop training
             self._fail(err)
 
@@ -198,6 +221,19 @@ class WandbLogger:
         except Exception as err:  # noqa: BLE001
             self._fail(err)
 
+    def log_eval(self, step: int, task: int, accuracies: dict[str, list[float]]) -> None:
+        """One continual evaluation: accuracy of each track on the tasks seen so far."""
+        if self.run is None:
+            return
+        row: dict[str, float] = {TRAIN_STEP: step}
+        for track, values in accuracies.items():
+            for j, acc in enumerate(values):
+                row[f"continual/{track}/acc_task_{j + 1}"] = acc
+        try:
+            self.run.log(row)
+        except Exception as err:  # noqa: BLE001
+            self._fail(err)
+
     def finish(self, results: Results, out_dir: Path) -> None:
         if self.run is None:
             return
@@ -212,6 +248,8 @@ class WandbLogger:
                             table.add_data(i + 1, j + 1, setting, float(acc))
                     self.run.log({f"{track}/acc_matrix": table})
                 self.run.log({"acc_matrix": wandb.Image(str(out_dir / "acc_matrix.png"))})
+                if (out_dir / "continual_eval.png").exists():
+                    self.run.log({"continual_eval": wandb.Image(str(out_dir / "continual_eval.png"))})
             self.run.finish(exit_code=0 if results.status == "completed" else 1)
         except Exception as err:  # noqa: BLE001
             self._fail(err)

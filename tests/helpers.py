@@ -5,20 +5,17 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from cl_ema.config import check, register_schema
+from cl_ema.config import CONFIG_DIR, check, compose
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-
-register_schema()
+assert CONFIG_DIR == CONF  # the tests exercise the checkout's configs
 
 
 def compose_config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose(*overrides)
 
 
 def run_experiment(out_dir: Path, *overrides: str, experiment: str = "split_digits"):

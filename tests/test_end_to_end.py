@@ -206,7 +206,7 @@ def test_cli_default_run_from_a_non_editable_install(tmp_path):
     assert data["status"] == "completed" and set(data["tracks"]) == {"live", "ema_0.99"}
     assert (result_file.parent / ".hydra" / "config.yaml").exists()  # the composed config
     where = subprocess.run(
-        [sys.executable, "-c", "import cl_ema.__main__ as m; print(m.CONFIG_DIR)"],
+        [sys.executable, "-c", "import cl_ema.config as c; print(c.CONFIG_DIR)"],
         cwd=work,
         env=env,
         capture_output=True,

@@ -1,0 +1,144 @@
+"""Continual evaluation: every track on every seen task, during training (the stability gap).
+
+With ``eval.every_n_steps=N`` each track (``live``, every ``ema_<decay>``) is evaluated on a fixed,
+seeded subset of each seen task's test set at the start of every task, every N optimizer steps,
+and at the end of every task. From each track's curve ``a_k(e)`` (class-IL accuracy on task k at
+evaluation e, made while training task ``t_e``), with ``T`` tasks:
+
+- min-ACC (De Lange et al. 2023): ``1/(T−1) Σ_{k<T−1} min_{e: t_e > k} a_k(e)`` — the worst
+  accuracy on each previous task once it was learned;
+- WC-ACC (De Lange et al. 2023): ``1/T · a_{T−1}(last) + (1 − 1/T) · min-ACC``;
+- average anytime accuracy AAA (Caccia et al. 2022): ``mean_e mean_{k ≤ t_e} a_k(e)``;
+- stability gap of task t ≥ 1: ``max_{k<t} (a_k(start of t) − min_{e during t} a_k(e))``, the
+  largest drop on a previous task while training task t; ``stability_gap`` is its mean over tasks.
+
+Tasks with no evaluation after they were learned are left out of min-ACC; with one task the
+metrics over previous tasks are ``None``. Evaluation draws no random numbers and leaves BatchNorm
+statistics alone, so training is the same with or without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from avalanche.core import SupervisedPlugin
+from torch import Tensor
+
+from cl_ema.data import ContinualStream
+from cl_ema.evaluation import Track, evaluate
+
+
+@dataclass
+class Curve:
+    """One track's evaluations: global step, task being trained, accuracy on tasks 0..task."""
+
+    steps: list[int] = field(default_factory=list)
+    tasks: list[int] = field(default_factory=list)
+    accuracies: list[list[float]] = field(default_factory=list)
+
+    def add(self, step: int, task: int, accuracies: Sequence[float]) -> None:
+        self.steps.append(step)
+        self.tasks.append(task)
+        self.accuracies.append(list(accuracies))
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "tasks": self.tasks, "accuracies": self.accuracies}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Curve:
+        return cls(list(data["steps"]), list(data["tasks"]), [list(a) for a in data["accuracies"]])
+
+
+def stability_metrics(curve: Curve, num_tasks: int) -> dict[str, float | list[float] | None]:
+    """min-ACC, WC-ACC, AAA and the stability gap of one track (see the module docstring)."""
+    if not curve.steps:
+        return {"min_acc": None, "wc_acc": None, "aaa": None, "stability_gap": None, "gap_per_task": []}
+    tasks = np.asarray(curve.tasks)
+    last_task = int(tasks.max())
+    minima = []
+    for k in range(last_task):
+        after = [acc[k] for acc, t in zip(curve.accuracies, curve.tasks) if t > k]
+        if after:
+            minima.append(min(after))
+    min_acc = float(np.mean(minima)) if minima else None
+    final = curve.accuracies[-1][last_task]
+    wc_acc = final if min_acc is None else final / (last_task + 1) + (1 - 1 / (last_task + 1)) * min_acc
+    aaa = float(np.mean([np.mean(acc) for acc in curve.accuracies]))
+    gaps = []
+    for t in range(1, last_task + 1):
+        during = [acc for acc, task in zip(curve.accuracies, curve.tasks) if task == t]
+        if len(during) >= 2:  # the start of the task and at least one evaluation after it
+            start = during[0]
+            gaps.append(float(max(start[k] - min(acc[k] for acc in during) for k in range(t))))
+    return {
+        "min_acc": min_acc,
+        "wc_acc": float(wc_acc),
+        "aaa": aaa,
+        "stability_gap": float(np.mean(gaps)) if gaps else None,
+        "gap_per_task": gaps,
+    }
+
+
+def fixed_subsets(stream: ContinualStream, size: int, seed: int) -> list[Tensor]:
+    """Per task, ``size`` test indices drawn once from ``seed`` (not from the training RNG)."""
+    rng = np.random.RandomState(seed)
+    subsets = []
+    for index in stream.test_indices:
+        pick = rng.permutation(len(index))[: min(size, len(index))]
+        subsets.append(index[torch.as_tensor(np.sort(pick), device=index.device)])
+    return subsets
+
+
+class ContinualEvalPlugin(SupervisedPlugin):
+    """Evaluates every track on the seen tasks' subsets during training (see module docstring)."""
+
+    def __init__(
+        self,
+        stream: ContinualStream,
+        tracks: list[Track],
+        every_n_steps: int,
+        subset_size: int,
+        seed: int,
+        batch_size: int = 1024,
+        on_eval: Callable[[int, int, dict[str, list[float]]], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.stream = stream
+        self.tracks = tracks
+        self.every = every_n_steps
+        self.subsets = fixed_subsets(stream, subset_size, seed)
+        self.batch_size = batch_size
+        self.on_eval = on_eval
+        self.curves = {track.name: Curve() for track in tracks}
+
+    def _evaluate(self, strategy) -> None:
+        task = strategy.experience.current_experience
+        step = strategy.clock.train_iterations
+        row = {}
+        for track in self.tracks:
+            with track.weights():
+                result = evaluate(strategy.model, self.stream, task, range(task + 1), self.subsets, self.batch_size)
+            self.curves[track.name].add(step, task, result.class_il)
+            row[track.name] = result.class_il
+        if self.on_eval:
+            self.on_eval(step, task, row)
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        self._evaluate(strategy)
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        if strategy.clock.train_exp_iterations % self.every == 0:
+            self._evaluate(strategy)
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        if strategy.clock.train_exp_iterations % self.every:  # not just evaluated
+            self._evaluate(strategy)
+
+    def state_dict(self) -> dict:
+        return {name: curve.to_dict() for name, curve in self.curves.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.curves = {name: Curve.from_dict(data) for name, data in state.items()}
