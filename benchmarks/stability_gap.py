@@ -86,9 +86,11 @@ def main() -> None:
             work / name / "timed_eval", "strategy=ema", f"eval.every_n_steps={args.every}", *overrides
         )
         _, without = run_once(work / name / "timed_plain", "strategy=ema", *overrides)
-        steps = sum(runs[0].meta["steps_per_task"])
-        print(f"{'':<30}cost: {with_eval:.1f} s with continual evaluation vs {without:.1f} s without "
-              f"({with_eval / without:.2f}x; ~{steps // args.every} evaluations of {len(runs[0].tracks)} tracks)\n")  # fmt: skip
+        evaluations = sum(runs[0].meta["steps_per_task"]) // args.every
+        print(
+            f"{'':<30}cost: {with_eval:.1f} s with continual evaluation vs {without:.1f} s without "
+            f"({with_eval / without:.2f}x; ~{evaluations} evaluations of {len(runs[0].tracks)} tracks)\n"
+        )
 
 
 if __name__ == "__main__":
