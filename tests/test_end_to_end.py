@@ -158,7 +158,8 @@ def test_wandb_offline_run_holds_what_was_logged(tmp_path):
         results.metrics("live", 4, "task_il")["avg_acc"]
     )
     assert logged.config["seed"] == 3 and logged.config["ema"]["decay"] == 0.99
-    assert any(m.glob_name == "*" and m.step_metric == "task" for m in logged.metrics)
+    globs = {m.glob_name: m.step_metric for m in logged.metrics if m.glob_name}
+    assert globs["live/*"] == globs["ema_0.99/*"] == "task" and globs["continual/*"] == "train_step"
     assert logged.run.run_group == "split_digits-ema-ema_0.99"
     assert set(logged.run.tags) >= {"split_digits", "ema"}
     media = {k: v for row in logged.history for k, v in row.items() if k.endswith("acc_matrix")}
