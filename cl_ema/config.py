@@ -30,6 +30,7 @@ MODEL_NAMES = ("mlp", "cnn", "resnet18")
 BUFFER_POLICIES = ("average", "copy")
 SYNC_MODES = ("none", "task_end")
 OPTIMIZERS = ("sgd", "adam")
+PRECISIONS = ("auto", "fp32", "bf16")
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -64,6 +65,8 @@ class TrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     eval_batch_size: int = 1024
+    precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16 support, else fp32) | fp32 | bf16
+    channels_last: bool = False  # NHWC layout for conv nets (faster with bf16 on recent GPUs)
 
 
 @dataclass
@@ -199,6 +202,7 @@ def check(cfg: DictConfig) -> None:
     _at_least("train.eval_batch_size", cfg.train.eval_batch_size, 1)
     _at_least("train.lr", cfg.train.lr, 0, strict=True)
     _choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
+    _choice("train.precision", cfg.train.precision, PRECISIONS)
     _at_least("train.weight_decay", cfg.train.weight_decay, 0)
     if not 0 <= cfg.train.momentum < 1:
         raise UserError(f"train.momentum={cfg.train.momentum!r}: must be in [0, 1)")
@@ -246,6 +250,16 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for training (None: plain fp32)."""
+    import torch
+
+    if precision == "auto":
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if use_bf16 else None
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def data_root(root: str | None) -> Path:

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from cl_ema.config import autocast_dtype
 from cl_ema.data import ContinualStream
 from cl_ema.evaluation import Track
 from cl_ema.plugins import FiniteLossPlugin, ProgressBarPlugin
@@ -31,7 +32,8 @@ def build_optimizer(train: DictConfig, model: nn.Module) -> torch.optim.Optimize
     return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
-def _silent_evaluator() -> EvaluationPlugin:
+def silent_evaluator() -> EvaluationPlugin:
+    """Avalanche's evaluation plugin with no metrics and no loggers."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No loggers specified")
         return EvaluationPlugin(loggers=[])
@@ -50,6 +52,8 @@ def build_strategy(
             tracks += plugin.tracks()
     strategy = DeviceDataTemplate(
         stream=stream,
+        autocast=autocast_dtype(cfg.train.precision, device),
+        channels_last=cfg.train.channels_last,
         model=model,
         optimizer=build_optimizer(cfg.train, model),
         criterion=nn.CrossEntropyLoss(),
@@ -59,6 +63,6 @@ def build_strategy(
         device=device,
         # reading the loss forces a GPU sync: check every 50 steps there, every step on CPU
         plugins=[*plugins, FiniteLossPlugin(check_every=50 if device.type == "cuda" else 1), ProgressBarPlugin()],
-        evaluator=_silent_evaluator(),  # cl_ema evaluates its tracks itself
+        evaluator=silent_evaluator(),  # cl_ema evaluates its tracks itself
     )
     return strategy, tracks

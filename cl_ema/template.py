@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from avalanche.training.templates import SupervisedTemplate
@@ -16,19 +17,43 @@ class DeviceDataTemplate(SupervisedTemplate):
 
     The dataloader (Avalanche's, or the one a plugin such as replay puts in its place) yields
     ``(index, label, task)``; ``_unpack_minibatch`` turns the indices into an augmented,
-    normalized input batch on the training device. Everything else is Avalanche's loop.
+    normalized input batch on the training device. With ``autocast`` (e.g. ``torch.bfloat16``)
+    the forward pass and the loss run under ``torch.autocast``; the weights stay fp32.
+    Everything else is Avalanche's loop.
     """
 
-    def __init__(self, *, stream: ContinualStream, **kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        stream: ContinualStream,
+        autocast: torch.dtype | None = None,
+        channels_last: bool = False,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.stream = stream
+        self.autocast = autocast
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def _unpack_minibatch(self) -> None:
         super()._unpack_minibatch()
         raw = self.stream.train.raw(self.mbatch[0])
         if self.stream.augment is not None:
             raw = self.stream.augment(raw)
-        self.mbatch[0] = self.stream.train.normalize(raw)
+        self.mbatch[0] = self.stream.train.normalize(raw).contiguous(memory_format=self.memory_format)
+
+    def _autocast(self) -> AbstractContextManager:
+        if self.autocast is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def forward(self) -> Tensor:
+        with self._autocast():
+            return super().forward()
+
+    def criterion(self) -> Tensor:
+        with self._autocast():
+            return super().criterion()
 
     def input_batches(self) -> Callable[[], Iterator[Tensor]]:
         """Replays the current experience's batches (replay memory included), unaugmented.

@@ -36,3 +36,14 @@ def test_mnist_shaped_digits_load_through_the_mnist_loader(tmp_path):
     stream = build_stream("mnist", "split", 5, seed=0, root=tmp_path, download=False, device=torch.device("cpu"))
     assert stream.train.inputs.shape == (1347, 1, 28, 28) and stream.train.inputs.dtype == torch.uint8
     assert int(stream.train.inputs.max()) == 255 and len(stream.test) == 450
+
+
+def test_throughput_benchmark_smoke():
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/throughput.py", "--device", "cpu", "--steps", "2", "--warmup", "1", "--width", "4",
+         "--batch-size", "8", "--samples", "1000", "--workers", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("(a) cl_ema", "(a) cl_ema + EMA", "(b) Avalanche Naive + DataLoader", "(c) bare loop", "(a) / (b) ="):
+        assert row in proc.stdout

@@ -86,6 +86,9 @@ BAD_VALUES = [
     ("train.lr=-1", "train.lr"),
     ("train.momentum=1.0", "train.momentum"),
     ("train.optimizer=lbfgs", "train.optimizer"),
+    ("train.precision=fp16", "train.precision"),
+    ("eval.every_n_steps=-1", "eval.every_n_steps"),
+    ("eval.subset_size=0", "eval.subset_size"),
     ("train.weight_decay=-1", "train.weight_decay"),
     ("seed=-1", "seed"),
     ("data.n_tasks=0", "data.n_tasks"),
@@ -131,3 +134,16 @@ def test_cli_prints_one_line_and_exits_2(override, expected, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_precision_defaults_per_device():
+    import torch
+
+    from cl_ema.config import autocast_dtype
+
+    assert autocast_dtype("auto", torch.device("cpu")) is None  # fp32 on CPU
+    assert autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert autocast_dtype("fp32", torch.device("cuda")) is None
+    if torch.cuda.is_available():
+        expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        assert autocast_dtype("auto", torch.device("cuda")) == expected

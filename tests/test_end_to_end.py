@@ -143,6 +143,16 @@ def test_checkpoint_holds_every_shadow_and_loads_safely(tmp_path):
     assert ema.num_updates == sum(state["results"]["steps_per_task"]) == state["train_iterations"]
 
 
+def test_bf16_autocast_and_channels_last(tmp_path):
+    results, text = run_experiment(tmp_path, "model=cnn", "train.precision=bf16", "train.channels_last=true",
+                                   "train.epochs=2", "data.n_tasks=2", "checkpoint=true")  # fmt: skip
+    assert "precision=bf16 autocast" in text and results.status == "completed"
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    conv = state["model"]["features.0.weight"]
+    assert conv.dtype == torch.float32 and conv.is_contiguous(memory_format=torch.channels_last)
+    assert results.metrics("live", 1)["learning_acc"] > 0.5  # it learns
+
+
 def test_wandb_offline_run_holds_what_was_logged(tmp_path):
     results, _ = run_experiment(tmp_path, "logger=wandb", "logger.mode=auto", "strategy=ema", "seed=3")
     logged = read_run(find_run_file(tmp_path))

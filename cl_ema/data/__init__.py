@@ -1,7 +1,13 @@
 """Datasets → Avalanche streams of sample indices, with the tensors resident on the device."""
 
 from cl_ema.data.storage import CropFlip, Normalization, TensorStore
-from cl_ema.data.stream import ContinualStream, build_stream, experience_indices, index_dataset
+from cl_ema.data.stream import (
+    ContinualStream,
+    build_stream,
+    experience_indices,
+    index_dataset,
+    stream_from_stores,
+)
 
 __all__ = [
     "ContinualStream",
@@ -11,4 +17,5 @@ __all__ = [
     "build_stream",
     "experience_indices",
     "index_dataset",
+    "stream_from_stores",
 ]

@@ -65,11 +65,29 @@ def build_stream(
 ) -> ContinualStream:
     """Load ``dataset`` onto ``device`` and split it into ``n_tasks`` tasks."""
     train, test = _load(dataset, root, download)
+    return stream_from_stores(
+        train, test, scenario, n_tasks, seed=seed, device=device, class_order=class_order, augment=augment, name=dataset
+    )
+
+
+def stream_from_stores(
+    train: TensorStore,
+    test: TensorStore,
+    scenario: str,
+    n_tasks: int,
+    *,
+    seed: int,
+    device: torch.device,
+    class_order: list[int] | None = None,
+    augment: bool = False,
+    name: str = "the dataset",
+) -> ContinualStream:
+    """Split in-memory train / test stores into a stream (``build_stream`` after loading)."""
     num_classes = int(train.base_targets.max()) + 1
     if scenario == "split":
         order = _class_order(class_order, num_classes, seed)
         if n_tasks < 1 or num_classes % n_tasks:
-            raise UserError(f"data.n_tasks={n_tasks}: must divide the {num_classes} classes of {dataset}")
+            raise UserError(f"data.n_tasks={n_tasks}: must divide the {num_classes} classes of {name}")
         benchmark = class_incremental_benchmark(
             {"train": _index_dataset(train), "test": _index_dataset(test)},
             class_order=order,

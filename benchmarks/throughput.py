@@ -1,0 +1,206 @@
+"""Training throughput on one split CIFAR-100 task: cl_ema vs stock Avalanche vs a bare loop.
+
+    python benchmarks/throughput.py [--device cuda] [--steps 200] [--batch-size 128]
+    python benchmarks/throughput.py --device cpu --steps 4 --width 8 --batch-size 16   # smoke test
+
+The same work three ways — ResNet-18 on the first task of split CIFAR-100 (generated data of
+CIFAR's shape and dtype: 50,000 uint8 images, or real CIFAR-100 with --cifar-root), random crop
+(pad 4) + flip, SGD, the same batch size and number of steps:
+
+(a) cl_ema: ``DeviceDataTemplate`` (Avalanche's SupervisedTemplate fed by device-resident
+    tensors and batch augmentation on the device), with and without an EMA plugin;
+(b) stock Avalanche ``Naive`` with torchvision transforms on PIL images through a DataLoader
+    (what a user would otherwise write);
+(c) a bare PyTorch loop over device-resident tensors (the bound).
+
+Prints samples/s, peak GPU memory and the ratios the README reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from avalanche.core import SupervisedPlugin
+from torch import nn
+
+from cl_ema.data import CropFlip, TensorStore, stream_from_stores
+from cl_ema.data.sources import CIFAR100_NORM, load_cifar
+from cl_ema.models import ResNet18
+from cl_ema.plugins import EMAPlugin
+from cl_ema.strategies import silent_evaluator
+from cl_ema.template import DeviceDataTemplate
+
+
+def cifar_like(root: Path | None, samples: int, seed: int = 0) -> tuple[TensorStore, TensorStore]:
+    if root is not None:
+        return load_cifar(100, root, download=False)
+    rng = np.random.default_rng(seed)
+    labels = torch.as_tensor(np.arange(samples) % 100)
+    images = torch.from_numpy(rng.integers(0, 256, size=(samples, 3, 32, 32), dtype=np.uint8))
+    return TensorStore(images, labels, CIFAR100_NORM), TensorStore(images[:1000], labels[:1000], CIFAR100_NORM)
+
+
+def model_and_optimizer(width: int, device: torch.device, channels_last: bool):
+    torch.manual_seed(0)
+    model = ResNet18((3, 32, 32), 100, width=width).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, torch.optim.SGD(model.parameters(), lr=0.03)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def epochs_for(args, task_size: int) -> int:
+    """Enough epochs over one task for warmup + timed steps; the stop plugin ends the run."""
+    return math.ceil((args.steps + args.warmup) * args.batch_size / task_size) + 1
+
+
+def cl_ema_run(stores, args, device, with_ema: bool) -> float:
+    stream = stream_from_stores(*stores, "split", 10, seed=0, device=device, augment=True)
+    experience = stream.benchmark.train_stream[0]
+    model, optimizer = model_and_optimizer(args.width, device, args.channels_last)
+    plugins = [EMAPlugin(decay=0.999)] if with_ema else []
+    for plugin in plugins:
+        plugin.attach(model)
+    autocast = torch.bfloat16 if args.bf16 else None
+    strategy = DeviceDataTemplate(stream=stream, model=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(),
+                                  train_mb_size=args.batch_size, train_epochs=epochs_for(args, len(experience.dataset)),
+                                  device=device, plugins=plugins,
+                                  evaluator=silent_evaluator(), autocast=autocast,
+                                  channels_last=args.channels_last)  # fmt: skip
+    stop = _StopAfter(args.steps, args.warmup)
+    strategy.plugins.append(stop)
+    strategy.train(experience)
+    return stop.elapsed
+
+
+def avalanche_naive_run(stores, args, device) -> float:
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+    from avalanche.benchmarks.utils import as_classification_dataset
+    from avalanche.training import Naive
+    from PIL import Image
+    from torchvision import transforms
+
+    train, _ = stores
+    norm = train.norm
+    transform = transforms.Compose(
+        [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+         transforms.Normalize(norm.mean, norm.std)]
+    )  # fmt: skip
+
+    class PILDataset(torch.utils.data.Dataset):
+        """How torchvision's CIFAR100 serves samples: a PIL image through the transforms."""
+
+        def __init__(self, store: TensorStore) -> None:
+            self.images = store.inputs.permute(0, 2, 3, 1).numpy()
+            self.targets = store.base_targets.tolist()
+
+        def __len__(self) -> int:
+            return len(self.targets)
+
+        def __getitem__(self, i: int):
+            return transform(Image.fromarray(self.images[i])), self.targets[i]
+
+    dataset = as_classification_dataset(PILDataset(train))
+    benchmark = class_incremental_benchmark(
+        {"train": dataset, "test": dataset}, class_order=list(range(100)), num_experiences=10
+    )
+    model, optimizer = model_and_optimizer(args.width, device, args.channels_last)
+    stop = _StopAfter(args.steps, args.warmup)
+    experience = benchmark.train_stream[0]
+    strategy = Naive(model=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), train_mb_size=args.batch_size,
+                     train_epochs=epochs_for(args, len(experience.dataset)), device=device, plugins=[stop],
+                     evaluator=silent_evaluator())  # fmt: skip
+    strategy.train(experience, num_workers=args.workers, persistent_workers=args.workers > 0)
+    return stop.elapsed
+
+
+def bare_loop(stores, args, device) -> float:
+    train = stores[0].to(device)
+    model, optimizer = model_and_optimizer(args.width, device, args.channels_last)
+    augment = CropFlip(seed=0)
+    loss_fn = nn.CrossEntropyLoss()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    index = torch.arange(len(train), device=device)
+    started = 0.0
+    for step in range(args.steps + args.warmup):
+        if step == args.warmup:
+            sync(device)
+            started = time.perf_counter()
+        batch = index[torch.randint(0, len(train), (args.batch_size,), device=device)]
+        x = train.normalize(augment(train.raw(batch))).contiguous(memory_format=memory_format)
+        y = train.targets_at(batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    sync(device)
+    return time.perf_counter() - started
+
+
+class _StopAfter(SupervisedPlugin):
+    """Times ``steps`` training iterations after ``warmup`` ones, then stops the experience."""
+
+    def __init__(self, steps: int, warmup: int) -> None:
+        super().__init__()
+        self.steps, self.warmup, self.count, self.started, self.elapsed = steps, warmup, 0, 0.0, 0.0
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        self.count += 1
+        if self.count == self.warmup:
+            sync(strategy.device)
+            self.started = time.perf_counter()
+        if self.count == self.warmup + self.steps:
+            sync(strategy.device)
+            self.elapsed = time.perf_counter() - self.started
+            strategy.stop_training()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--width", type=int, default=64, help="ResNet-18 base width (64: the full model)")
+    parser.add_argument("--samples", type=int, default=50_000, help="generated CIFAR-100-shaped training images")
+    parser.add_argument("--cifar-root", type=Path, help="use real CIFAR-100 from this torchvision root")
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers for stock Avalanche")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in all three")
+    parser.add_argument("--channels-last", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    stores = cifar_like(args.cifar_root, args.samples)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {device} ({name}), torch {torch.__version__}, ResNet-18 width {args.width}, batch "
+          f"{args.batch_size}, {args.steps} timed steps after {args.warmup}, bf16={args.bf16}, "
+          f"channels_last={args.channels_last}")  # fmt: skip
+    runs = {
+        "(a) cl_ema": lambda: cl_ema_run(stores, args, device, with_ema=False),
+        "(a) cl_ema + EMA": lambda: cl_ema_run(stores, args, device, with_ema=True),
+        "(b) Avalanche Naive + DataLoader": lambda: avalanche_naive_run(stores, args, device),
+        "(c) bare loop": lambda: bare_loop(stores, args, device),
+    }
+    speed = {}
+    for label, fn in runs.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = fn()
+        speed[label] = args.steps * args.batch_size / seconds
+        memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "-"
+        print(f"{label:<36}{speed[label]:>12,.0f} samples/s   peak GPU memory {memory}")
+    a, ema, b, c = speed.values()
+    print(f"\n(a) / (b) = {a / b:.2f}x   (a) / (c) = {a / c:.2f}x   EMA adds {100 * (a / ema - 1):.1f} % to (a)")
+
+
+if __name__ == "__main__":
+    main()
