@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cl_ema import checkpoint
 from cl_ema.config import data_root, resolve_device, to_container
@@ -19,7 +19,7 @@ from cl_ema.errors import UserError
 from cl_ema.evaluation import evaluate
 from cl_ema.models import build_model
 from cl_ema.plugins import EMAPlugin, ReplayPlugin
-from cl_ema.results import Results
+from cl_ema.results import Results, atomic_write
 from cl_ema.strategies import build_strategy
 from cl_ema.template import DeviceDataTemplate
 from cl_ema.tracking import Console, WandbLogger, save_outputs
@@ -96,6 +96,7 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
         if continual:
             continual.on_eval = wandb.log_eval
     print_header(console, cfg, experiment, stream, strategy, device)
+    atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # every value, interpolations resolved
 
     started = time.perf_counter() - meta["elapsed_s"]
     try:

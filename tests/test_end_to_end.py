@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers import ROOT, run_experiment
 from wandb_records import find_run_file, read_run
 
@@ -123,6 +124,8 @@ def test_result_files(runs):
         assert len(csv_rows) == 6 and float(csv_rows[5].split(",")[5]) == pytest.approx(matrix[4, 4], abs=1e-6)
     assert data["class_order"] == results.meta["class_order"] and len(data["steps_per_task"]) == 5
     assert (out / "acc_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["strategy"]["plugins"]["ema"]["decays"] == [0.9, 0.99, 0.995]  # interpolations resolved
     assert not list(out.rglob("*.tmp"))  # atomic writes leave nothing behind
 
 
