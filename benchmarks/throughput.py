@@ -28,7 +28,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import nn
 
-from cl_ema.data import CropFlip, TensorStore, stream_from_stores
+from cl_ema.data import CropFlip, TensorStore, experience_indices, stream_from_stores
 from cl_ema.data.sources import CIFAR100_NORM, load_cifar
 from cl_ema.models import ResNet18
 from cl_ema.plugins import EMAPlugin
@@ -124,18 +124,23 @@ def avalanche_naive_run(stores, args, device) -> float:
 
 
 def bare_loop(stores, args, device) -> float:
-    train = stores[0].to(device)
+    """The same task's samples, reshuffled every epoch, straight from device tensors."""
+    stream = stream_from_stores(*stores, "split", 10, seed=0, device=device)
+    train, task = stream.train, experience_indices(stream.benchmark.train_stream[0].dataset).to(device)
     model, optimizer = model_and_optimizer(args.width, device, args.channels_last)
     augment = CropFlip(seed=0)
     loss_fn = nn.CrossEntropyLoss()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    index = torch.arange(len(train), device=device)
+    batches = iter(())
     started = 0.0
     for step in range(args.steps + args.warmup):
         if step == args.warmup:
             sync(device)
             started = time.perf_counter()
-        batch = index[torch.randint(0, len(train), (args.batch_size,), device=device)]
+        batch = next(batches, None)
+        if batch is None:  # a new epoch
+            batches = iter(task[torch.randperm(len(task), device=device)].split(args.batch_size))
+            batch = next(batches)
         x = train.normalize(augment(train.raw(batch))).contiguous(memory_format=memory_format)
         y = train.targets_at(batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
