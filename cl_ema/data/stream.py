@@ -46,10 +46,6 @@ class ContinualStream:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.inputs.shape[1:])  # type: ignore[return-value]
 
-    def seen_classes(self, task: int) -> list[int]:
-        """Classes of tasks 0..task (the class-IL output space after training ``task``)."""
-        return sorted({c for t in range(task + 1) for c in self.task_classes[t]})
-
 
 def build_stream(
     dataset: str,
