@@ -31,13 +31,17 @@ def _run(cfg: DictConfig) -> float:
     except OSError as err:
         if err.filename is None:
             raise
-        _fail(f"cannot write to {err.filename}: {err.strerror}")
+        _fail_to_write(err)
     return results.metrics("live", results.tasks_done - 1)["avg_acc"]  # the objective for sweepers
 
 
 def _fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _fail_to_write(err: OSError) -> NoReturn:
+    _fail(f"cannot write to {err.filename}: {err.strerror}")
 
 
 def one_line(err: BaseException) -> str:
@@ -68,7 +72,7 @@ def main() -> None:
     except OSError as err:  # the run directory (or a file in it) cannot be written
         if user_wants_traceback or err.filename is None:
             raise
-        _fail(f"cannot write to {err.filename}: {err.strerror}")
+        _fail_to_write(err)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from cl_ema.errors import UserError
 from cl_ema.results import atomic_write
 
 FORMAT = "cl_ema-checkpoint-1"
-LAST = LAST_CHECKPOINT
 # keys that may differ between a run and its resumption
 _MAY_DIFFER = ("resume", "logger", "device", "data.root", "data.download", "checkpoint", "deterministic")
 
@@ -89,27 +88,28 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
     return out
 
 
-def find_resume_dir(resume: str, out_dir: Path, config: dict) -> Path:
-    """The run directory to continue: ``resume=<run dir>``, or ``resume=true`` for the newest
-    run of the same configuration next to (or at) this run's directory."""
+def resume_from(resume: str, out_dir: Path, config: dict) -> tuple[Path, dict[str, Any]]:
+    """The run directory to continue and its checkpoint: ``resume=<run dir>``, or ``resume=true``
+    for the newest run of the same configuration next to (or at) this run's directory."""
     if resume.lower() not in ("true", "latest"):
-        return Path(resume).expanduser()  # config.check() made sure it holds a checkpoint
+        run_dir = Path(resume).expanduser()  # config.check() made sure it holds a checkpoint
+        state = load(run_dir / LAST_CHECKPOINT)
+        differences = config_differences(state["config"], config)
+        if differences:
+            raise UserError(
+                f"{run_dir / LAST_CHECKPOINT} was written by a different configuration ({'; '.join(differences[:3])})"
+            )
+        return run_dir, state
     candidates = sorted(
-        (p for p in [out_dir, *out_dir.parent.glob("*")] if (p / LAST).is_file()),
-        key=lambda p: (p / LAST).stat().st_mtime,
+        (p for p in [out_dir, *out_dir.parent.glob("*")] if (p / LAST_CHECKPOINT).is_file()),
+        key=lambda p: (p / LAST_CHECKPOINT).stat().st_mtime,
         reverse=True,
     )
     for run_dir in candidates:
-        state = load(run_dir / LAST)
+        state = load(run_dir / LAST_CHECKPOINT)
         if not config_differences(state["config"], config):
-            return run_dir
+            return run_dir, state
     raise UserError(f"resume=true: no checkpoint of this configuration in {out_dir.parent} (give resume=<run dir>)")
-
-
-def check_config(state: dict, config: dict, path: Path) -> None:
-    differences = config_differences(state["config"], config)
-    if differences:
-        raise UserError(f"{path} was written by a different configuration ({'; '.join(differences[:3])})")
 
 
 def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -52,12 +52,11 @@ class Curve:
         return cls(list(data["steps"]), list(data["tasks"]), [list(a) for a in data["accuracies"]])
 
 
-def stability_metrics(curve: Curve, num_tasks: int) -> dict[str, float | list[float] | None]:
+def stability_metrics(curve: Curve) -> dict[str, float | list[float] | None]:
     """min-ACC, WC-ACC, AAA and the stability gap of one track (see the module docstring)."""
     if not curve.steps:
         return {"min_acc": None, "wc_acc": None, "aaa": None, "stability_gap": None, "gap_per_task": []}
-    tasks = np.asarray(curve.tasks)
-    last_task = int(tasks.max())
+    last_task = max(curve.tasks)
     minima = []
     for k in range(last_task):
         after = [acc[k] for acc, t in zip(curve.accuracies, curve.tasks) if t > k]

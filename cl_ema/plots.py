@@ -66,10 +66,11 @@ def continual_png(curves: dict, title: str = "") -> bytes:
     cols = min(panels, 3)
     rows = -(-panels // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    # steps where a new task begins (the first task's start is the left edge)
     starts = [
         step
         for i, (step, task) in enumerate(zip(reference.steps, reference.tasks))
-        if i == 0 or task != reference.tasks[i - 1]
+        if i and task != reference.tasks[i - 1]
     ]
     for k, ax in enumerate(axes.flat):
         if k >= panels:
@@ -88,7 +89,7 @@ def continual_png(curves: dict, title: str = "") -> bytes:
                     linestyle="--" if name == "live" else "-",
                     linewidth=1.2,
                 )
-        for start in starts[1:]:
+        for start in starts:
             ax.axvline(start, color="grey", linestyle=":", linewidth=0.8)
         ax.set_title(f"task {k + 1}", fontsize=9)
         ax.set_xlabel("optimizer step")

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cl_ema import checkpoint
-from cl_ema.config import data_root, resolve_device, to_container
+from cl_ema.config import LAST_CHECKPOINT, data_root, resolve_device, to_container
 from cl_ema.continual import ContinualEvalPlugin, stability_metrics
 from cl_ema.data import ContinualStream, build_stream
 from cl_ema.errors import UserError
@@ -41,9 +41,7 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
     config = to_container(cfg)
     resume_state = None
     if cfg.resume:
-        out_dir = checkpoint.find_resume_dir(str(cfg.resume), out_dir, config)
-        resume_state = checkpoint.load(out_dir / checkpoint.LAST)
-        checkpoint.check_config(resume_state, config, out_dir / checkpoint.LAST)
+        out_dir, resume_state = checkpoint.resume_from(str(cfg.resume), out_dir, config)
 
     seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device)
@@ -82,7 +80,7 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
                                         cfg.train.eval_batch_size)  # fmt: skip
         strategy.plugins.append(continual)
     if resume_state:
-        restore(resume_state, strategy, stream, results, out_dir / checkpoint.LAST)
+        restore(resume_state, strategy, stream, results, out_dir / LAST_CHECKPOINT)
         console.print(f"resuming {out_dir} after task {results.tasks_done}/{stream.num_tasks}")
     else:
         results.record_baseline(evaluate(model, stream, -1, batch_size=cfg.train.eval_batch_size))
@@ -111,10 +109,10 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
             results.tasks_done = task + 1
             meta["elapsed_s"] = round(time.perf_counter() - started, 2)
             if continual:
-                results.continual = {n: stability_metrics(c, stream.num_tasks) for n, c in continual.curves.items()}
+                results.continual = {n: stability_metrics(c) for n, c in continual.curves.items()}
             save_outputs(results, out_dir, continual.curves if continual else None)
             if cfg.checkpoint:
-                checkpoint.save(out_dir / checkpoint.LAST, snapshot(strategy, stream, results, wandb))
+                checkpoint.save(out_dir / LAST_CHECKPOINT, snapshot(strategy, stream, results, wandb))
             console.task(results, task, meta["steps_per_task"][-1], stream.task_classes[task])
             if wandb:
                 wandb.log_task(results, task)

@@ -28,7 +28,7 @@ def test_metrics_by_hand_with_a_task_evaluated_only_once():
         (20, 1, [0.5, 0.8]),
         (30, 2, [0.6, 0.7, 0.1]),  # task 3: a single evaluation, so no gap for it
     )
-    m = stability_metrics(c, 3)
+    m = stability_metrics(c)
     assert m["min_acc"] == pytest.approx((0.5 + 0.7) / 2)  # task 1: min(0.9, 0.5, 0.6); task 2: 0.7
     assert m["wc_acc"] == pytest.approx(0.1 / 3 + (2 / 3) * 0.6)
     assert m["aaa"] == pytest.approx((0.1 + 0.9 + 0.45 + 0.65 + (0.6 + 0.7 + 0.1) / 3) / 5)
@@ -38,15 +38,15 @@ def test_metrics_by_hand_with_a_task_evaluated_only_once():
 
 def test_gap_is_the_largest_drop_over_previous_tasks():
     c = curve((0, 1, [0.9, 0.8, 0.0]), (5, 1, [0.2, 0.7, 0.3]), (9, 1, [0.6, 0.1, 0.9]))
-    m = stability_metrics(c, 3)
+    m = stability_metrics(c)
     assert m["gap_per_task"] == [pytest.approx(0.7)]  # task 1: 0.9 → 0.2 (task 2 is being trained)
 
 
 def test_one_task_and_no_evaluations():
-    m = stability_metrics(curve((0, 0, [0.1]), (5, 0, [0.8])), 1)
+    m = stability_metrics(curve((0, 0, [0.1]), (5, 0, [0.8])))
     assert m["min_acc"] is None and m["stability_gap"] is None and m["gap_per_task"] == []
     assert m["wc_acc"] == pytest.approx(0.8) and m["aaa"] == pytest.approx(0.45)
-    assert stability_metrics(Curve(), 3)["aaa"] is None
+    assert stability_metrics(Curve())["aaa"] is None
 
 
 def test_periodic_evaluation_does_not_change_training(tmp_path):
