@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py [--device cuda] [--steps 200] [--batch-size 128]
     python benchmarks/throughput.py --device cpu --steps 4 --width 8 --batch-size 16   # smoke test
+    python benchmarks/throughput.py --model linear --no-augment                           # host overhead
 
 The same work three ways — ResNet-18 on the first task of split CIFAR-100 (generated data of
 CIFAR's shape and dtype: 50,000 uint8 images, or real CIFAR-100 with --cifar-root), random crop
@@ -13,13 +14,19 @@ CIFAR's shape and dtype: 50,000 uint8 images, or real CIFAR-100 with --cifar-roo
     (what a user would otherwise write);
 (c) a bare PyTorch loop over device-resident tensors (the bound).
 
-Prints samples/s, peak GPU memory and the ratios the README reports.
+Prints samples/s, ms per step, peak GPU memory and the ratios the README reports: the median
+of ``--rounds`` rounds in which the four contenders take turns.
+
+``--model linear --no-augment`` swaps ResNet-18 for one linear layer: the compute vanishes and
+what is left is each path's per-step host work (loader, callbacks, kernel launches), which on a
+GPU must stay below the network's step time or the GPU waits.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -45,11 +52,16 @@ def cifar_like(root: Path | None, samples: int, seed: int = 0) -> tuple[TensorSt
     return TensorStore(images, labels, CIFAR100_NORM), TensorStore(images[:1000], labels[:1000], CIFAR100_NORM)
 
 
-def model_and_optimizer(width: int, device: torch.device, channels_last: bool):
+def model_and_optimizer(args, device: torch.device):
     torch.manual_seed(0)
-    model = ResNet18((3, 32, 32), 100, width=width).to(device)
-    if channels_last:
+    if args.model == "linear":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 100)).to(device)
+    else:
+        model = ResNet18((3, 32, 32), 100, width=args.width).to(device)
+    if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.compile()
     return model, torch.optim.SGD(model.parameters(), lr=0.03)
 
 
@@ -64,9 +76,9 @@ def epochs_for(args, task_size: int) -> int:
 
 
 def cl_ema_run(stores, args, device, with_ema: bool) -> float:
-    stream = stream_from_stores(*stores, "split", 10, seed=0, device=device, augment=True)
+    stream = stream_from_stores(*stores, "split", 10, seed=0, device=device, augment=args.augment)
     experience = stream.benchmark.train_stream[0]
-    model, optimizer = model_and_optimizer(args.width, device, args.channels_last)
+    model, optimizer = model_and_optimizer(args, device)
     plugins = [EMAPlugin(decay=0.999)] if with_ema else []
     for plugin in plugins:
         plugin.attach(model)
@@ -91,10 +103,8 @@ def avalanche_naive_run(stores, args, device) -> float:
 
     train, _ = stores
     norm = train.norm
-    transform = transforms.Compose(
-        [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-         transforms.Normalize(norm.mean, norm.std)]
-    )  # fmt: skip
+    augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if args.augment else []
+    transform = transforms.Compose([*augment, transforms.ToTensor(), transforms.Normalize(norm.mean, norm.std)])
 
     class PILDataset(torch.utils.data.Dataset):
         """How torchvision's CIFAR100 serves samples: a PIL image through the transforms."""
@@ -113,7 +123,7 @@ def avalanche_naive_run(stores, args, device) -> float:
     benchmark = class_incremental_benchmark(
         {"train": dataset, "test": dataset}, class_order=list(range(100)), num_experiences=10
     )
-    model, optimizer = model_and_optimizer(args.width, device, args.channels_last)
+    model, optimizer = model_and_optimizer(args, device)
     stop = _StopAfter(args.steps, args.warmup)
     experience = benchmark.train_stream[0]
     strategy = Naive(model=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), train_mb_size=args.batch_size,
@@ -127,8 +137,8 @@ def bare_loop(stores, args, device) -> float:
     """The same task's samples, reshuffled every epoch, straight from device tensors."""
     stream = stream_from_stores(*stores, "split", 10, seed=0, device=device)
     train, task = stream.train, experience_indices(stream.benchmark.train_stream[0].dataset).to(device)
-    model, optimizer = model_and_optimizer(args.width, device, args.channels_last)
-    augment = CropFlip(seed=0)
+    model, optimizer = model_and_optimizer(args, device)
+    augment = CropFlip(seed=0) if args.augment else None
     loss_fn = nn.CrossEntropyLoss()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     batches = iter(())
@@ -141,7 +151,8 @@ def bare_loop(stores, args, device) -> float:
         if batch is None:  # a new epoch
             batches = iter(task[torch.randperm(len(task), device=device)].split(args.batch_size))
             batch = next(batches)
-        x = train.normalize(augment(train.raw(batch))).contiguous(memory_format=memory_format)
+        raw = train.raw(batch)
+        x = train.normalize(augment(raw) if augment else raw).contiguous(memory_format=memory_format)
         y = train.targets_at(batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             loss = loss_fn(model(x), y)
@@ -176,35 +187,49 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--model", choices=("resnet18", "linear"), default="resnet18")
     parser.add_argument("--width", type=int, default=64, help="ResNet-18 base width (64: the full model)")
+    parser.add_argument("--no-augment", dest="augment", action="store_false", help="no random crop + flip")
     parser.add_argument("--samples", type=int, default=50_000, help="generated CIFAR-100-shaped training images")
     parser.add_argument("--cifar-root", type=Path, help="use real CIFAR-100 from this torchvision root")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers for stock Avalanche")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in all three")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model in all three")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table is their median")
     args = parser.parse_args()
     device = torch.device(args.device)
     stores = cifar_like(args.cifar_root, args.samples)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {device} ({name}), torch {torch.__version__}, ResNet-18 width {args.width}, batch "
-          f"{args.batch_size}, {args.steps} timed steps after {args.warmup}, bf16={args.bf16}, "
-          f"channels_last={args.channels_last}")  # fmt: skip
+    model = f"ResNet-18 width {args.width}" if args.model == "resnet18" else "one linear layer"
+    print(f"device: {device} ({name}), torch {torch.__version__}, {model}, batch {args.batch_size}, {args.steps} "
+          f"timed steps after {args.warmup}, augment={args.augment}, bf16={args.bf16}, "
+          f"channels_last={args.channels_last}, compile={args.compile}")  # fmt: skip
     runs = {
         "(a) cl_ema": lambda: cl_ema_run(stores, args, device, with_ema=False),
         "(a) cl_ema + EMA": lambda: cl_ema_run(stores, args, device, with_ema=True),
         "(b) Avalanche Naive + DataLoader": lambda: avalanche_naive_run(stores, args, device),
         "(c) bare loop": lambda: bare_loop(stores, args, device),
     }
+    seconds: dict[str, list[float]] = {label: [] for label in runs}
+    memory: dict[str, float] = {}
+    for _ in range(args.rounds):  # contenders take turns, so a slow spell of a shared machine hits all
+        for label, fn in runs.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds[label].append(fn())
+            if device.type == "cuda":
+                memory[label] = torch.cuda.max_memory_allocated(device) / 2**30
     speed = {}
-    for label, fn in runs.items():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = fn()
-        speed[label] = args.steps * args.batch_size / seconds
-        memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "-"
-        print(f"{label:<36}{speed[label]:>12,.0f} samples/s   peak GPU memory {memory}")
+    for label, times in seconds.items():
+        median = statistics.median(times)
+        speed[label] = args.steps * args.batch_size / median
+        peak = f"{memory[label]:.2f} GiB" if label in memory else "-"
+        print(f"{label:<36}{speed[label]:>12,.0f} samples/s {1000 * median / args.steps:>8.2f} ms/step   "
+              f"peak GPU memory {peak}")  # fmt: skip
     a, ema, b, c = speed.values()
-    print(f"\n(a) / (b) = {a / b:.2f}x   (a) / (c) = {a / c:.2f}x   EMA adds {100 * (a / ema - 1):.1f} % to (a)")
+    print(f"\n(a) / (b) = {a / b:.2f}x   (a) / (c) = {a / c:.2f}x   EMA adds {100 * (a / ema - 1):.1f} % to (a)"
+          f"   (median of {args.rounds} rounds)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from cl_ema.errors import UserError
 # Choices, checked here before any heavy import; the modules that implement them import these.
 DATASETS = ("digits", "mnist", "cifar10", "cifar100")
 SCENARIOS = ("split", "permuted")
-MODEL_NAMES = ("mlp", "cnn", "resnet18")
+MODEL_NAMES = ("mlp", "cnn", "resnet18", "torchvision")
 BUFFER_POLICIES = ("average", "copy")
 SYNC_MODES = ("none", "task_end")
 OPTIMIZERS = ("sgd", "adam")
@@ -53,6 +53,9 @@ class ModelConfig:
     hidden: int | None = None  # mlp
     layers: int | None = None  # mlp
     width: int | None = None  # cnn, resnet18
+    arch: str | None = None  # torchvision: a classification model of torchvision.models (resnet18, vit_b_16, …)
+    pretrained: str | None = None  # torchvision: its weights (IMAGENET1K_V1, DEFAULT, …); None: random init
+    input_size: int | None = None  # torchvision: inputs are resized to this (None: the weights' crop size)
     weights: str | None = None  # start from this state dict / checkpoint
 
 
@@ -67,6 +70,7 @@ class TrainConfig:
     eval_batch_size: int = 1024
     precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16 support, else fp32) | fp32 | bf16
     channels_last: bool = False  # NHWC layout for conv nets (faster with bf16 on recent GPUs)
+    compile: bool = False  # torch.compile the model in place (its state-dict keys stay the same)
 
 
 @dataclass
@@ -194,7 +198,7 @@ def check(cfg: DictConfig) -> None:
     _choice("data.scenario", cfg.data.scenario, SCENARIOS)
     _at_least("data.n_tasks", cfg.data.n_tasks, 1)
     _choice("model.name", cfg.model.name, MODEL_NAMES)
-    for key in ("hidden", "layers", "width"):
+    for key in ("hidden", "layers", "width", "input_size"):
         if cfg.model[key] is not None:
             _at_least(f"model.{key}", cfg.model[key], 1)
     _at_least("train.epochs", cfg.train.epochs, 1)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cl_ema.data.storage import Normalization
 from cl_ema.errors import UserError
 
 
@@ -91,8 +93,97 @@ class ResNet18(nn.Module):
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "resnet18": ResNet18}
-_ARGS = {"mlp": ("hidden", "layers"), "cnn": ("width",), "resnet18": ("width",)}
+class TorchvisionClassifier(nn.Module):
+    """A torchvision classification model, from its pretrained weights when given, with a new head.
+
+    The head (the last ``nn.Linear``) gets ``num_classes`` outputs. Inputs arrive at the dataset's
+    size, normalized with the dataset's mean μ_d and std σ_d; an adapter on the device gives the
+    network what its weights were trained on: 3 channels, ``input_size`` pixels (bilinear resize;
+    default: the weights' crop size, e.g. 224), and their statistics μ_w, σ_w::
+
+        x' = resize((x · σ_d + μ_d − μ_w) / σ_w)
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        arch: str,
+        pretrained: str | None = None,
+        input_size: int | None = None,
+        input_norm: Normalization | None = None,
+    ) -> None:
+        super().__init__()
+        weights = _torchvision_weights(arch, pretrained)
+        self.backbone = _torchvision_model(arch, weights)
+        _replace_head(self.backbone, arch, num_classes)
+        preset = weights.transforms() if weights is not None else None
+        self.input_size = input_size or (preset.crop_size[0] if preset is not None else input_shape[-1])
+        data_mean, data_std = (input_norm.mean, input_norm.std) if input_norm else ((0.0,), (1.0,))
+        mean, std = (preset.mean, preset.std) if preset is not None else (data_mean, data_std)
+        scale = torch.tensor(data_std) / torch.tensor(std)
+        shift = (torch.tensor(data_mean) - torch.tensor(mean)) / torch.tensor(std)
+        # constants, not state: non-persistent, and identical under any weight averaging
+        self.register_buffer("_scale", scale.view(1, -1, 1, 1).expand(1, 3, 1, 1).clone(), persistent=False)
+        self.register_buffer("_shift", shift.view(1, -1, 1, 1).expand(1, 3, 1, 1).clone(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.expand(-1, 3, -1, -1) * self._scale + self._shift  # grayscale → 3 channels
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return self.backbone(x)
+
+
+def _torchvision_weights(arch: str, pretrained: str | None):
+    import torchvision
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise UserError(
+            f"model.arch={arch!r}: not a torchvision classification model (e.g. resnet18, resnet50, vit_b_16)"
+        )
+    if pretrained is None:
+        return None
+    available = torchvision.models.get_model_weights(arch)
+    if pretrained not in available.__members__:
+        raise UserError(f"model.pretrained={pretrained!r}: {arch} has {', '.join(available.__members__)}")
+    return available[pretrained]
+
+
+def _torchvision_model(arch: str, weights) -> nn.Module:
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(arch, weights=weights)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # URLError is an OSError
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise UserError(
+            f"model.pretrained={weights.name}: cannot load torchvision's {arch} weights ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); download {weights.url} to {cache}"
+        ) from err
+
+
+def _replace_head(model: nn.Module, arch: str, num_classes: int) -> None:
+    heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not heads:
+        raise UserError(f"model.arch={arch}: has no linear classification head to replace")
+    parent_name, _, attribute = heads[-1].rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, attribute)
+    setattr(parent, attribute, nn.Linear(old.in_features, num_classes))
+
+
+MODELS: dict[str, type[nn.Module]] = {
+    "mlp": MLP,
+    "cnn": CNN,
+    "resnet18": ResNet18,
+    "torchvision": TorchvisionClassifier,
+}
+_ARGS = {
+    "mlp": ("hidden", "layers"),
+    "cnn": ("width",),
+    "resnet18": ("width",),
+    "torchvision": ("arch", "pretrained", "input_size"),
+}
 
 
 def build_model(
@@ -101,15 +192,20 @@ def build_model(
     num_classes: int,
     *,
     weights: str | None = None,
-    **options: int,
+    input_norm: Normalization | None = None,
+    **options: int | str | None,
 ) -> nn.Module:
     """Build ``MODELS[name]`` with the options it takes (others are ignored), then load ``weights``."""
     if name not in MODELS:
         raise UserError(f"model.name={name!r}: must be one of {', '.join(MODELS)}")
     kwargs = {key: options[key] for key in _ARGS[name] if options.get(key) is not None}
     for key, value in kwargs.items():
-        if not isinstance(value, int) or value < 1:
+        if key not in ("arch", "pretrained") and (not isinstance(value, int) or value < 1):
             raise UserError(f"model.{key}={value!r}: must be an integer >= 1")
+    if name == "torchvision":
+        if "arch" not in kwargs:
+            raise UserError("model.arch: name a torchvision model, e.g. model.arch=resnet18")
+        kwargs["input_norm"] = input_norm
     model = MODELS[name](input_shape, num_classes, **kwargs)
     if weights:
         load_weights(model, Path(weights))

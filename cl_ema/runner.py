@@ -58,10 +58,15 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
     )
     seed_everything(cfg.seed)  # model init does not depend on how the data was loaded
     options = {k: v for k, v in cfg.model.items() if k not in ("name", "weights")}
-    model = build_model(cfg.model.name, stream.input_shape, stream.num_classes, weights=cfg.model.weights, **options)
+    model = build_model(cfg.model.name, stream.input_shape, stream.num_classes, weights=cfg.model.weights,
+                        input_norm=stream.train.norm, **options)  # fmt: skip
     # layout and device are final before the EMA engine links the weights into its flat buffer
     model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
     strategy, tracks = build_strategy(cfg, model, stream, device)
+    if cfg.train.compile:
+        # in place (not torch.compile's wrapper): checkpoints and model.weights keep plain keys;
+        # after the EMA has linked the weights, which the compiled code reads as inputs
+        model.compile()
     meta = {
         "experiment": experiment,
         "strategy": cfg.strategy.name,
@@ -138,7 +143,7 @@ def print_header(
     console.print(
         f"{experiment}: {stream.num_tasks} tasks, {stream.num_classes} classes, {len(stream.train)} train samples, "
         f"strategy={cfg.strategy.name}, model={cfg.model.name}, device={device}, seed={cfg.seed}, "
-        f"precision={'bf16 autocast' if strategy.autocast else 'fp32'}"
+        f"precision={'bf16 autocast' if strategy.autocast else 'fp32'}{', compiled' if cfg.train.compile else ''}"
     )
     first_steps = cfg.train.epochs * -(-len(stream.benchmark.train_stream[0].dataset) // cfg.train.batch_size)
     for ema in (p.ema for p in strategy.plugins if isinstance(p, EMAPlugin)):

@@ -10,13 +10,15 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor
 
 from cl_ema.data import ContinualStream
+from cl_ema.data.loader import IndexBatches
 
 
 class DeviceDataTemplate(SupervisedTemplate):
     """SupervisedTemplate whose mini-batches hold sample indices, gathered on the device.
 
-    The dataloader (Avalanche's, or the one a plugin such as replay puts in its place) yields
-    ``(index, label, task)``; ``_unpack_minibatch`` turns the indices into an augmented,
+    The dataloader (Avalanche's, or the one a plugin such as replay puts in its place) chooses
+    batches of ``(index, label, task)``; ``IndexBatches`` serves them as device tensors without
+    per-sample fetching, and ``_unpack_minibatch`` turns the indices into an augmented,
     normalized input batch on the training device. With ``autocast`` (e.g. ``torch.bfloat16``)
     the forward pass and the loss run under ``torch.autocast``; the weights stay fp32.
     Everything else is Avalanche's loop.
@@ -34,6 +36,10 @@ class DeviceDataTemplate(SupervisedTemplate):
         self.stream = stream
         self.autocast = autocast
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def _before_training_exp(self, **kwargs) -> None:
+        super()._before_training_exp(**kwargs)  # builds the loader; plugins (replay) may replace it
+        self.dataloader = IndexBatches(self.dataloader, self.device)
 
     def _unpack_minibatch(self) -> None:
         super()._unpack_minibatch()

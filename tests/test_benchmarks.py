@@ -41,7 +41,7 @@ def test_mnist_shaped_digits_load_through_the_mnist_loader(tmp_path):
 def test_throughput_benchmark_smoke():
     proc = subprocess.run(
         [sys.executable, "benchmarks/throughput.py", "--device", "cpu", "--steps", "2", "--warmup", "1", "--width", "4",
-         "--batch-size", "8", "--samples", "1000", "--workers", "0"],
+         "--batch-size", "8", "--samples", "1000", "--workers", "0", "--rounds", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -139,3 +139,105 @@ def test_end_to_end_on_generated_cifar10(tmp_path, skip_cifar_md5):  # noqa: F81
     )
     assert results.status == "completed" and results.tasks_done == 5
     assert results.tracks == ["live", "ema_0.9997"]
+
+
+def _avalanche_loaders(s):
+    """Avalanche's own train loaders for task 2 of ``s``: task-balanced, and replay with a memory."""
+    from avalanche.benchmarks.utils.data_loader import ReplayDataLoader, TaskBalancedDataLoader
+
+    current, previous = s.benchmark.train_stream[1].dataset, s.benchmark.train_stream[0].dataset
+    memory = previous.subset(range(0, len(previous), 7))
+    return {
+        "task-balanced": TaskBalancedDataLoader(current, oversample_small_groups=True, batch_size=16, shuffle=True),
+        "replay": ReplayDataLoader(current, memory, oversample_small_tasks=True, batch_size=16, batch_size_mem=8,
+                                   shuffle=True),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["task-balanced", "replay"])
+def test_index_batches_are_avalanches_batches(kind):
+    from cl_ema.data.loader import IndexBatches
+
+    loader = _avalanche_loaders(stream("digits"))[kind]
+    fast = IndexBatches(loader, CPU)
+    assert len(fast) == len(loader)
+    for epoch in range(2):
+        torch.manual_seed(epoch)
+        expected = list(loader)  # item by item, as Avalanche fetches them
+        torch.manual_seed(epoch)
+        torch.empty((), dtype=torch.int64).random_()  # the worker base seed a DataLoader draws first
+        got = list(fast)
+        assert len(got) == len(expected) > 1
+        for batch, reference in zip(got, expected):
+            assert all(torch.equal(a, b) for a, b in zip(batch, reference))
+
+
+class _RecordingTemplate:
+    """Builds a DeviceDataTemplate that records each mini-batch's indices before they become inputs."""
+
+    @staticmethod
+    def build(s, plugins):
+        from torch import nn
+
+        from cl_ema.strategies import silent_evaluator
+        from cl_ema.template import DeviceDataTemplate
+
+        class Recording(DeviceDataTemplate):
+            seen: list = []
+
+            def _unpack_minibatch(self) -> None:
+                index, labels = self.mbatch[0].clone(), self.mbatch[1].clone()
+                super()._unpack_minibatch()
+                self.seen.append((self.experience.current_experience, self.clock.train_exp_epochs, index, labels,
+                                  self.mbatch[0].clone()))  # fmt: skip
+
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        return Recording(stream=s, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+                         criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=2, device=CPU,
+                         plugins=plugins, evaluator=silent_evaluator())  # fmt: skip
+
+
+def test_training_batches_hold_each_task_sample_once_per_epoch_plus_replay_memory():
+    from cl_ema.plugins import ReplayPlugin
+
+    s = stream("digits")
+    replay = ReplayPlugin(mem_size=40)
+    strategy = _RecordingTemplate.build(s, [replay])
+    memories = []
+    for experience in s.benchmark.train_stream[:3]:
+        memories.append(experience_indices(replay.storage_policy.buffer))
+        strategy.train(experience)
+    for task, experience in enumerate(s.benchmark.train_stream[:3]):
+        current = experience_indices(experience.dataset)
+        for epoch in range(2):
+            batches = [b for b in strategy.seen if b[:2] == (task, epoch)]
+            index = torch.cat([b[2] for b in batches])
+            labels = torch.cat([b[3] for b in batches])
+            inputs = torch.cat([b[4] for b in batches])
+            assert torch.equal(labels, s.train.targets_at(index))
+            assert torch.equal(inputs, s.train.batch(index))  # digits: no augmentation
+            from_task = index[torch.isin(index, current)]
+            assert torch.equal(from_task.sort().values, current.sort().values)  # none lost, none twice
+            replayed = index[~torch.isin(index, current)]
+            if task == 0:
+                assert len(replayed) == 0
+            else:  # the memory as it stood before the task, cycled through evenly (batches of 16, 16, 8)
+                assert len(memories[task]) == 40
+                values, counts = torch.unique(replayed, return_counts=True)
+                assert torch.equal(values, memories[task].sort().values)
+                assert counts.min() >= 1 and counts.max() - counts.min() <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_data_path_on_cuda():
+    from cl_ema.data.loader import IndexBatches
+
+    cuda = torch.device("cuda")
+    on_gpu, on_cpu = stream("digits"), stream("digits")
+    on_gpu.train = on_gpu.train.to(cuda)
+    for index, labels, tasks in IndexBatches(_avalanche_loaders(on_gpu)["replay"], cuda):
+        assert index.is_cuda and labels.is_cuda and tasks.is_cuda
+        assert torch.equal(on_gpu.train.targets_at(index), labels)
+        assert torch.equal(on_gpu.train.batch(index).cpu(), on_cpu.train.batch(index.cpu()))
+    augmented = CropFlip(seed=0)(on_gpu.train.raw(index))
+    assert augmented.is_cuda and augmented.dtype == torch.uint8 and augmented.shape == (len(index), 1, 8, 8)

@@ -156,6 +156,31 @@ def test_bf16_autocast_and_channels_last(tmp_path):
     assert results.metrics("live", 1)["learning_acc"] > 0.5  # it learns
 
 
+def test_compiled_model_trains_like_the_eager_one_and_saves_plain_keys(runs, tmp_path):
+    from torch._dynamo.utils import counters
+
+    from cl_ema.models import build_model
+
+    eager, _, _ = runs("ema", "strategy=ema")
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled, text = run_experiment(tmp_path, "strategy=ema", "train.compile=true", "checkpoint=true")
+    assert "compiled" in text and counters["stats"]["unique_graphs"] > graphs_before  # dynamo really ran
+    for track in ("live", "ema_0.99"):
+        for got, expected in zip(matrices(compiled, track), matrices(eager, track)):
+            np.testing.assert_allclose(got, expected, atol=0.012)  # fused kernels round differently: <= 1 sample of ~90
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
+    build_model("mlp", (1, 8, 8), 10, hidden=100, layers=2).load_state_dict(state)  # no `_orig_mod.` prefix
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_with_bf16_autocast_learns(tmp_path):
+    results, text = run_experiment(tmp_path, "device=cuda", "model=cnn", "train.precision=auto",
+                                   "train.channels_last=true", "data.n_tasks=2")  # fmt: skip
+    expected = "bf16 autocast" if torch.cuda.is_bf16_supported() else "fp32"
+    assert "device=cuda" in text and f"precision={expected}" in text
+    assert results.status == "completed" and results.metrics("live", 1)["learning_acc"] > 0.5
+
+
 def test_wandb_offline_run_holds_what_was_logged(tmp_path):
     results, _ = run_experiment(tmp_path, "logger=wandb", "logger.mode=auto", "strategy=ema", "seed=3")
     logged = read_run(find_run_file(tmp_path))

@@ -121,12 +121,19 @@ def stream_from_stores(
     )
 
 
-def experience_indices(dataset) -> Tensor:
-    """All sample indices of an Avalanche index dataset, in its order."""
+def dataset_columns(dataset) -> list[Tensor]:
+    """The items of an Avalanche index dataset as columns: sample index, label, task label."""
+    if not len(dataset):
+        return [torch.empty(0, dtype=torch.long) for _ in range(3)]
     # a private generator: a DataLoader draws a base seed even unshuffled, and reading a replay
     # buffer for a checkpoint must not move the training run's random state
     loader = DataLoader(dataset, batch_size=8192, shuffle=False, generator=torch.Generator())
-    return torch.cat([batch[0] for batch in loader]) if len(dataset) else torch.empty(0, dtype=torch.long)
+    return [torch.cat(column) for column in zip(*loader)]
+
+
+def experience_indices(dataset) -> Tensor:
+    """All sample indices of an Avalanche index dataset, in its order."""
+    return dataset_columns(dataset)[0]
 
 
 def _load(dataset: str, root: Path, download: bool) -> tuple[TensorStore, TensorStore]:

@@ -1,0 +1,135 @@
+"""The model zoo: sizes from the literature, starting weights (files and torchvision's), bad weights."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from fake_datasets import skip_cifar_md5, write_cifar  # noqa: F401
+from helpers import run_experiment
+from torch import nn
+
+from cl_ema.data.sources import CIFAR100_NORM, MNIST_NORM
+from cl_ema.errors import UserError
+from cl_ema.models import build_model
+
+CIFAR = (3, 32, 32)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_sizes_match_the_literature():
+    assert num_parameters(build_model("resnet18", CIFAR, 100, width=64)) == 11_220_132  # Mammoth / DER: 11.2 M
+    assert num_parameters(build_model("resnet18", CIFAR, 100, width=20)) == 1_109_240  # GEM's reduced, nf=20
+    assert num_parameters(build_model("mlp", (1, 28, 28), 10, hidden=400, layers=2)) == 478_410  # 784-400-400-10
+    out = build_model("cnn", CIFAR, 10, width=8)(torch.zeros(2, *CIFAR))
+    assert out.shape == (2, 10)
+
+
+def test_weights_from_a_state_dict_or_a_checkpoint(tmp_path):
+    source = build_model("mlp", (1, 8, 8), 10, hidden=16, layers=1)
+    torch.save(source.state_dict(), tmp_path / "state.pt")
+    torch.save({"format": "cl_ema-checkpoint-1", "model": source.state_dict()}, tmp_path / "last.pt")
+    for name in ("state.pt", "last.pt"):
+        model = build_model("mlp", (1, 8, 8), 10, hidden=16, layers=1, weights=str(tmp_path / name))
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (None, "no such file"),
+        (b"not a checkpoint", "not a readable torch checkpoint"),
+        ("other", r"does not fit model MLP \(Error\(s\) in loading state_dict"),
+    ],
+)
+def test_bad_weights_are_one_clear_error(tmp_path, content, expected):
+    path = tmp_path / "w.pt"
+    if content == "other":
+        torch.save(build_model("mlp", (1, 8, 8), 10, hidden=32, layers=1).state_dict(), path)
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=rf"model.weights={path}: {expected}"):
+        build_model("mlp", (1, 8, 8), 10, hidden=16, layers=1, weights=str(path))
+
+
+@pytest.fixture
+def imagenet_resnet18(tmp_path, monkeypatch) -> dict[str, torch.Tensor]:
+    """Stands in for torchvision's ResNet-18 ImageNet weights: a seeded file in the hub cache."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    torch.manual_seed(7)
+    state = torchvision.models.resnet18().state_dict()
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return state
+
+
+def test_torchvision_model_starts_from_its_pretrained_weights(imagenet_resnet18):
+    model = build_model("torchvision", CIFAR, 10, arch="resnet18", pretrained="IMAGENET1K_V1", input_norm=CIFAR100_NORM)
+    loaded = model.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in imagenet_resnet18.items() if not k.startswith("fc."))
+    assert model.backbone.fc.out_features == 10 and model.input_size == 224  # the weights' crop size
+    seen = []
+    model.backbone.conv1.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    # a dataset-normalized image whose pixels are ImageNet's mean reaches the network as zeros
+    imagenet_mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1).expand(2, 3, 32, 32)
+    x = (imagenet_mean - torch.tensor(CIFAR100_NORM.mean).view(1, 3, 1, 1)) / torch.tensor(CIFAR100_NORM.std).view(
+        1, 3, 1, 1
+    )
+    assert model(x).shape == (2, 10)
+    assert seen[0].shape == (2, 3, 224, 224) and seen[0].abs().max() < 1e-5
+    assert not any(k.startswith("_") for k in model.state_dict())  # the adapter's constants are not state
+
+
+def test_torchvision_grayscale_and_random_init():
+    model = build_model("torchvision", (1, 28, 28), 10, arch="resnet18", input_norm=MNIST_NORM)
+    assert model.input_size == 28 and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        ({}, "model.arch: name a torchvision model"),
+        ({"arch": "resnet7"}, "model.arch='resnet7': not a torchvision classification model"),
+        ({"arch": "resnet18", "pretrained": "CIFAR"}, "model.pretrained='CIFAR': resnet18 has IMAGENET1K_V1, DEFAULT"),
+    ],
+)
+def test_torchvision_bad_options(options, expected):
+    with pytest.raises(UserError, match=expected.replace("(", r"\(")):
+        build_model("torchvision", CIFAR, 10, **options)
+
+
+def test_pretrained_weights_that_cannot_be_downloaded_name_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    file = "resnet18-f37072fd.pth"
+    expected = (
+        rf"model.pretrained=IMAGENET1K_V1: cannot load torchvision's resnet18 weights \(URLError: .*\); "
+        rf"download https://download.pytorch.org/models/{file} to {tmp_path}/hub/checkpoints/{file}"
+    )
+    with pytest.raises(UserError, match=expected):
+        build_model("torchvision", CIFAR, 10, arch="resnet18", pretrained="IMAGENET1K_V1")
+
+
+def test_fine_tuning_from_imagenet_weights_end_to_end(tmp_path, imagenet_resnet18, skip_cifar_md5):  # noqa: F811
+    write_cifar(tmp_path / "data", 10, per_class=4, test_per_class=2)
+    results, text = run_experiment(
+        tmp_path / "out", "experiment=split_cifar10", "model=resnet18_imagenet", "model.input_size=32",
+        f"data.root={tmp_path / 'data'}", "data.download=false", "train.epochs=1", "train.batch_size=8",
+        "device=cpu", "checkpoint=true", experiment="split_cifar10",
+    )  # fmt: skip
+    assert results.status == "completed" and "model=torchvision" in text
+    state = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert state["backbone.fc.weight"].shape == (10, 512)
+    assert not torch.equal(state["backbone.conv1.weight"], imagenet_resnet18["conv1.weight"])  # it was fine-tuned
