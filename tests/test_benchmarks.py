@@ -47,3 +47,14 @@ def test_throughput_benchmark_smoke():
     assert proc.returncode == 0, proc.stderr[-3000:]
     for row in ("(a) cl_ema", "(a) cl_ema + EMA", "(b) Avalanche Naive + DataLoader", "(c) bare loop", "(a) / (b) ="):
         assert row in proc.stdout
+
+
+def test_loader_benchmark_smoke():
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/loader.py", "--rounds", "1", "--batch-size", "1024"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        "TaskBalancedDataLoader" in proc.stdout and "ReplayDataLoader" in proc.stdout and "IndexBatches" in proc.stdout
+    )
