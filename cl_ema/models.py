@@ -152,6 +152,8 @@ def _torchvision_weights(arch: str, pretrained: str | None):
 def _torchvision_model(arch: str, weights) -> nn.Module:
     import torchvision
 
+    if weights is None:
+        return torchvision.models.get_model(arch)
     try:
         return torchvision.models.get_model(arch, weights=weights)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # URLError is an OSError

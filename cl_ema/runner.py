@@ -64,8 +64,8 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
     model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
     strategy, tracks = build_strategy(cfg, model, stream, device)
     if cfg.train.compile:
-        # in place (not torch.compile's wrapper): checkpoints and model.weights keep plain keys;
-        # after the EMA has linked the weights, which the compiled code reads as inputs
+        # in place, not torch.compile's wrapper, so checkpoints keep plain keys; after the EMA
+        # engine has moved the weights into its flat buffer, so tracing sees the final tensors
         model.compile()
     meta = {
         "experiment": experiment,
