@@ -49,7 +49,7 @@ def main() -> None:
             batch_size=args.batch_size,
             batch_size_mem=args.batch_size,
             shuffle=True,
-        ),  # fmt: skip
+        ),
     }
     print(f"host ms per batch of {args.batch_size} (+{args.batch_size} replayed), median of {args.rounds} rounds")
     for name, loader in loaders.items():

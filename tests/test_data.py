@@ -172,29 +172,26 @@ def test_index_batches_are_avalanches_batches(kind):
             assert all(torch.equal(a, b) for a, b in zip(batch, reference))
 
 
-class _RecordingTemplate:
-    """Builds a DeviceDataTemplate that records each mini-batch's indices before they become inputs."""
+def recording_template(s, plugins):
+    """A DeviceDataTemplate that records each mini-batch's indices, labels and inputs in ``seen``."""
+    from torch import nn
 
-    @staticmethod
-    def build(s, plugins):
-        from torch import nn
+    from cl_ema.strategies import silent_evaluator
+    from cl_ema.template import DeviceDataTemplate
 
-        from cl_ema.strategies import silent_evaluator
-        from cl_ema.template import DeviceDataTemplate
+    class Recording(DeviceDataTemplate):
+        def _unpack_minibatch(self) -> None:
+            index, labels = self.mbatch[0].clone(), self.mbatch[1].clone()
+            super()._unpack_minibatch()
+            self.seen.append((self.experience.current_experience, self.clock.train_exp_epochs, index, labels,
+                              self.mbatch[0].clone()))  # fmt: skip
 
-        class Recording(DeviceDataTemplate):
-            seen: list = []
-
-            def _unpack_minibatch(self) -> None:
-                index, labels = self.mbatch[0].clone(), self.mbatch[1].clone()
-                super()._unpack_minibatch()
-                self.seen.append((self.experience.current_experience, self.clock.train_exp_epochs, index, labels,
-                                  self.mbatch[0].clone()))  # fmt: skip
-
-        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-        return Recording(stream=s, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    strategy = Recording(stream=s, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
                          criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=2, device=CPU,
                          plugins=plugins, evaluator=silent_evaluator())  # fmt: skip
+    strategy.seen = []
+    return strategy
 
 
 def test_training_batches_hold_each_task_sample_once_per_epoch_plus_replay_memory():
@@ -202,7 +199,7 @@ def test_training_batches_hold_each_task_sample_once_per_epoch_plus_replay_memor
 
     s = stream("digits")
     replay = ReplayPlugin(mem_size=40)
-    strategy = _RecordingTemplate.build(s, [replay])
+    strategy = recording_template(s, [replay])
     memories = []
     for experience in s.benchmark.train_stream[:3]:
         memories.append(experience_indices(replay.storage_policy.buffer))
