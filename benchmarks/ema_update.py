@@ -21,8 +21,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from cl_ema.config import EMAOptions
+from cl_ema.data import DataSpec
+from cl_ema.data.sources import CIFAR100_NORM
 from cl_ema.ema import EMA
 from cl_ema.models import ResNet18
+
+CIFAR100 = DataSpec((3, 32, 32), 100, CIFAR100_NORM)
 
 
 class LoopEMA:
@@ -66,14 +71,16 @@ def _time_once(fn: Callable[[], None], device: torch.device) -> float:
 
 def bench_model(width: int, device: torch.device, repeats: int, with_timm: bool) -> dict[str, float]:
     def make() -> nn.Module:
-        return ResNet18((3, 32, 32), 100, width=width).to(device)
+        return ResNet18(CIFAR100, width=width).to(device)
 
     n_params = sum(p.numel() for p in make().parameters())
     flat_live = torch.randn(n_params, device=device)
     flat_shadow = torch.randn(n_params, device=device)
     contenders: dict[str, Callable[[], None]] = {"flat lerp_ (floor)": lambda: flat_shadow.lerp_(flat_live, 1e-3)}
     for k in (1, 4):
-        ema = EMA(make(), [0.9, 0.99, 0.999, 0.9999][:k], buffers="copy")  # parameters only, like the others
+        ema = EMA(
+            make(), [0.9, 0.99, 0.999, 0.9999][:k], EMAOptions(buffers="copy")
+        )  # parameters only, like the others
         ema.register()
         contenders[f"cl_ema K={k}"] = ema.update
     contenders["per-parameter loop"] = LoopEMA(make(), 0.999).update
@@ -92,7 +99,7 @@ def bench_model(width: int, device: torch.device, repeats: int, with_timm: bool)
 
 
 def train_step_time(device: torch.device, repeats: int) -> float:
-    model = ResNet18((3, 32, 32), 100).to(device)
+    model = ResNet18(CIFAR100).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.03)
     x = torch.randn(128, 3, 32, 32, device=device)
     y = torch.randint(0, 100, (128,), device=device)

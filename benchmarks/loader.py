@@ -18,6 +18,7 @@ import torch
 from avalanche.benchmarks.utils.data_loader import ReplayDataLoader, TaskBalancedDataLoader
 from throughput import cifar_like
 
+from cl_ema.config import Scenario
 from cl_ema.data import stream_from_stores
 from cl_ema.data.loader import IndexBatches
 
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(0)
-    stream = stream_from_stores(*cifar_like(None, 50_000), "split", 10, seed=0, device=torch.device("cpu"))
+    stream = stream_from_stores(*cifar_like(None, 50_000), Scenario.split, 10, seed=0, device=torch.device("cpu"))
     first, second = (exp.dataset for exp in stream.benchmark.train_stream[:2])
     memory = first.subset(range(2_000))
     loaders = {

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from cl_ema.config import check, compose
+from cl_ema.console import Console
 from cl_ema.data.sources import load_digits
 from cl_ema.runner import run
-from cl_ema.tracking import Console
 
 
 def write_mnist_shaped_digits(root: Path) -> None:
@@ -45,7 +45,7 @@ def run_once(out: Path, *overrides: str):
     cfg = compose("logger=none", "checkpoint=false", *overrides)
     check(cfg)
     started = time.perf_counter()
-    results = run(cfg, out, "study", console=Console(io.StringIO()))
+    results = run(cfg, out, "study", console=Console(file=io.StringIO()))
     return results, time.perf_counter() - started
 
 
@@ -79,7 +79,7 @@ def main() -> None:
                                   f"seed={seed}", *overrides)  # fmt: skip
             runs.append(results)
         for track in runs[0].tracks:
-            cells = [summary([r.continual[track][k] for r in runs]) for k in keys]
+            cells = [summary([r.stability[track][k] for r in runs]) for k in keys]
             final = summary([r.metrics(track, r.num_tasks - 1)["avg_acc"] for r in runs])
             print(f"{name:<30}{track:<10}" + "".join(f"{c:>16}" for c in (*cells, final)))
         _, with_eval = run_once(

@@ -35,17 +35,18 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import nn
 
-from cl_ema.data import CropFlip, TensorStore, experience_indices, stream_from_stores
-from cl_ema.data.sources import CIFAR100_NORM, load_cifar
+from cl_ema.config import EMAConfig, Scenario
+from cl_ema.data import CropFlip, DataSpec, TensorStore, experience_indices, stream_from_stores
+from cl_ema.data.sources import CIFAR100_NORM, load_cifar100
 from cl_ema.models import ResNet18
-from cl_ema.plugins import EMAPlugin
+from cl_ema.plugins.ema import EMAPlugin
 from cl_ema.strategies import silent_evaluator
 from cl_ema.template import DeviceDataTemplate
 
 
 def cifar_like(root: Path | None, samples: int, seed: int = 0) -> tuple[TensorStore, TensorStore]:
     if root is not None:
-        return load_cifar(100, root, download=False)
+        return load_cifar100(root, download=False)
     rng = np.random.default_rng(seed)
     labels = torch.as_tensor(np.arange(samples) % 100)
     images = torch.from_numpy(rng.integers(0, 256, size=(samples, 3, 32, 32), dtype=np.uint8))
@@ -57,7 +58,7 @@ def model_and_optimizer(args, device: torch.device):
     if args.model == "linear":
         model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 100)).to(device)
     else:
-        model = ResNet18((3, 32, 32), 100, width=args.width).to(device)
+        model = ResNet18(DataSpec((3, 32, 32), 100, CIFAR100_NORM), width=args.width).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -76,10 +77,10 @@ def epochs_for(args, task_size: int) -> int:
 
 
 def cl_ema_run(stores, args, device, with_ema: bool) -> float:
-    stream = stream_from_stores(*stores, "split", 10, seed=0, device=device, augment=args.augment)
+    stream = stream_from_stores(*stores, Scenario.split, 10, seed=0, device=device, augment=args.augment)
     experience = stream.benchmark.train_stream[0]
     model, optimizer = model_and_optimizer(args, device)
-    plugins = [EMAPlugin(decay=0.999)] if with_ema else []
+    plugins = [EMAPlugin(EMAConfig(decay=0.999))] if with_ema else []
     for plugin in plugins:
         plugin.attach(model)
     autocast = torch.bfloat16 if args.bf16 else None
@@ -135,7 +136,7 @@ def avalanche_naive_run(stores, args, device) -> float:
 
 def bare_loop(stores, args, device) -> float:
     """The same task's samples, reshuffled every epoch, straight from device tensors."""
-    stream = stream_from_stores(*stores, "split", 10, seed=0, device=device)
+    stream = stream_from_stores(*stores, Scenario.split, 10, seed=0, device=device)
     train, task = stream.train, experience_indices(stream.benchmark.train_stream[0].dataset).to(device)
     model, optimizer = model_and_optimizer(args, device)
     augment = CropFlip(seed=0) if args.augment else None

@@ -1,47 +1,68 @@
-"""Entry point: ``python -m cl_ema [overrides]`` (Hydra). Bad input ends in one line and exit 2."""
+"""Entry point: ``python -m cl_ema [overrides]`` (Hydra). Every failure ends in one line.
+
+Bad input (a config value, missing or corrupt data, a broken checkpoint, a file that cannot be
+written) prints ``error: <what and why>`` and exits with status 2; SIGINT and SIGTERM print one
+line and exit with 130 / 143, the results so far marked ``interrupted`` and resumable. Under
+multirun a job that fails says so in one line and the sweep goes on; at the end one line lists
+the jobs that failed, and an interrupted sweep names the jobs it did not run.
+``HYDRA_FULL_ERROR=1`` shows tracebacks instead.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from cl_ema.config import CONFIG_DIR, check, register_schema
-from cl_ema.errors import UserError
+from cl_ema.errors import Interrupted, Refused, UserError
+from cl_ema.files import write_error
+from cl_ema.sweep import SWEEP
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def _run(cfg: DictConfig) -> float:
+def _run(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
     try:
         check(cfg)
         from cl_ema.runner import run  # heavy imports only once the config is known to be good
 
-        hydra_cfg = HydraConfig.get()
         experiment = hydra_cfg.runtime.choices.get("experiment") or "custom"
         results = run(cfg, Path(hydra_cfg.runtime.output_dir), experiment)
-    except UserError as err:  # exit here: past this point Hydra would log the job as crashed
-        _fail(str(err))
-    except OSError as err:
-        if err.filename is None:
-            raise
-        _fail_to_write(err)
-    return results.metrics("live", results.tasks_done - 1)["avg_acc"]  # the objective for sweepers
+        return results.metrics("live", results.tasks_done - 1)["avg_acc"]  # the objective for sweepers
+    except (UserError, OSError, OverflowError) as err:
+        message = describe(err)
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            _fail(message)
+        SWEEP.failed(hydra_cfg.job.num, list(hydra_cfg.overrides.task), message, Path(hydra_cfg.runtime.output_dir))
+        return None  # the sweep goes on; the summary at its end reports this job
 
 
-def _fail(message: str) -> NoReturn:
+def describe(err: BaseException) -> str:
+    """One line for an error a user can act on."""
+    if isinstance(err, (HydraException, OmegaConfBaseException)):
+        return one_line(err)
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, OverflowError):
+        return f"a value is too large for the computation ({err})"
+    if isinstance(err, OSError):
+        return str(write_error(err))
+    return one_line(err)
+
+
+def _fail(message: str, status: int = 2) -> NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def _fail_to_write(err: OSError) -> NoReturn:
-    _fail(f"cannot write to {err.filename}: {err.strerror}")
+    sys.exit(status)
 
 
 def one_line(err: BaseException) -> str:
@@ -59,20 +80,41 @@ def one_line(err: BaseException) -> str:
     return "; ".join(" ".join(p.split()).rstrip(".") for p in parts if p.strip())
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Interrupted("SIGTERM")
+
+
+def interrupted(err: BaseException) -> NoReturn:
+    """One line for a run stopped by a signal; exit 130 (SIGINT) or 143 (SIGTERM)."""
+    stop = err if isinstance(err, Interrupted) else Interrupted("SIGINT")
+    where = ""
+    if stop.run_dir:
+        where = (f" after {stop.tasks_done} finished task(s); results.json in {stop.run_dir} says 'interrupted' "
+                 f"and resume={stop.run_dir} continues it")  # fmt: skip
+    _fail(f"interrupted by {stop.signal_name}{where}{SWEEP.not_run()}", stop.exit_status)
+
+
 def main() -> None:
     user_wants_traceback = bool(os.environ.get("HYDRA_FULL_ERROR"))
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
+    signal.signal(signal.SIGTERM, _on_sigterm)
     register_schema()
     try:
         _run()
-    except (HydraException, OmegaConfBaseException) as err:
+    except (KeyboardInterrupt, Interrupted) as err:
         if user_wants_traceback:
             raise
-        _fail(one_line(err))
-    except OSError as err:  # the run directory (or a file in it) cannot be written
-        if user_wants_traceback or err.filename is None:
+        interrupted(err)
+    except Refused as err:
+        _fail(str(err))
+    except (HydraException, OmegaConfBaseException, UserError, OSError, OverflowError) as err:
+        ours = isinstance(err, (HydraException, OmegaConfBaseException, UserError, OverflowError))
+        if user_wants_traceback or not (ours or err.filename is not None):  # an OSError without a file: a bug
             raise
-        _fail_to_write(err)
+        _fail(describe(err))
+    summary = SWEEP.summary()
+    if summary:
+        _fail(summary)
 
 
 if __name__ == "__main__":

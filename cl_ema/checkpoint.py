@@ -1,9 +1,12 @@
-"""Checkpoints after each task, and resuming a run from one.
+"""What a checkpoint holds, and resuming a run from one.
 
-``checkpoints/last.pt`` (written atomically) holds everything that decides what happens next:
-model, optimizer, EMA shadows and counters, replay memory, every random generator's state, the
-accuracy matrices so far and the W&B run id. It contains only tensors and plain Python values,
-so it loads with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+``checkpoints/last.pt`` (written atomically after every task) holds everything that decides what
+happens next: the model, the optimizer, the state of every stateful plugin under its config name
+(EMA shadows, replay memory, continual-evaluation curves, …), every random generator, the
+accuracy matrices so far and the loggers' state (the W&B run id). It contains only tensors and
+plain Python values, so it loads with ``torch.load(weights_only=True)``: a checkpoint cannot run
+code. It is validated before anything is restored, and a checkpoint that does not fit is one
+``UserError`` naming the file, with nothing written.
 
 Resuming restores all of it into a freshly built run, so the rest of the run is the same,
 bit for bit on CPU, as if it had never stopped.
@@ -12,21 +15,35 @@ bit for bit on CPU, as if it had never stopped.
 from __future__ import annotations
 
 import io
-import json
 import random
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from cl_ema.config import LAST_CHECKPOINT
+from cl_ema.config import LAST_CHECKPOINT, result_keys
 from cl_ema.errors import UserError
-from cl_ema.results import atomic_write
+from cl_ema.files import atomic_write
 
-FORMAT = "cl_ema-checkpoint-1"
-# keys that may differ between a run and its resumption
-_MAY_DIFFER = ("resume", "logger", "device", "data.root", "data.download", "checkpoint", "deterministic")
+if TYPE_CHECKING:
+    from cl_ema.runner import Run
+
+FORMAT = "cl_ema-checkpoint-2"
+# field → type every checkpoint has (checked before anything is restored)
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "config": dict,
+    "world_size": int,
+    "model": dict,
+    "optimizer": dict,
+    "plugins": dict,
+    "loggers": dict,
+    "rng": dict,
+    "results": dict,
+    "train_iterations": int,
+}
 
 
 def rng_state(extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -53,14 +70,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def snapshot(run: Run) -> dict[str, Any]:
+    """Everything needed to continue after the last finished task."""
+    augment = run.stream.augment
+    return {
+        "format": FORMAT,
+        "config": run.results.meta["config"],
+        "world_size": run.world_size,
+        "model": run.model.state_dict(),
+        "optimizer": run.strategy.optimizer.state_dict(),
+        "plugins": {name: plugin.state_dict() for name, plugin in run.stateful_plugins().items()},
+        "loggers": run.loggers.state_dict(),
+        "rng": rng_state({"augment": augment.get_state() if augment else {}}),
+        "results": run.results.to_dict(),
+        "train_iterations": run.strategy.clock.train_iterations,
+    }
+
+
 def save(path: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, **state}, buffer)
+    torch.save(state, buffer)
     atomic_write(path, buffer.getvalue())
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Read a checkpoint; a missing, truncated or foreign file is a UserError."""
+    """Read and validate a checkpoint; a missing, truncated, foreign or ill-formed file is a UserError."""
     if not path.is_file():
         raise UserError(f"{path}: no checkpoint there")
     try:
@@ -69,51 +103,79 @@ def load(path: Path) -> dict[str, Any]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: not a readable cl_ema checkpoint (truncated or foreign file: {first[:200]})") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"{path}: not a cl_ema checkpoint (expected format {FORMAT})")
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise UserError(f"{path}: not a cl_ema checkpoint of this version (format {found!r}, expected {FORMAT})")
+    for name, kind in _FIELDS.items():
+        if not isinstance(state.get(name), kind) or isinstance(state.get(name), bool):
+            raise UserError(f"{path}: field {name!r} is missing or not a {getattr(kind, '__name__', kind)}")
+    results = state["results"]
+    done, total = results.get("tasks_done"), results.get("num_tasks")
+    if not (isinstance(done, int) and isinstance(total, int) and 1 <= done <= total):
+        raise UserError(f"{path}: impossible task counts (tasks_done={done!r} of num_tasks={total!r})")
+    if state["train_iterations"] < 0 or state["world_size"] < 1:
+        raise UserError(f"{path}: impossible counters (train_iterations={state['train_iterations']})")
     return state
 
 
-def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Keys (dotted) whose values differ, ignoring those that may change on resume."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        dotted = f"{prefix}{key}"
-        if dotted in _MAY_DIFFER:
-            continue
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{dotted}.")
-        elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
-            out.append(f"{dotted}: {a!r} in the checkpoint, {b!r} now")
-    return out
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Keys (dotted) whose values differ, leaving out those that never change results."""
+    a, b = result_keys(saved), result_keys(current)
+    return [f"{k}: {a.get(k, 'absent')} in the checkpoint, {b.get(k, 'absent')} now" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]  # fmt: skip
 
 
-def resume_from(resume: str, out_dir: Path, config: dict) -> tuple[Path, dict[str, Any]]:
-    """The run directory to continue and its checkpoint: ``resume=<run dir>``, or ``resume=true``
-    for the newest run of the same configuration next to (or at) this run's directory."""
-    if resume.lower() not in ("true", "latest"):
-        run_dir = Path(resume).expanduser()  # config.check() made sure it holds a checkpoint
-        state = load(run_dir / LAST_CHECKPOINT)
+def resume_from(request: Path | bool, out_dir: Path, config: dict) -> tuple[Path, dict[str, Any]]:
+    """The run directory to continue and its validated checkpoint: ``resume=<run dir>``, or
+    ``resume=true`` for the newest run of the same configuration next to this run's directory
+    (runs whose checkpoint cannot be read are skipped, and said so)."""
+    if isinstance(request, Path):
+        state = load(request / LAST_CHECKPOINT)
         differences = config_differences(state["config"], config)
         if differences:
             raise UserError(
-                f"{run_dir / LAST_CHECKPOINT} was written by a different configuration ({'; '.join(differences[:3])})"
+                f"{request / LAST_CHECKPOINT} was written by a different configuration ({'; '.join(differences[:3])})"
             )
-        return run_dir, state
+        return request, state
     candidates = sorted(
-        (p for p in [out_dir, *out_dir.parent.glob("*")] if (p / LAST_CHECKPOINT).is_file()),
+        (p for p in {out_dir, *out_dir.parent.glob("*")} if (p / LAST_CHECKPOINT).is_file()),
         key=lambda p: (p / LAST_CHECKPOINT).stat().st_mtime,
         reverse=True,
     )
     for run_dir in candidates:
-        state = load(run_dir / LAST_CHECKPOINT)
+        try:
+            state = load(run_dir / LAST_CHECKPOINT)
+        except UserError as err:
+            print(f"resume=true: skipping {run_dir} ({err})", file=sys.stderr)
+            continue
         if not config_differences(state["config"], config):
             return run_dir, state
     raise UserError(f"resume=true: no checkpoint of this configuration in {out_dir.parent} (give resume=<run dir>)")
 
 
-def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+def restore(run: Run, state: dict[str, Any], path: Path) -> None:
+    """Load a validated snapshot into a freshly built run (nothing is written)."""
+    plugins = run.stateful_plugins()
+    missing = sorted(set(plugins) ^ set(state["plugins"]))
+    if missing:
+        raise UserError(
+            f"{path}: holds the state of plugins {sorted(state['plugins'])}, this run has {sorted(plugins)}"
+        )
+    if state["world_size"] != run.world_size:
+        print(f"resuming a run trained by {state['world_size']} processes with {run.world_size}", file=sys.stderr)
     try:
-        model.load_state_dict(state)  # copies in place: the EMA engine's views stay valid
-    except RuntimeError as err:
-        raise UserError(f"{path}: the model in it does not fit this configuration") from err
+        run.model.load_state_dict(state["model"])  # copies in place: the EMA engine's views stay valid
+        # Avalanche resets the optimizer on its first experience; do it now, then load the state
+        run.strategy.make_optimizer(reset_optimizer_state=True)
+        run.strategy.optimizer.load_state_dict(state["optimizer"])
+        for name, plugin in plugins.items():
+            plugin.load_state_dict(state["plugins"][name])
+        run.results.load(state["results"])
+        run.strategy.clock.train_iterations = state["train_iterations"]
+        set_rng_state(state["rng"])
+        if run.stream.augment:
+            run.stream.augment.set_state(state["rng"]["augment"])
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from err
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(f"{path}: does not fit this run ({type(err).__name__}: {detail[:300]})") from err

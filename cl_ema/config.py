@@ -1,21 +1,32 @@
-"""Structured-config schema (types checked by OmegaConf at composition) and value checks.
+"""The config schema: every key a user types, its type, its range, and whether it changes results.
 
-Every key a user types is declared here; ``conf/`` holds the values. Types are enforced when
-Hydra merges overrides (``train.batch_size=abc`` fails there), ranges and choices by ``check()``.
+``conf/`` holds the values; this module declares the keys. Types and choices are enforced by
+OmegaConf when Hydra merges overrides (``train.batch_size=abc`` and ``ema.buffers=median`` fail
+there); ranges by each section's ``__post_init__``, run once per run by ``check()``. Nodes with a
+``_target_`` (dataset, model, optimizer, plugins, loggers) are checked against the signature of
+the code they build (``cl_ema.building``).
+
+Two facts live on the fields themselves, as metadata, and are read from here by everyone who
+needs them: ``NEUTRAL`` keys never change a run's results (resume may change them, the report and
+W&B grouping ignore them), and ``PLUGIN_OPTIONS`` sections only feed a plugin node under
+``strategy.plugins`` (the resolved plugin node is what the run used).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from platformdirs import user_cache_dir
 
 if typing.TYPE_CHECKING:
@@ -23,73 +34,191 @@ if typing.TYPE_CHECKING:
 
 from cl_ema.errors import UserError
 
-# Choices, checked here before any heavy import; the modules that implement them import these.
-DATASETS = ("digits", "mnist", "cifar10", "cifar100")
-SCENARIOS = ("split", "permuted")
-MODEL_NAMES = ("mlp", "cnn", "resnet18", "torchvision")
-BUFFER_POLICIES = ("average", "copy")
-SYNC_MODES = ("none", "task_end")
-OPTIMIZERS = ("sgd", "adam")
-PRECISIONS = ("auto", "fp32", "bf16")
+NEUTRAL = {"neutral": True}  # the key never changes results
+PLUGIN_OPTIONS = {"plugin_options": True}  # the section is read by a plugin node, through interpolation
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
-LOGGERS = ("wandb", "none")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
+INT32_MAX = 2**31 - 1  # sizes and counts: torch indexes with int64, but no sane run needs more
+SEED_LIMIT = 2**32  # numpy's RandomState takes seeds below 2³²
 
 
+class Choice(str, Enum):
+    """A config choice: OmegaConf checks overrides against the members; compares equal to its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Scenario(Choice):
+    split = "split"  # class-incremental: the classes are dealt out to the tasks
+    permuted = "permuted"  # every task has all classes, its own pixel permutation (domain-incremental)
+
+
+class Precision(Choice):
+    auto = "auto"  # bf16 autocast on CUDA GPUs that support it, fp32 otherwise
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Buffers(Choice):
+    average = "average"  # BatchNorm statistics are averaged like the weights
+    copy = "copy"  # an EMA model evaluates with the live model's statistics
+
+
+class Sync(Choice):
+    none = "none"
+    task_end = "task_end"  # the EMA weights are loaded into the live model after each task
+
+
+class ReplayPolicy(Choice):
+    class_balanced = "class_balanced"  # Avalanche's ClassBalancedBuffer, updated after each task
+    reservoir = "reservoir"  # Mammoth's ER: reservoir sampling over the stream, updated every step
+
+
+# ---------------------------------------------------------------------------- range checks
+def _fail(key: str, value: Any, expected: str) -> typing.NoReturn:
+    raise UserError(f"{key}={value!r}: {expected}")
+
+
+def at_least(key: str, value: float, low: float, high: float = INT32_MAX) -> None:
+    """``low <= value <= high`` and finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(key, value, "must be a finite number")
+    if value < low:
+        _fail(key, value, f"must be >= {low:g}")
+    if value > high:
+        _fail(key, value, f"must be <= {high:,}" if isinstance(high, int) else f"must be <= {high:g}")
+
+
+def positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        _fail(key, value, "must be a finite number > 0")
+
+
+def probability(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        _fail(key, value, "must be a number in [0, 1]")
+
+
+def check_decay(decay: Any, key: str = "ema.decay") -> float:
+    """``decay`` as a float in [0, 1] (``-0.0`` becomes ``0.0``), or a UserError naming ``key``."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+        _fail(key, decay, "an EMA decay must be a number in [0, 1]")
+    return float(decay) + 0.0
+
+
+def check_decays(decays: Sequence[Any], key: str = "ema.decays", distinct: bool = True) -> list[float]:
+    """Decays in [0, 1], at least one, distinct unless told otherwise (each names a track)."""
+    if not decays:
+        raise UserError(f"{key}=[]: give at least one decay (or null to use ema.decay)")
+    checked = [check_decay(d, key) for d in decays]
+    if distinct and len(set(checked)) != len(checked):
+        _fail(key, list(decays), "decays must be distinct")
+    return checked
+
+
+# ---------------------------------------------------------------------------- the schema
 @dataclass
 class DataConfig:
-    name: str = "digits"
-    scenario: str = "split"  # split (class-incremental) | permuted
+    dataset: Any = MISSING  # `_target_` returning (train, test) TensorStores; conf/dataset/
+    scenario: Scenario = Scenario.split
     n_tasks: int = 5
-    root: str | None = None  # None: $CL_EMA_DATA, else the user cache dir
-    download: bool = True
-    class_order: list[int] | None = None  # None: a permutation drawn from ``seed``
+    class_order: list[int] | None = None  # split: None draws a permutation from `seed`
+    permute_first_task: bool = False  # permuted: False keeps task 1 unpermuted (van de Ven), Mammoth permutes all
     augment: bool = False  # random crop (pad 4) + horizontal flip, on the device
+    root: str | None = field(default=None, metadata=NEUTRAL)  # None: $CL_EMA_DATA, else the user cache dir
+    download: bool = field(default=True, metadata=NEUTRAL)
 
-
-@dataclass
-class ModelConfig:
-    name: str = "mlp"
-    hidden: int | None = None  # mlp
-    layers: int | None = None  # mlp
-    width: int | None = None  # cnn, resnet18
-    arch: str | None = None  # torchvision: a classification model of torchvision.models (resnet18, vit_b_16, …)
-    pretrained: str | None = None  # torchvision: its weights (IMAGENET1K_V1, DEFAULT, …); None: random init
-    input_size: int | None = None  # torchvision: inputs are resized to this (None: the weights' crop size)
-    weights: str | None = None  # start from this state dict / checkpoint
+    def __post_init__(self) -> None:
+        at_least("data.n_tasks", self.n_tasks, 1, 100_000)
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.01
-    optimizer: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+    batch_size: int = 32  # the global batch, whatever the number of processes
     eval_batch_size: int = 1024
-    precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16 support, else fp32) | fp32 | bf16
+    drop_last: bool = False  # drop each task's last, smaller batch (CLS-ER's loaders do)
+    precision: Precision = Precision.auto  # weights and EMA shadows stay fp32
     channels_last: bool = False  # NHWC layout for conv nets (faster with bf16 on recent GPUs)
     compile: bool = False  # torch.compile the model in place (its state-dict keys stay the same)
+    sync_batchnorm: bool = False  # with several processes: BatchNorm statistics over the global batch
+
+    def __post_init__(self) -> None:
+        at_least("train.epochs", self.epochs, 1, 100_000)
+        at_least("train.batch_size", self.batch_size, 1, 1 << 24)
+        at_least("train.eval_batch_size", self.eval_batch_size, 1, 1 << 24)
 
 
 @dataclass
-class EMAConfig:
-    decay: float = 0.999
-    decays: list[float] | None = None  # several decays from one run; overrides ``decay``
-    update_every: int = 1
-    warmup: bool = False
+class EMAOptions:
+    """How EMA shadows follow the weights (``cl_ema.ema.EMA``, whose docstring has the formulas)."""
+
+    update_every: int = 1  # update on every N-th optimizer step
+    warmup: bool = False  # decay ramp of timm's ModelEmaV3 / ema-pytorch
     warmup_gamma: float = 1.0
     warmup_power: float = 2 / 3
-    buffers: str = "average"  # average | copy (BatchNorm statistics)
-    recompute_bn: bool = False
-    sync: str = "none"  # none | task_end
+    buffers: Buffers = Buffers.average  # BatchNorm statistics
+
+    def __post_init__(self) -> None:
+        at_least("ema.update_every", self.update_every, 1)
+        positive("ema.warmup_gamma", self.warmup_gamma)
+        positive("ema.warmup_power", self.warmup_power)
+        self.buffers = Buffers(self.buffers)
+
+
+@dataclass
+class EMAConfig(EMAOptions):
+    """The ``ema`` section: the EMAPlugin's decays (one track each) and options."""
+
+    decay: float = 0.999
+    decays: list[float] | None = None  # several decays from one run; replaces `decay`
+    recompute_bn: bool = False  # re-estimate BatchNorm statistics of each EMA model before evaluating it
+    sync: Sync = Sync.none
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.sync = Sync(self.sync)
+        if self.sync == Sync.task_end and len(self.decay_list()) > 1:
+            raise UserError("ema.sync=task_end changes training, so it takes one decay, not ema.decays")
+
+    def decay_list(self) -> list[float]:
+        return check_decays(self.decays) if self.decays is not None else [check_decay(self.decay)]
+
+    def options(self) -> EMAOptions:
+        return EMAOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EMAOptions)})
 
 
 @dataclass
 class ReplayConfig:
     mem_size: int = 200
-    batch_size_mem: int | None = None  # None: train.batch_size
+    batch_size_mem: int | None = None  # replayed samples per step (None: train.batch_size)
+    policy: ReplayPolicy = ReplayPolicy.class_balanced
+
+    def __post_init__(self) -> None:
+        at_least("replay.mem_size", self.mem_size, 1, 1 << 28)
+        if self.batch_size_mem is not None:
+            at_least("replay.batch_size_mem", self.batch_size_mem, 1, 1 << 24)
+        self.policy = ReplayPolicy(self.policy)
+
+
+@dataclass
+class CLSERConfig:
+    """CLS-ER (Arani et al., ICLR 2022): a plastic and a stable EMA, teachers on replayed samples."""
+
+    reg_weight: float = 0.1  # λ of the consistency loss
+    plastic_decay: float = 0.999
+    plastic_update_prob: float = 0.9
+    stable_decay: float = 0.999
+    stable_update_prob: float = 0.7
+
+    def __post_init__(self) -> None:
+        at_least("cls_er.reg_weight", self.reg_weight, 0.0, math.inf)
+        for name in ("plastic", "stable"):
+            check_decay(getattr(self, f"{name}_decay"), f"cls_er.{name}_decay")
+            probability(f"cls_er.{name}_update_prob", getattr(self, f"{name}_update_prob"))
 
 
 @dataclass
@@ -97,65 +226,82 @@ class EvalConfig:
     every_n_steps: int = 0  # continual evaluation every N optimizer steps (0: only after each task)
     subset_size: int = 200  # test samples per task for continual evaluation (fixed, seeded)
 
+    def __post_init__(self) -> None:
+        at_least("eval.every_n_steps", self.every_n_steps, 0)
+        at_least("eval.subset_size", self.subset_size, 1)
+
 
 @dataclass
 class StrategyConfig:
     name: str = "plain"
-    plugins: dict[str, Any] = field(default_factory=dict)  # name → Hydra-instantiable plugin
-
-
-@dataclass
-class LoggerConfig:
-    name: str = "wandb"
-    project: str = "cl_ema"
-    entity: str | None = None
-    mode: str = "auto"  # auto: online when logged in or under `wandb agent`, else offline
-    group: str | None = None  # None: experiment-strategy-decays, so seeds aggregate
-    tags: list[str] = field(default_factory=list)
+    plugins: dict[str, Any] = field(default_factory=dict)  # config name → node with a `_target_`
 
 
 @dataclass
 class Config:
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = field(default="auto", metadata=NEUTRAL)  # auto | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = MISSING  # `_target_` + options (conf/model/), and `weights`: a file to start from
+    optimizer: Any = MISSING  # `_target_` (a torch.optim class, partial) + options (conf/optimizer/)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig, metadata=PLUGIN_OPTIONS)
+    replay: ReplayConfig = field(default_factory=ReplayConfig, metadata=PLUGIN_OPTIONS)
+    cls_er: CLSERConfig = field(default_factory=CLSERConfig, metadata=PLUGIN_OPTIONS)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    checkpoint: bool = True  # save checkpoints/last.pt after each task
-    resume: str | None = None  # a run directory, or true: the newest run of this configuration
-    deterministic: bool = False  # torch deterministic algorithms (CUDA); CPU runs are deterministic anyway
+    logger: dict[str, Any] = field(default_factory=dict, metadata=NEUTRAL)  # name → node with a `_target_`
+    checkpoint: bool = field(default=True, metadata=NEUTRAL)  # save checkpoints/last.pt after each task
+    # a run directory to continue, true: the newest run of this configuration, false/null: no resume
+    resume: str | None = field(default=None, metadata=NEUTRAL)
+    deterministic: bool = field(default=False, metadata=NEUTRAL)  # torch deterministic algorithms (CUDA)
+
+    def __post_init__(self) -> None:
+        at_least("seed", self.seed, 0, SEED_LIMIT - 1)
 
 
-def check_decay(decay: float, key: str = "ema.decay") -> float:
-    """Return ``decay`` as a float, or raise a UserError naming ``key``."""
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
-        raise UserError(f"{key}={decay!r}: an EMA decay must be a number in [0, 1]")
-    return float(decay)
+def _fields_with(flag: str, schema: type = Config, prefix: str = "") -> Iterator[str]:
+    for f in dataclasses.fields(schema):
+        if f.metadata.get(flag):
+            yield prefix + f.name
+        elif dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+            yield from _fields_with(flag, f.type, f"{prefix}{f.name}.")
+        elif isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            yield from _fields_with(flag, f.default_factory, f"{prefix}{f.name}.")
 
 
-def check_ema_options(
-    decay: float | Sequence[float], update_every: int, warmup_gamma: float, warmup_power: float, buffers: str
-) -> list[float]:
-    """Validate EMA options; return the decays as a list of floats."""
-    decays = [decay] if isinstance(decay, (int, float)) else list(decay)
-    if not decays:
-        raise UserError("ema.decays: give at least one decay")
-    key = "ema.decays" if len(decays) > 1 else "ema.decay"
-    decays = [check_decay(d, key) for d in decays]
-    if len(set(decays)) != len(decays):
-        raise UserError(f"ema.decays={decays}: decays must be distinct")
-    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-        raise UserError(f"ema.update_every={update_every!r}: must be an integer >= 1")
-    if buffers not in BUFFER_POLICIES:
-        raise UserError(f"ema.buffers={buffers!r}: must be one of {', '.join(BUFFER_POLICIES)}")
-    if warmup_gamma <= 0 or warmup_power <= 0:
-        raise UserError(f"ema.warmup_gamma={warmup_gamma}, ema.warmup_power={warmup_power}: both must be > 0")
-    return decays
+NEUTRAL_KEYS: tuple[str, ...] = ("resume", *(k for k in _fields_with("neutral") if k != "resume"))
+PLUGIN_OPTION_SECTIONS: tuple[str, ...] = tuple(_fields_with("plugin_options"))
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node} if prefix else {}
+
+
+def _is_under(key: str, sections: Sequence[str]) -> bool:
+    return any(key == s or key.startswith(f"{s}.") for s in sections)
+
+
+def result_keys(config: dict) -> dict[str, str]:
+    """The resolved config's keys that decide a run's results, as JSON strings (seed included)."""
+    return {k: json.dumps(v, sort_keys=True) for k, v in flatten(config).items() if not _is_under(k, NEUTRAL_KEYS)}
+
+
+def setting(config: dict) -> dict[str, str]:
+    """What a run's seeds average over: its result keys without the seed and the plugin-option sections
+    (the plugins' resolved nodes under ``strategy.plugins`` hold what the run really used)."""
+    return {k: v for k, v in result_keys(config).items() if k != "seed" and not _is_under(k, PLUGIN_OPTION_SECTIONS)}
+
+
+def setting_id(config: dict) -> str:
+    """A short, stable name of a setting (for W&B groups)."""
+    return hashlib.sha1(json.dumps(sorted(setting(config).items())).encode()).hexdigest()[:8]
 
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -164,8 +310,9 @@ CONFIG_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.par
 
 
 def register_schema() -> None:
-    store = ConfigStore.instance()
-    store.store(name="cl_ema_schema", node=Config)
+    ConfigStore.instance().store(name="cl_ema_schema", node=Config)
+    if not OmegaConf.has_resolver("cl_ema.neutral_keys"):  # Hydra's run-dir names leave these out
+        OmegaConf.register_new_resolver("cl_ema.neutral_keys", lambda: list(NEUTRAL_KEYS))
 
 
 def compose(*overrides: str) -> DictConfig:
@@ -178,54 +325,27 @@ def compose(*overrides: str) -> DictConfig:
         return hydra_compose("config", overrides=list(overrides))
 
 
-def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{key}={value!r}: must be one of {', '.join(choices)}")
-
-
-def _at_least(key: str, value: Any, low: float, *, strict: bool = False) -> None:
-    bad = value <= low if strict else value < low
-    if bad or (isinstance(value, float) and not math.isfinite(value)):
-        raise UserError(f"{key}={value!r}: must be {'>' if strict else '>='} {low:g}")
-
-
-def check(cfg: DictConfig) -> None:
-    """Raise a UserError naming the first unknown key, or key with a value outside its range or choices."""
+def check(cfg: DictConfig) -> Config:
+    """The config as typed objects; a UserError names the first unknown key or value out of range."""
     for key in _unknown_keys(cfg, Config):  # `+key=value` overrides get past Hydra's own check
         raise UserError(f"{key}: unknown config key (the keys are declared in cl_ema/config.py)")
-    _at_least("seed", cfg.seed, 0)
-    _choice("data.name", cfg.data.name, DATASETS)
-    _choice("data.scenario", cfg.data.scenario, SCENARIOS)
-    _at_least("data.n_tasks", cfg.data.n_tasks, 1)
-    _choice("model.name", cfg.model.name, MODEL_NAMES)
-    for key in ("hidden", "layers", "width", "input_size"):
-        if cfg.model[key] is not None:
-            _at_least(f"model.{key}", cfg.model[key], 1)
-    _at_least("train.epochs", cfg.train.epochs, 1)
-    _at_least("train.batch_size", cfg.train.batch_size, 1)
-    _at_least("train.eval_batch_size", cfg.train.eval_batch_size, 1)
-    _at_least("train.lr", cfg.train.lr, 0, strict=True)
-    _choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
-    _choice("train.precision", cfg.train.precision, PRECISIONS)
-    _at_least("train.weight_decay", cfg.train.weight_decay, 0)
-    if not 0 <= cfg.train.momentum < 1:
-        raise UserError(f"train.momentum={cfg.train.momentum!r}: must be in [0, 1)")
-    ema = cfg.ema
-    check_ema_options(
-        list(ema.decays) if ema.decays else ema.decay, ema.update_every, ema.warmup_gamma, ema.warmup_power, ema.buffers
-    )
-    _choice("ema.sync", ema.sync, SYNC_MODES)
-    _at_least("replay.mem_size", cfg.replay.mem_size, 1)
-    if cfg.replay.batch_size_mem is not None:
-        _at_least("replay.batch_size_mem", cfg.replay.batch_size_mem, 1)
-    _at_least("eval.every_n_steps", cfg.eval.every_n_steps, 0)
-    _at_least("eval.subset_size", cfg.eval.subset_size, 1)
-    _choice("logger", cfg.logger.name, LOGGERS)
-    _choice("logger.mode", cfg.logger.mode, WANDB_MODES)
-    resume = str(cfg.resume or "")
-    if resume.lower() not in ("", "true", "latest") and not (Path(resume).expanduser() / LAST_CHECKPOINT).is_file():
-        raise UserError(f"resume={resume}: no {LAST_CHECKPOINT} in that directory")
+    config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]  # runs every __post_init__
+    config.ema.decay_list()
+    resume = resume_request(cfg.resume)
+    if isinstance(resume, Path) and not (resume / LAST_CHECKPOINT).is_file():
+        raise UserError(f"resume={cfg.resume}: no {LAST_CHECKPOINT} in that directory")
     resolve_device(cfg.device)  # last: it imports torch
+    return config
+
+
+def resume_request(value: Any) -> Path | bool:
+    """``resume=`` as False (no resume), True (the newest run of this configuration) or a run directory."""
+    text = "" if value is None else str(value).strip()
+    if text.lower() in ("", "false", "none", "null", "no"):
+        return False
+    if text.lower() in ("true", "latest", "yes"):
+        return True
+    return Path(text).expanduser()
 
 
 def _unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> Iterator[str]:
@@ -238,32 +358,34 @@ def _unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> Iterator[
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; an unavailable CUDA device is a UserError."""
+    """``auto`` → CUDA when available, else CPU; a device this machine lacks is a UserError."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         raise UserError(f"device={name!r}: must be auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
         raise UserError(f"device={name!r}: must be auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cpu":
+        return torch.device("cpu")  # cpu:0 is the one CPU device
+    if not torch.cuda.is_available():
         raise UserError(f"device={name}: CUDA is not available on this machine (use device=cpu or auto)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+    if device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for training (None: plain fp32)."""
     import torch
 
-    if precision == "auto":
+    if precision == Precision.auto:
         use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if use_bf16 else None
-    return torch.bfloat16 if precision == "bf16" else None
+    return torch.bfloat16 if precision == Precision.bf16 else None
 
 
 def data_root(root: str | None) -> Path:
@@ -272,4 +394,5 @@ def data_root(root: str | None) -> Path:
 
 
 def to_container(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    """The resolved config as plain values (choices as strings), as results.json and W&B record it."""
+    return json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True)))

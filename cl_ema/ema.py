@@ -17,7 +17,7 @@ one update is a single ``lerp_`` over the flat buffer for one decay, and one fus
 once and reused for every decay). Shadows are fp32 whatever the model's dtype. Nothing is
 allocated per update.
 
-Options (all off by default, so a decay sweep means what it says):
+Options (``cl_ema.config.EMAOptions``, all off by default, so a decay sweep means what it says):
 
 - ``update_every=N``: update only on every N-th call of ``update()``; the decay applies per
   update, so the horizon in optimizer steps is ``N / (1 − d)``.
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cl_ema.config import check_ema_options
+from cl_ema.config import Buffers, EMAOptions, check_decays
 from cl_ema.errors import UserError
 
 # 256 Ki fp32 values: one chunk of live weights stays in a 1 MiB L2 while every decay reads it.
@@ -43,8 +43,9 @@ _CHUNK = 1 << 18
 
 
 def track_name(decay: float) -> str:
-    """Name of the evaluation track for one decay: ``ema_0.999``."""
-    return f"ema_{decay:g}"
+    """Name of the evaluation track for one decay: ``ema_0.999``; it reads back as exactly ``decay``."""
+    short = f"{decay:g}"
+    return f"ema_{short if float(short) == decay else repr(float(decay))}"
 
 
 def warmup_decay(decay: float, num_updates: int, gamma: float = 1.0, power: float = 2 / 3) -> float:
@@ -87,23 +88,12 @@ class EMA:
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        decay: float | Sequence[float] = 0.999,
-        *,
-        update_every: int = 1,
-        warmup: bool = False,
-        warmup_gamma: float = 1.0,
-        warmup_power: float = 2 / 3,
-        buffers: str = "average",
+        self, model: nn.Module, decay: float | Sequence[float] = 0.999, options: EMAOptions | None = None
     ) -> None:
-        self.decays = check_ema_options(decay, update_every, warmup_gamma, warmup_power, buffers)
+        decays = list(decay) if isinstance(decay, Sequence) and not isinstance(decay, str) else [decay]
+        self.decays = check_decays(decays, "decay", distinct=False)
         self.model = model
-        self.update_every = update_every
-        self.warmup = warmup
-        self.warmup_gamma = warmup_gamma
-        self.warmup_power = warmup_power
-        self.buffers = buffers
+        self.options = options or EMAOptions()
         self.num_updates = 0  # updates applied to the shadows
         self.num_calls = 0  # calls of update(), i.e. optimizer steps seen
         self._groups: list[_FlatGroup] = []
@@ -112,15 +102,11 @@ class EMA:
         self._buffer_backup: list[Tensor] = []
         self._swapped: int | None = None
 
-    @property
-    def track_names(self) -> list[str]:
-        return [track_name(d) for d in self.decays]
-
     def _averaged(self) -> Iterator[tuple[str, Tensor]]:
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 yield name, param
-        if self.buffers == "average":
+        if self.options.buffers == Buffers.average:
             for name, buf in self.model.named_buffers():
                 if buf.is_floating_point():
                     yield name, buf
@@ -172,29 +158,44 @@ class EMA:
     # ------------------------------------------------------------------ the update
     def current_decays(self) -> list[float]:
         """Decays the next update will use (after warmup)."""
-        if not self.warmup:
+        o = self.options
+        if not o.warmup:
             return self.decays
-        return [warmup_decay(d, self.num_updates, self.warmup_gamma, self.warmup_power) for d in self.decays]
+        return [warmup_decay(d, self.num_updates, o.warmup_gamma, o.warmup_power) for d in self.decays]
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Call after every optimizer step."""
+    def update(self, decays: Sequence[float] | None = None) -> None:
+        """Call after every optimizer step.
+
+        ``decays`` overrides this update's decay per shadow (a rule of the caller's, such as
+        CLS-ER's stochastic updates); a decay of 1 leaves that shadow as it is.
+        """
         if not self._groups:
             raise RuntimeError("EMA.update() before register()")
         if self._swapped is not None:
             raise RuntimeError("EMA.update() while a shadow is swapped in; call restore() first")
         self.num_calls += 1
-        if self.num_calls % self.update_every:
+        if self.num_calls % self.options.update_every:
             return
         self._check_links()
-        weights = [1.0 - d for d in self.current_decays()]
+        weights = [1.0 - d for d in (self.current_decays() if decays is None else decays)]
+        active = [k for k, w in enumerate(weights) if w != 0.0]
         for group in self._groups:
-            source = group.source()
+            source = group.source() if active else None
             if group.shadow_chunks is None:
-                group.shadow[0].lerp_(source, weights[0])
-            else:
+                if active:
+                    group.shadow[0].lerp_(source, weights[0])
+            elif len(active) == len(weights):
                 torch._foreach_lerp_(
                     group.shadow_chunks, group.source_chunks, weights * (len(group.shadow_chunks) // len(weights))
+                )
+            elif active:  # only some shadows move: their chunks alone
+                k_all = len(weights)
+                picked = [i for i in range(len(group.shadow_chunks)) if i % k_all in active]
+                torch._foreach_lerp_(
+                    [group.shadow_chunks[i] for i in picked],
+                    [group.source_chunks[i] for i in picked],
+                    [weights[i % k_all] for i in picked],
                 )
         self.num_updates += 1
 
@@ -275,18 +276,22 @@ class EMA:
         """Restore shadows and counters saved by ``state_dict()`` (after ``register()``)."""
         if state.get("decays") != self.decays:
             raise UserError(f"checkpoint EMA decays {state.get('decays')} differ from the configured {self.decays}")
-        if state.get("names") != [group.names for group in self._groups]:
+        shadows = state.get("shadows")
+        if state.get("names") != [group.names for group in self._groups] or not isinstance(shadows, list):
             raise UserError("checkpoint EMA shadows do not match this model's parameters")
-        for group, shadow in zip(self._groups, state["shadows"]):
-            if shadow.shape != group.shadow.shape:
+        counters = [state.get("num_updates"), state.get("num_calls")]
+        if not all(isinstance(c, int) and c >= 0 for c in counters):
+            raise UserError(f"checkpoint EMA counters {counters} are not counts")
+        for group, shadow in zip(self._groups, shadows):
+            if not isinstance(shadow, Tensor) or shadow.shape != group.shadow.shape:
                 raise UserError("checkpoint EMA shadows do not match this model's parameters")
+        for group, shadow in zip(self._groups, shadows):
             group.shadow.copy_(shadow)
-        self.num_updates = int(state["num_updates"])
-        self.num_calls = int(state["num_calls"])
+        self.num_updates, self.num_calls = counters
 
     def horizon(self, decay: float) -> float:
         """Optimizer steps over which a decay averages: ``update_every / (1 − d)``."""
-        return math.inf if decay == 1.0 else self.update_every / (1.0 - decay)
+        return math.inf if decay == 1.0 else self.options.update_every / (1.0 - decay)
 
 
 def _dense_view(flat: Tensor, like: Tensor) -> Tensor:

@@ -1,9 +1,28 @@
-"""The one exception type users see: a problem with their input, told in one line."""
+"""The exceptions users see, each told in one line by the entry point."""
 
 
 class UserError(Exception):
-    """Bad config value, missing or corrupt data, broken checkpoint.
+    """Bad config value, missing or corrupt data, broken checkpoint, a file that cannot be written.
 
     The entry point prints ``error: <message>`` and exits with status 2; the message must name
     the culprit (a config key, a path) and say what would be accepted.
     """
+
+
+class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt, which it stands beside
+    """The run was stopped by a signal (SIGINT / SIGTERM). A BaseException, as KeyboardInterrupt is,
+    so that no ``except Exception`` on the way (Hydra's, a logger's) takes it for a failure."""
+
+    def __init__(self, signal_name: str, run_dir: str | None = None, tasks_done: int | None = None) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.run_dir = run_dir
+        self.tasks_done = tasks_done
+
+    @property
+    def exit_status(self) -> int:
+        return 130 if self.signal_name == "SIGINT" else 143  # 128 + the signal number
+
+
+class Refused(BaseException):  # noqa: N818
+    """A UserError raised where Hydra would only warn about an ``Exception`` (its callbacks)."""

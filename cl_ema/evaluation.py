@@ -14,15 +14,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cl_ema.data import ContinualStream
+from cl_ema.data import TaskStream
+from cl_ema.distributed import my_share, sum_over_processes
 
 
 @dataclass(frozen=True)
 class Track:
-    """A set of weights to evaluate: ``live`` or one EMA shadow, swapped in by ``weights()``."""
+    """A set of weights to evaluate: ``live`` or an EMA shadow; ``with track.swap_in():`` puts them in the model."""
 
     name: str
-    weights: Callable[[], AbstractContextManager[None]]
+    swap_in: Callable[[], AbstractContextManager[None]]
+    decay: float | None = None  # of an EMA track
+    horizon: float | None = None  # optimizer steps an EMA track averages over
 
 
 @dataclass
@@ -31,7 +34,7 @@ class Accuracies:
     task_il: list[float]
 
 
-def class_masks(stream: ContinualStream, device: torch.device) -> tuple[Tensor, Tensor]:
+def class_masks(stream: TaskStream, device: torch.device) -> tuple[Tensor, Tensor]:
     """(T, C) boolean masks: classes seen after each task, and classes of each task."""
     seen = torch.zeros(stream.num_tasks, stream.num_classes, dtype=torch.bool, device=device)
     own = torch.zeros_like(seen)
@@ -44,7 +47,7 @@ def class_masks(stream: ContinualStream, device: torch.device) -> tuple[Tensor, 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    stream: ContinualStream,
+    stream: TaskStream,
     trained_through: int,
     tasks: Sequence[int] | None = None,
     indices: Sequence[Tensor] | None = None,
@@ -53,7 +56,8 @@ def evaluate(
     """Accuracy on each test task in ``tasks`` (default: all) after training ``trained_through``.
 
     ``indices`` overrides the test samples of each task (subsets for continual evaluation).
-    ``trained_through=-1`` evaluates an untrained model over all classes.
+    ``trained_through=-1`` evaluates an untrained model over all classes. With several processes
+    each evaluates its share of every test set and the counts are summed.
     """
     tasks = range(stream.num_tasks) if tasks is None else tasks
     device = stream.test.device
@@ -65,21 +69,20 @@ def evaluate(
     try:
         for task in tasks:
             index = stream.test_indices[task] if indices is None else indices[task]
-            correct_cil = correct_til = 0
-            for logits, labels in _logits(model, stream, index, batch_size):
-                correct_cil += _correct(logits, labels, seen_now)
-                correct_til += _correct(logits, labels, own[task])
+            correct = torch.zeros(2, dtype=torch.long, device=device)
+            for logits, labels in _logits(model, stream, my_share(index), batch_size):
+                correct[0] += _correct(logits, labels, seen_now)
+                correct[1] += _correct(logits, labels, own[task])
+            cil, til = sum_over_processes(correct).tolist()
             n = max(len(index), 1)
-            result.class_il.append(float(correct_cil) / n)
-            result.task_il.append(float(correct_til) / n)
+            result.class_il.append(cil / n)
+            result.task_il.append(til / n)
     finally:
         model.train(was_training)
     return result
 
 
-def _logits(
-    model: nn.Module, stream: ContinualStream, index: Tensor, batch_size: int
-) -> Iterator[tuple[Tensor, Tensor]]:
+def _logits(model: nn.Module, stream: TaskStream, index: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     for batch in index.split(batch_size):
         labels = stream.test.targets_at(batch)
         yield model(stream.test.batch(batch)), labels

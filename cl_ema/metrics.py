@@ -1,4 +1,4 @@
-"""Continual-learning metrics from an accuracy matrix.
+"""Continual-learning metrics from an accuracy matrix, and the one list of metric names and labels.
 
 ``R[i, j]`` is the accuracy on test task ``j`` after training tasks ``0..i`` (values in [0, 1]);
 metrics "after task i" use rows and columns ``0..i``. With ``i`` the last task, ``T = i + 1``:
@@ -12,15 +12,69 @@ metrics "after task i" use rows and columns ``0..i``. With ``i`` the last task, 
   with ``b`` the accuracies of the untrained model.
 
 Metrics over previous tasks are ``None`` after the first task (nothing to forget yet).
+
+Names: ``METRICS`` and ``STABILITY_METRICS`` (``cl_ema.continual_eval``) are the keys of
+results.json and the logged metric names; console, CSV, W&B, TensorBoard and the report take
+their keys, labels and titles from here. Logged keys, against the step ``task`` (tasks trained)::
+
+    <track>/<setting>/acc_task_<j>          accuracy on test task j
+    <track>/<setting>/forgetting_task_<j>   R[j, j] − R[i, j], for j < i
+    <track>/<setting>/<metric>              every metric in METRICS
+    final/<track>/<metric>                  run summary after the last task (class-IL)
+    final/<track>/task_il/<metric>          the same, task-IL
+    final/ema/<metric>                      with a single EMA track: that track again, so a decay
+                                            sweep optimizes one metric name whatever the decay
+    continual/<track>/acc_task_<j>          continual evaluation, against the step ``train_step``
+    final/<track>/continual/<metric>        every metric in STABILITY_METRICS
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-METRICS = ("avg_acc", "avg_forgetting", "max_forgetting", "bwt", "learning_acc", "fwt")
+SETTINGS = ("class_il", "task_il")  # arg-max over the classes seen so far / over the test task's classes
+STEP = "task"  # the step of per-task metrics: tasks trained so far
+TRAIN_STEP = "train_step"  # the step of continual evaluation: optimizer steps so far
+CONTINUAL = "continual"
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # results.json and logged name
+    label: str  # short column header
+    title: str  # long name, for plots and reports
+
+
+METRICS = (
+    Metric("avg_acc", "ACC", "average accuracy"),
+    Metric("avg_forgetting", "forget", "average forgetting"),
+    Metric("max_forgetting", "max-fgt", "max forgetting"),
+    Metric("bwt", "BWT", "backward transfer"),
+    Metric("learning_acc", "LA", "learning accuracy"),
+    Metric("fwt", "FWT", "forward transfer"),
+)
+STABILITY_METRICS = (
+    Metric("min_acc", "min-ACC", "worst accuracy on each previous task"),
+    Metric("wc_acc", "WC-ACC", "worst-case accuracy"),
+    Metric("aaa", "AAA", "average anytime accuracy"),
+    Metric("stability_gap", "gap", "stability gap"),
+)
+TASK_IL_ACC = Metric("avg_acc", "TIL-ACC", "task-IL average accuracy")
+
+
+def task_key(track: str, setting: str, name: str) -> str:
+    return f"{track}/{setting}/{name}"
+
+
+def final_key(track: str, name: str, setting: str = "class_il") -> str:
+    return f"final/{track}/{name}" if setting == "class_il" else f"final/{track}/{setting}/{name}"
+
+
+def continual_key(track: str, task: int) -> str:
+    return f"{CONTINUAL}/{track}/acc_task_{task + 1}"
 
 
 def task_forgetting(matrix: np.ndarray, i: int) -> list[float]:
@@ -31,7 +85,7 @@ def task_forgetting(matrix: np.ndarray, i: int) -> list[float]:
 def metrics_after(
     matrix: np.ndarray | Sequence[Sequence[float]], i: int, baseline: Sequence[float] | None = None
 ) -> dict[str, float | None]:
-    """All metrics in ``METRICS`` after training task ``i``."""
+    """Every metric in ``METRICS`` after training task ``i``."""
     r = np.asarray(matrix, dtype=np.float64)
     if r.ndim != 2 or r.shape[0] != r.shape[1] or not 0 <= i < r.shape[0]:
         raise ValueError(f"need a square accuracy matrix and a row in it, got {r.shape} and {i}")

@@ -1,30 +1,56 @@
-"""Models used for these benchmarks in the continual-learning literature."""
+"""Models used for these benchmarks in the continual-learning literature.
+
+Each class is the ``_target_`` of a config in ``conf/model/``; it takes the stream's ``DataSpec``
+(input shape, number of classes, normalization) as ``spec`` and its own options as keywords. A
+new model is one such class and its config.
+"""
 
 from __future__ import annotations
 
 import math
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from cl_ema.data.storage import Normalization
+from cl_ema.building import build
+from cl_ema.config import INT32_MAX
+from cl_ema.data import DataSpec
 from cl_ema.errors import UserError
 
 
 class MLP(nn.Module):
-    """Fully connected ReLU network (2×400 for split MNIST as in van de Ven & Tolias 2019)."""
+    """Fully connected ReLU network (2×400 for split MNIST as in van de Ven & Tolias 2019).
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: int = 400, layers: int = 2) -> None:
+    ``init="xavier_uniform"``: Glorot-uniform weights and zero biases, as Mammoth's ``MNISTMLP``;
+    ``"default"``: torch's own initialization of ``nn.Linear``.
+    """
+
+    def __init__(
+        self,
+        spec: DataSpec,
+        hidden: int = 400,
+        layers: int = 2,
+        init: Literal["default", "xavier_uniform"] = "default",
+    ) -> None:
         super().__init__()
-        widths = [math.prod(input_shape)] + [hidden] * layers
+        _positive(hidden=hidden, layers=layers)
+        widths = [math.prod(spec.input_shape)] + [hidden] * layers
         body: list[nn.Module] = [nn.Flatten()]
         for fan_in, fan_out in zip(widths, widths[1:]):
             body += [nn.Linear(fan_in, fan_out), nn.ReLU()]
         self.features = nn.Sequential(*body)
-        self.classifier = nn.Linear(widths[-1], num_classes)
+        self.classifier = nn.Linear(widths[-1], spec.num_classes)
+        if init == "xavier_uniform":
+            for layer in self.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_uniform_(layer.weight)
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
@@ -33,9 +59,10 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """Small convolutional network: two conv-BN-ReLU blocks with max pooling, then a linear head."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> None:
+    def __init__(self, spec: DataSpec, width: int = 32) -> None:
         super().__init__()
-        channels = input_shape[0]
+        _positive(width=width)
+        channels = spec.input_shape[0]
         self.features = nn.Sequential(
             nn.Conv2d(channels, width, 3, padding=1, bias=False),
             nn.BatchNorm2d(width),
@@ -47,7 +74,7 @@ class CNN(nn.Module):
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
-        self.classifier = nn.Linear(2 * width, num_classes)
+        self.classifier = nn.Linear(2 * width, spec.num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
@@ -76,9 +103,10 @@ class ResNet18(nn.Module):
     reduced ResNet-18 of GEM (Lopez-Paz & Ranzato 2017).
     """
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 64) -> None:
+    def __init__(self, spec: DataSpec, width: int = 64) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(input_shape[0], width, 3, 1, 1, bias=False)
+        _positive(width=width)
+        self.conv1 = nn.Conv2d(spec.input_shape[0], width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         layers, in_planes = [], width
         for i, stride in enumerate((1, 2, 2, 2)):
@@ -86,52 +114,62 @@ class ResNet18(nn.Module):
             layers += [BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)]
             in_planes = planes
         self.layers = nn.Sequential(*layers)
-        self.classifier = nn.Linear(in_planes, num_classes)
+        self.classifier = nn.Linear(in_planes, spec.num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.layers(F.relu(self.bn1(self.conv1(x))))
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
-class TorchvisionClassifier(nn.Module):
-    """A torchvision classification model, from its pretrained weights when given, with a new head.
+class InputAdapter(nn.Module):
+    """Gives a pretrained network what its weights were trained on, on the device.
 
-    The head (the last ``nn.Linear``) gets ``num_classes`` outputs. Inputs arrive at the dataset's
-    size, normalized with the dataset's mean μ_d and std σ_d; an adapter on the device gives the
-    network what its weights were trained on: 3 channels, ``input_size`` pixels (bilinear resize;
-    default: the weights' crop size, e.g. 224), and their statistics μ_w, σ_w::
+    Inputs arrive at the dataset's size, normalized with the dataset's mean μ_d and std σ_d; the
+    adapter makes 3 channels (grayscale is repeated), renormalizes to the weights' statistics
+    μ_w, σ_w and resizes to ``size`` (bilinear)::
 
         x' = resize((x · σ_d + μ_d − μ_w) / σ_w)
+
+    Its constants are not state: non-persistent buffers, identical under any weight averaging.
     """
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        num_classes: int,
-        arch: str,
-        pretrained: str | None = None,
-        input_size: int | None = None,
-        input_norm: Normalization | None = None,
-    ) -> None:
+    def __init__(self, spec: DataSpec, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        weights = _torchvision_weights(arch, pretrained)
-        self.backbone = _torchvision_model(arch, weights)
-        _replace_head(self.backbone, arch, num_classes)
-        preset = weights.transforms() if weights is not None else None
-        self.input_size = input_size or (preset.crop_size[0] if preset is not None else input_shape[-1])
-        data_mean, data_std = (input_norm.mean, input_norm.std) if input_norm else ((0.0,), (1.0,))
-        mean, std = (preset.mean, preset.std) if preset is not None else (data_mean, data_std)
-        scale = torch.tensor(data_std) / torch.tensor(std)
-        shift = (torch.tensor(data_mean) - torch.tensor(mean)) / torch.tensor(std)
-        # constants, not state: non-persistent, and identical under any weight averaging
+        self.size = size
+        data_mean, data_std = torch.tensor(spec.norm.mean), torch.tensor(spec.norm.std)
+        scale = data_std / torch.tensor(std)
+        shift = (data_mean - torch.tensor(mean)) / torch.tensor(std)
         self.register_buffer("_scale", scale.view(1, -1, 1, 1).expand(1, 3, 1, 1).clone(), persistent=False)
         self.register_buffer("_shift", shift.view(1, -1, 1, 1).expand(1, 3, 1, 1).clone(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.expand(-1, 3, -1, -1) * self._scale + self._shift  # grayscale → 3 channels
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        return self.backbone(x)
+        x = x.expand(-1, 3, -1, -1) * self._scale + self._shift
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return x
+
+
+class TorchvisionClassifier(nn.Module):
+    """A torchvision classification model, from its pretrained weights when given, with a new head.
+
+    ``arch``: any classification model of ``torchvision.models``; ``pretrained``: one of its
+    weights (``IMAGENET1K_V1``, ``DEFAULT``, …; null: random initialization). The head (the last
+    ``nn.Linear``) gets one output per class; an ``InputAdapter`` resizes to ``input_size``
+    (default: the weights' crop size, e.g. 224) and renormalizes to the weights' statistics.
+    """
+
+    def __init__(self, spec: DataSpec, arch: str, pretrained: str | None = None, input_size: int | None = None) -> None:
+        super().__init__()
+        weights = _torchvision_weights(arch, pretrained)
+        self.backbone = _torchvision_model(arch, weights)
+        _replace_head(self.backbone, arch, spec.num_classes)
+        preset = weights.transforms() if weights is not None else None
+        size = input_size or (preset.crop_size[0] if preset is not None else spec.input_shape[-1])
+        mean, std = (preset.mean, preset.std) if preset is not None else (spec.norm.mean, spec.norm.std)
+        self.adapter = InputAdapter(spec, size, mean, std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(self.adapter(x))
 
 
 def _torchvision_weights(arch: str, pretrained: str | None):
@@ -174,44 +212,41 @@ def _replace_head(model: nn.Module, arch: str, num_classes: int) -> None:
     setattr(parent, attribute, nn.Linear(old.in_features, num_classes))
 
 
-MODELS: dict[str, type[nn.Module]] = {
-    "mlp": MLP,
-    "cnn": CNN,
-    "resnet18": ResNet18,
-    "torchvision": TorchvisionClassifier,
-}
-_ARGS = {
-    "mlp": ("hidden", "layers"),
-    "cnn": ("width",),
-    "resnet18": ("width",),
-    "torchvision": ("arch", "pretrained", "input_size"),
-}
-
-
-def build_model(
-    name: str,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    *,
-    weights: str | None = None,
-    input_norm: Normalization | None = None,
-    **options: int | str | None,
-) -> nn.Module:
-    """Build ``MODELS[name]`` with the options it takes (others are ignored), then load ``weights``."""
-    if name not in MODELS:
-        raise UserError(f"model.name={name!r}: must be one of {', '.join(MODELS)}")
-    kwargs = {key: options[key] for key in _ARGS[name] if options.get(key) is not None}
-    for key, value in kwargs.items():
-        if key not in ("arch", "pretrained") and (not isinstance(value, int) or value < 1):
-            raise UserError(f"model.{key}={value!r}: must be an integer >= 1")
-    if name == "torchvision":
-        if "arch" not in kwargs:
-            raise UserError("model.arch: name a torchvision model, e.g. model.arch=resnet18")
-        kwargs["input_norm"] = input_norm
-    model = MODELS[name](input_shape, num_classes, **kwargs)
-    if weights:
-        load_weights(model, Path(weights))
+def build_model(node: DictConfig, spec: DataSpec) -> nn.Module:
+    """The ``model`` section's model for ``spec`` (from its ``_target_``), starting from ``model.weights``."""
+    for name in node:
+        if OmegaConf.is_missing(node, name):
+            raise UserError(f"model.{name}: needs a value (set model.{name}=…)")
+    options = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "weights"}
+    try:
+        model = build(options, "model", spec=spec)
+    except (RuntimeError, MemoryError) as err:  # the allocator's refusal
+        if not isinstance(err, MemoryError) and "alloc" not in str(err).lower():
+            raise
+        raise UserError(
+            f"model: {_size(options, spec)}, more than this machine's memory holds ({_first_line(err)})"
+        ) from err
+    if node.get("weights"):
+        load_weights(model, Path(node.weights))
     return model
+
+
+def _size(options: dict, spec: DataSpec) -> str:
+    """The model's parameter count and fp32 size, counted without allocating it."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in build(options, "model", spec=spec).parameters())
+    return f"{options['_target_']} with these options has {count:,} parameters ({4 * count / 2**30:.1f} GiB in fp32)"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _positive(**values: int) -> None:
+    for name, value in values.items():
+        if not 1 <= value <= INT32_MAX:
+            raise UserError(f"model.{name}={value!r}: must be an integer >= 1")
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -12,6 +12,11 @@ import numpy as np  # noqa: E402
 
 
 def heatmaps_png(matrices: dict[str, np.ndarray], title: str = "") -> bytes:
+    """One annotated heatmap per track of R[i, j] (rows: trained through task i), as PNG."""
+    return figure_png(heatmaps_figure(matrices, title))
+
+
+def heatmaps_figure(matrices: dict[str, np.ndarray], title: str = "") -> plt.Figure:
     """One annotated heatmap per track of R[i, j] (rows: trained through task i)."""
     names = list(matrices)
     size = max(m.shape[0] for m in matrices.values())
@@ -43,7 +48,7 @@ def heatmaps_png(matrices: dict[str, np.ndarray], title: str = "") -> bytes:
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
     if title:
         fig.suptitle(title)
-    return figure_png(fig)
+    return fig
 
 
 def figure_png(fig: plt.Figure) -> bytes:

@@ -1,11 +1,12 @@
 """Many runs → tables and plots: ``python -m cl_ema.report <outputs or multirun dir> [--out DIR]``.
 
 Reads every ``results.json`` below the directory and groups the runs into *settings*: runs whose
-configs are equal up to the seed (and keys that do not change results, such as the logger or the
-data folder). For each setting and track it writes the mean ± std over seeds of the final
-metrics to ``report.md``, and PNG plots: decay vs final accuracy and forgetting, mean accuracy
-matrices, and accuracy over tasks (live vs EMA). Runs that failed, were interrupted or whose
-results cannot be read are listed in the report, not dropped.
+resolved configs agree up to the seed and the keys that never change results
+(``cl_ema.config.setting``) and that evaluated the same tracks. For each setting and track it
+writes the mean ± std over seeds of the final metrics to ``report.md``, and PNG plots: EMA
+horizon vs final accuracy and forgetting, mean accuracy matrices, and accuracy over tasks (live
+vs EMA). Runs that failed, were interrupted or whose results cannot be read (not JSON, or not
+shaped like cl_ema's results) are listed in the report, never a reason to stop.
 """
 
 from __future__ import annotations
@@ -21,13 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from cl_ema.config import setting
 from cl_ema.errors import UserError
-from cl_ema.results import atomic_write
-
-REPORTED = ("avg_acc", "avg_forgetting", "max_forgetting", "bwt", "learning_acc")
-CONTINUAL = ("min_acc", "wc_acc", "aaa", "stability_gap")  # present with eval.every_n_steps
-# keys that never change results; the seed is what a setting averages over
-_IGNORED = {"seed", "device", "checkpoint", "logger", "data.root", "data.download"}
+from cl_ema.files import atomic_write
+from cl_ema.metrics import METRICS, SETTINGS, STABILITY_METRICS, TASK_IL_ACC
 
 
 @dataclass
@@ -36,11 +34,23 @@ class Run:
     data: dict[str, Any]
 
     @property
+    def tracks(self) -> list[str]:
+        return list(self.data["tracks"])
+
+    @property
     def setting(self) -> tuple[tuple[str, str], ...]:
-        config = self.data.get("config", {})
-        plugins = set(config.get("strategy", {}).get("plugins", {}))
-        flat = _flatten(config)
-        return tuple(sorted((k, json.dumps(v)) for k, v in flat.items() if not _ignored(k, plugins)))
+        return (("tracks", json.dumps(self.tracks)), *sorted(setting(self.data.get("config", {})).items()))
+
+    def horizon(self, track: str) -> float | None:
+        """Optimizer steps an EMA track averages over (from its record, or its name for older runs)."""
+        info = self.data.get("track_info", {}).get(track)
+        if isinstance(info, dict):
+            return info.get("horizon")
+        try:
+            decay = float(track.removeprefix("ema_"))
+        except ValueError:
+            return None
+        return 1 / (1 - decay) if track.startswith("ema_") and decay < 1 else None
 
 
 @dataclass
@@ -52,23 +62,27 @@ class Setting:
 
     @property
     def tracks(self) -> list[str]:
-        return list(self.runs[0].data["tracks"])
+        return self.runs[0].tracks
 
 
-def _ignored(key: str, plugins: set[str]) -> bool:
-    """Keys that do not change a run's results (``ema.*`` in a run without the EMA plugin, …)."""
-    section = key.split(".")[0]
-    unused = section in ("ema", "replay") and section not in plugins
-    return key in _IGNORED or unused or key.startswith(("logger.", "strategy.plugins."))
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
+def check_shape(data: Any) -> None:
+    """Raise ValueError unless ``data`` is shaped like a cl_ema results.json."""
+    if not isinstance(data, dict) or not isinstance(data.get("tracks"), dict) or not data["tracks"]:
+        raise ValueError("no tracks")
+    num_tasks, done = data.get("num_tasks"), data.get("tasks_done")
+    if not (isinstance(num_tasks, int) and isinstance(done, int) and 0 <= done <= num_tasks):
+        raise ValueError("task counts")
+    if not isinstance(data.get("config", {}), dict):
+        raise ValueError("config")
+    for entry in data["tracks"].values():
+        for setting_name in SETTINGS:
+            values = entry if setting_name == "class_il" else entry.get(setting_name)
+            matrix = np.array((values or {}).get("acc_matrix"), dtype=float)
+            if matrix.shape != (num_tasks, num_tasks):
+                raise ValueError("accuracy matrix")
+            for metric in METRICS:
+                if not isinstance(values.get(metric.key), (int, float, type(None))):
+                    raise ValueError(metric.key)
 
 
 def collect(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
@@ -82,13 +96,13 @@ def collect(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
     for path in files:
         try:
             data = json.loads(path.read_text())
-            data["tracks"]  # noqa: B018 - a results file must have tracks
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            skipped.append((path, f"unreadable ({type(err).__name__})"))
+            check_shape(data)
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            skipped.append((path, f"unreadable ({type(err).__name__}: {err})"))
             continue
         if data.get("status") != "completed":
             status = data.get("status", "unknown")
-            skipped.append((path, f"{status} after {data.get('tasks_done', 0)}/{data.get('num_tasks', '?')} tasks"))
+            skipped.append((path, f"{status} after {data['tasks_done']}/{data['num_tasks']} tasks"))
             continue
         completed.append(Run(path, data))
     return completed, skipped
@@ -98,17 +112,26 @@ def group(runs: list[Run]) -> list[Setting]:
     by_setting: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
         by_setting[run.setting].append(run)
-    keys = list(by_setting)
-    # label each setting by the keys whose values differ between settings of the same experiment
-    varying = {k for key in keys for k, _ in key if len({dict(other).get(k) for other in keys}) > 1}
-    varying -= {"strategy.name"}
+    families: dict[tuple[str, str], list[tuple]] = defaultdict(list)  # settings of one experiment and strategy
+    for key, members in by_setting.items():
+        families[str(members[0].data.get("experiment", "?")), str(members[0].data.get("strategy", "?"))].append(key)
     settings = []
-    for key in keys:
-        values = dict(key)
-        label = ", ".join(f"{k}={json.loads(values[k])}" for k in sorted(varying) if k in values) or "-"
-        first = by_setting[key][0].data
-        settings.append(Setting(first.get("experiment", "?"), first.get("strategy", "?"), label, by_setting[key]))
+    for (experiment, strategy), keys in families.items():
+        # label each setting by the keys whose values differ between the settings of its family
+        varying = sorted({k for key in keys for k, _ in key if len({dict(other).get(k) for other in keys}) > 1})
+        for key in keys:
+            values = dict(key)
+            label = ", ".join(f"{_short(k)}={json.loads(values[k])}" for k in varying if k in values and k != "tracks")
+            settings.append(Setting(experiment, strategy, label or "-", by_setting[key]))
     return sorted(settings, key=lambda s: (s.experiment, s.strategy, s.label))
+
+
+def _short(key: str) -> str:
+    """``strategy.plugins.ema.config.decay`` → ``ema.decay``: the plugin's option as users type it."""
+    parts = key.split(".")
+    if parts[:2] == ["strategy", "plugins"] and len(parts) > 4 and parts[3] == "config":
+        return ".".join([parts[2], *parts[4:]])
+    return key
 
 
 def mean_std(values: list[float | None]) -> tuple[float, float, int]:
@@ -126,44 +149,45 @@ def _cell(values: list[float | None]) -> str:
 
 
 def markdown(settings: list[Setting], skipped: list[tuple[Path, str]], root: Path) -> str:
+    columns = [*METRICS, TASK_IL_ACC]
     lines = [
         f"# cl_ema report: {root}",
         "",
         f"{sum(len(s.runs) for s in settings)} completed runs in {len(settings)} settings; "
         "mean ± std (sample std) over seeds, in %. Class-IL unless marked TIL.",
         "",
-        "| experiment | strategy | setting | track | seeds | ACC | forgetting | max forgetting | BWT | LA | TIL ACC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| experiment | strategy | setting | track | seeds | " + " | ".join(m.label for m in columns) + " |",
+        "|---|---|---|---|---|" + "---|" * len(columns),
     ]
-    for setting in settings:
-        for track in setting.tracks:
-            entries = [run.data["tracks"].get(track, {}) for run in setting.runs]
-            cells = [_cell([e.get(m) for e in entries]) for m in REPORTED]
-            til = _cell([e.get("task_il", {}).get("avg_acc") for e in entries])
-            seeds = sorted({run.data.get("seed") for run in setting.runs})
-            lines.append(
-                f"| {setting.experiment} | {setting.strategy} | {setting.label} | {track} | {len(seeds)} | "
-                + " | ".join(cells)
-                + f" | {til} |"
-            )
-    continual_rows = []
-    for setting in settings:
-        for track in setting.tracks:
-            entries = [run.data["tracks"][track].get("continual") for run in setting.runs]
-            if any(entries):
-                cells = [_cell([(e or {}).get(m) for e in entries]) for m in CONTINUAL]
-                continual_rows.append(
-                    f"| {setting.experiment} | {setting.strategy} | {setting.label} | {track} | "
-                    f"{sum(e is not None for e in entries)} | " + " | ".join(cells) + " |"
+    for setting_ in settings:
+        for track in setting_.tracks:
+            entries = [run.data["tracks"][track] for run in setting_.runs]
+            cells = [_cell([e.get(m.key) for e in entries]) for m in METRICS]
+            cells.append(_cell([e["task_il"].get(TASK_IL_ACC.key) for e in entries]))
+            seeds = {run.data.get("seed") for run in setting_.runs}
+            lines.append(f"| {setting_.experiment} | {setting_.strategy} | {setting_.label} | {track} | {len(seeds)} | "
+                         + " | ".join(cells) + " |")  # fmt: skip
+    stability_rows = []
+    for setting_ in settings:
+        for track in setting_.tracks:
+            entries = [run.data["tracks"][track].get("stability") for run in setting_.runs]
+            if any(isinstance(e, dict) for e in entries):
+                entries = [e if isinstance(e, dict) else {} for e in entries]
+                cells = [_cell([e.get(m.key) for e in entries]) for m in STABILITY_METRICS]
+                stability_rows.append(
+                    f"| {setting_.experiment} | {setting_.strategy} | {setting_.label} | {track} | "
+                    f"{sum(bool(e) for e in entries)} | " + " | ".join(cells) + " |"
                 )
-    if continual_rows:
+    if stability_rows:
         lines += [
             "",
             "## Continual evaluation (stability gap)",
             "",
-            "| experiment | strategy | setting | track | runs | min-ACC | WC-ACC | AAA | stability gap |",
-            "|---|---|---|---|---|---|---|---|---|",
-            *continual_rows,
+            "| experiment | strategy | setting | track | runs | "
+            + " | ".join(m.label for m in STABILITY_METRICS)
+            + " |",
+            "|---|---|---|---|---|" + "---|" * len(STABILITY_METRICS),
+            *stability_rows,
         ]
     if skipped:
         lines += ["", "## Runs not included", "", "| results file | why |", "|---|---|"]
@@ -171,88 +195,81 @@ def markdown(settings: list[Setting], skipped: list[tuple[Path, str]], root: Pat
     return "\n".join(lines) + "\n"
 
 
-def _decay(track: str) -> float | None:
-    return float(track.removeprefix("ema_")) if track.startswith("ema_") else None
-
-
-def plot_decays(settings: list[Setting]) -> bytes | None:
-    """Final ACC and forgetting against the EMA decay, per experiment/strategy; live as a line."""
+def plot_horizons(settings: list[Setting]) -> bytes | None:
+    """Final ACC and forgetting against the EMA horizon, per experiment/strategy; live as a dashed line."""
     import matplotlib.pyplot as plt
 
     from cl_ema.plots import figure_png
 
+    shown = METRICS[:2]  # average accuracy, average forgetting
     curves: dict[str, dict[str, list[tuple[float, list[float | None]]]]] = defaultdict(lambda: defaultdict(list))
     live: dict[str, dict[str, list[float | None]]] = defaultdict(lambda: defaultdict(list))
-    for setting in settings:
-        name = f"{setting.experiment} / {setting.strategy}"
-        for track in setting.tracks:
-            for metric in ("avg_acc", "avg_forgetting"):
-                values = [run.data["tracks"][track].get(metric) for run in setting.runs]
-                decay = _decay(track)
-                if decay is None:
-                    live[name][metric] += values
-                else:
-                    curves[name][metric].append((decay, values))
+    for setting_ in settings:
+        name = f"{setting_.experiment} / {setting_.strategy}"
+        for track in setting_.tracks:
+            for metric in shown:
+                for run in setting_.runs:
+                    value = run.data["tracks"][track].get(metric.key)
+                    horizon = run.horizon(track)
+                    if track == "live":
+                        live[name][metric.key].append(value)
+                    elif horizon is not None:
+                        curves[name][metric.key].append((horizon, [value]))
     if not curves:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, title in zip(axes, ("avg_acc", "avg_forgetting"), ("final average accuracy", "average forgetting")):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    for ax, metric in zip(axes, shown):
         for index, (name, by_metric) in enumerate(sorted(curves.items())):
             points: dict[float, list[float | None]] = defaultdict(list)
-            for decay, values in by_metric[metric]:
-                points[decay] += values
-            decays = sorted(points)
-            stats = [mean_std(points[d]) for d in decays]
-            horizon = [1 / (1 - d) if d < 1 else math.inf for d in decays]
-            ax.errorbar(
-                horizon,
-                [100 * m for m, _, _ in stats],
-                [100 * s for _, s, _ in stats],
-                marker="o",
-                capsize=3,
-                label=name,
-                color=f"C{index}",
-            )
-            live_mean, _, n = mean_std(live[name][metric])
+            for horizon, values in by_metric[metric.key]:
+                points[horizon] += values
+            horizons = sorted(points)
+            stats = [mean_std(points[h]) for h in horizons]
+            ax.errorbar(horizons, [100 * m for m, _, _ in stats], [100 * s for _, s, _ in stats], marker="o",
+                        capsize=3, label=name, color=f"C{index}")  # fmt: skip
+            live_mean, _, n = mean_std(live[name][metric.key])
             if n:
                 ax.axhline(100 * live_mean, color=f"C{index}", linestyle="--", linewidth=1)
         ax.set_xscale("log")
-        ax.set_xlabel("EMA horizon 1/(1 − decay), optimizer steps (dashed: live weights)")
-        ax.set_ylabel(f"{title} (%)")
-        ax.set_title(title)
+        ax.set_ylabel(f"{metric.title} (%)")
+        ax.set_title(metric.title)
         ax.grid(alpha=0.3)
+    fig.supxlabel("EMA horizon (optimizer steps averaged over); dashed: live weights")
     axes[0].legend(fontsize=8)
     return figure_png(fig)
 
 
-def plot_over_tasks(setting: Setting) -> bytes:
+def plot_over_tasks(setting_: Setting) -> bytes:
     """Mean accuracy on the tasks seen so far, after each task, per track."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from cl_ema.plots import figure_png
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for track in setting.tracks:
+    for track in setting_.tracks:
         curves = []
-        for run in setting.runs:
+        for run in setting_.runs:
             matrix = np.array(run.data["tracks"][track]["acc_matrix"], dtype=float)
             curves.append([np.mean(matrix[i, : i + 1]) for i in range(len(matrix))])
         mean, std = np.mean(curves, axis=0), np.std(curves, axis=0)
         tasks = np.arange(1, len(mean) + 1)
         ax.plot(tasks, 100 * mean, marker="o", label=track, linestyle="--" if track == "live" else "-")
         ax.fill_between(tasks, 100 * (mean - std), 100 * (mean + std), alpha=0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole tasks
     ax.set_xlabel("tasks trained")
     ax.set_ylabel("accuracy on tasks seen (%)")
-    ax.set_title(f"{setting.experiment} / {setting.strategy} ({setting.label}), {len(setting.runs)} runs", fontsize=9)
+    ax.set_title(f"{setting_.experiment} / {setting_.strategy} ({setting_.label}), {len(setting_.runs)} runs",
+                 fontsize=9)  # fmt: skip
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return figure_png(fig)
 
 
-def mean_matrices(setting: Setting) -> dict[str, np.ndarray]:
+def mean_matrices(setting_: Setting) -> dict[str, np.ndarray]:
     return {
-        track: np.mean([np.array(run.data["tracks"][track]["acc_matrix"], dtype=float) for run in setting.runs], axis=0)
-        for track in setting.tracks
+        track: np.mean([np.array(run.data["tracks"][track]["acc_matrix"], dtype=float) for run in setting_.runs], 0)
+        for track in setting_.tracks
     }
 
 
@@ -267,15 +284,15 @@ def write_report(root: Path, out: Path) -> Path:
     settings = group(runs)
     text = markdown(settings, skipped, root)
     figures: list[tuple[str, str]] = []
-    decay_png = plot_decays(settings)
-    if decay_png:
-        atomic_write(out / "decay_vs_metrics.png", decay_png)
-        figures.append(("Decay vs final accuracy and forgetting", "decay_vs_metrics.png"))
-    for index, setting in enumerate(settings):
-        stem = f"{index:02d}_{setting.experiment}_{setting.strategy}"
-        title = f"{setting.experiment} / {setting.strategy} ({setting.label})"
-        atomic_write(out / f"{stem}_matrices.png", heatmaps_png(mean_matrices(setting), f"{title}: mean class-IL R"))
-        atomic_write(out / f"{stem}_over_tasks.png", plot_over_tasks(setting))
+    horizon_png = plot_horizons(settings)
+    if horizon_png:
+        atomic_write(out / "decay_vs_metrics.png", horizon_png)
+        figures.append(("EMA horizon vs final accuracy and forgetting", "decay_vs_metrics.png"))
+    for index, setting_ in enumerate(settings):
+        stem = f"{index:02d}_{setting_.experiment}_{setting_.strategy}"
+        title = f"{setting_.experiment} / {setting_.strategy} ({setting_.label})"
+        atomic_write(out / f"{stem}_matrices.png", heatmaps_png(mean_matrices(setting_), f"{title}: mean class-IL R"))
+        atomic_write(out / f"{stem}_over_tasks.png", plot_over_tasks(setting_))
         figures += [
             (f"{title}: accuracy matrices", f"{stem}_matrices.png"),
             (f"{title}: over tasks", f"{stem}_over_tasks.png"),

@@ -2,12 +2,13 @@
 
 ``results.json`` (written atomically after every task) holds a top-level ``"tracks"`` object::
 
-    {"status": "running" | "completed" | "failed", "tasks_done": 3, ...,
+    {"status": "running" | "completed" | "failed" | "interrupted", "tasks_done": 3, ...,
      "tracks": {"live": {"acc_matrix": T×T, "avg_acc": …, "avg_forgetting": …, "bwt": …, …,
                          "task_il": {"acc_matrix": …, "avg_acc": …, …}},
                 "ema_0.999": {…}}}
 
-Rows not trained yet are ``null``; metrics are those after the last finished task.
+Rows not trained yet are ``null``; metrics are those after the last finished task. With continual
+evaluation each track also has ``"stability"`` (``cl_ema.metrics.STABILITY_METRICS``).
 """
 
 from __future__ import annotations
@@ -15,35 +16,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cl_ema.metrics import METRICS, metrics_after, task_forgetting
+from cl_ema.files import atomic_write
+from cl_ema.metrics import METRICS, SETTINGS, metrics_after, task_forgetting
 
 if TYPE_CHECKING:  # the report reads results without importing torch or Avalanche
+    from cl_ema.continual_eval import Curve
     from cl_ema.evaluation import Accuracies
-
-SETTINGS = ("class_il", "task_il")
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write via a temporary file in the same folder and rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Results:
@@ -57,7 +40,7 @@ class Results:
         self.baseline: dict[str, list[float]] = {}  # setting → accuracies of the untrained model
         self.tasks_done = 0
         self.status = "running"
-        self.continual: dict[str, dict[str, Any]] = {}  # track → stability metrics, when measured
+        self.stability: dict[str, dict[str, Any]] = {}  # track → stability metrics, with continual evaluation
 
     def record(self, track: str, task: int, accuracies: Accuracies) -> None:
         self.matrices[track, "class_il"][task] = accuracies.class_il
@@ -86,13 +69,13 @@ class Results:
                     values.update(self.metrics(track, last, setting))
                     values["per_task_forgetting"] = self.forgetting(track, last, setting)
                 else:
-                    values.update(dict.fromkeys(METRICS))
+                    values.update(dict.fromkeys(m.key for m in METRICS))
                 if setting == "class_il":
                     entry.update(values)
                 else:
                     entry[setting] = values
-            if track in self.continual:
-                entry["continual"] = self.continual[track]
+            if track in self.stability:
+                entry["stability"] = self.stability[track]
             tracks[track] = entry
         return {
             **self.meta,
@@ -105,22 +88,33 @@ class Results:
 
     def load(self, saved: dict[str, Any]) -> None:
         """Continue from ``to_dict()`` output (of a run with the same tracks and tasks)."""
-        if set(saved["tracks"]) != set(self.tracks) or saved["num_tasks"] != self.num_tasks:
-            raise ValueError(f"tracks {sorted(saved['tracks'])} / {saved['num_tasks']} tasks do not match this run")
+        if list(saved["tracks"]) != self.tracks or saved["num_tasks"] != self.num_tasks:
+            raise ValueError(f"tracks {list(saved['tracks'])} / {saved['num_tasks']} tasks do not match this run")
         for track, entry in saved["tracks"].items():
             for setting in SETTINGS:
                 values = entry["acc_matrix"] if setting == "class_il" else entry[setting]["acc_matrix"]
-                self.matrices[track, setting] = np.array(values, dtype=float)  # None → nan
+                matrix = np.array(values, dtype=float)  # None → nan
+                if matrix.shape != (self.num_tasks, self.num_tasks):
+                    raise ValueError(f"{track} {setting} matrix has shape {matrix.shape}")
+                self.matrices[track, setting] = matrix
         self.baseline = saved["baseline"]
         self.tasks_done = saved["tasks_done"]
         for key in ("steps_per_task", "elapsed_s"):
             self.meta[key] = saved[key]
 
-    def save(self, out_dir: Path) -> None:
-        """results.json, and one CSV per track and setting under matrices/."""
-        atomic_write(out_dir / "results.json", json.dumps(self.to_dict(), indent=2) + "\n")
-        for (track, setting), matrix in self.matrices.items():
-            atomic_write(out_dir / "matrices" / f"{track}.{setting}.csv", matrix_csv(matrix))
+
+def save_outputs(results: Results, out_dir: Path, curves: dict[str, Curve] | None = None) -> None:
+    """results.json, one CSV per track and setting, the heatmaps, and continual-evaluation curves."""
+    from cl_ema.plots import continual_png, heatmaps_png
+
+    atomic_write(out_dir / "results.json", json.dumps(results.to_dict(), indent=2) + "\n")
+    for (track, setting), matrix in results.matrices.items():
+        atomic_write(out_dir / "matrices" / f"{track}.{setting}.csv", matrix_csv(matrix))
+    matrices = {t: results.matrices[t, "class_il"] for t in results.tracks}
+    atomic_write(out_dir / "acc_matrix.png", heatmaps_png(matrices, "class-IL accuracy"))
+    if curves:
+        atomic_write(out_dir / "continual_eval.json", json.dumps({t: c.to_dict() for t, c in curves.items()}) + "\n")
+        atomic_write(out_dir / "continual_eval.png", continual_png(curves, "accuracy on each task during training"))
 
 
 def matrix_csv(matrix: np.ndarray) -> str:

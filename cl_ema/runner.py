@@ -2,27 +2,63 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from avalanche.core import SupervisedPlugin
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from cl_ema import checkpoint
-from cl_ema.config import LAST_CHECKPOINT, data_root, resolve_device, to_container
-from cl_ema.continual import ContinualEvalPlugin, stability_metrics
-from cl_ema.data import ContinualStream, build_stream
+from cl_ema import checkpoint, distributed
+from cl_ema.building import build
+from cl_ema.config import LAST_CHECKPOINT, resolve_device, resume_request, setting_id, to_container
+from cl_ema.console import Console
+from cl_ema.continual_eval import ContinualEvalPlugin, stability_metrics
+from cl_ema.data import TaskStream, build_stream
 from cl_ema.errors import UserError
-from cl_ema.evaluation import evaluate
+from cl_ema.evaluation import Track, evaluate
+from cl_ema.files import atomic_write
+from cl_ema.loggers import Loggers, RunInfo
 from cl_ema.models import build_model
-from cl_ema.plugins import EMAPlugin, ReplayPlugin
-from cl_ema.results import Results, atomic_write
-from cl_ema.strategies import build_strategy
+from cl_ema.plugins import Stateful
+from cl_ema.results import Results, save_outputs
+from cl_ema.strategies import attach, build_plugins, build_strategy
 from cl_ema.template import DeviceDataTemplate
-from cl_ema.tracking import Console, WandbLogger, save_outputs
+
+
+class Interrupted(Exception):  # noqa: N818 - raised by the SIGTERM handler, like KeyboardInterrupt for SIGINT
+    """The run was asked to stop (SIGTERM)."""
+
+
+@dataclass
+class Run:
+    """The parts of a run that checkpoints, loggers and the training loop share."""
+
+    cfg: DictConfig
+    out_dir: Path
+    stream: TaskStream
+    model: nn.Module
+    strategy: DeviceDataTemplate
+    plugins: dict[str, SupervisedPlugin]  # by config name
+    tracks: list[Track]
+    results: Results
+    processes: distributed.Processes
+    loggers: Loggers
+
+    @property
+    def world_size(self) -> int:
+        return self.processes.world_size
+
+    def stateful_plugins(self) -> dict[str, Stateful]:
+        return {name: p for name, p in self.plugins.items() if isinstance(p, Stateful)}
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -37,159 +73,174 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None = None) -> Results:
     """Run the configured experiment, writing results into ``out_dir``; return the results."""
-    console = console or Console()
+    processes = distributed.from_environment()
+    console = console or Console(None if processes.main else open(os.devnull, "w"))  # noqa: SIM115
     config = to_container(cfg)
-    resume_state = None
-    if cfg.resume:
-        out_dir, resume_state = checkpoint.resume_from(str(cfg.resume), out_dir, config)
+    state = None
+    if resume_request(cfg.resume):
+        out_dir, state = checkpoint.resume_from(resume_request(cfg.resume), out_dir, config)
+    device = distributed.start(processes, resolve_device(cfg.device))
+    try:
+        seed_everything(cfg.seed, cfg.deterministic)
+        plugins = build_plugins(cfg)
+        stream = build_stream(cfg.data, seed=cfg.seed, device=device)
+        seed_everything(cfg.seed)  # model init does not depend on how the data was loaded
+        model = build_model(cfg.model, stream.spec)
+        # layout and device are final before an EMA links the weights into its flat buffer
+        model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
+        tracks = attach(plugins, model)
+        if cfg.train.compile:
+            compile_in_place(model)
+        meta = run_meta(cfg, experiment, stream, tracks, config, processes.world_size)
+        results = Results([t.name for t in tracks], stream.num_tasks, meta)
+        strategy = build_strategy(cfg, model, stream, list(plugins.values()), device, processes.rank,
+                                  processes.world_size, distributed_model(model, cfg, processes))  # fmt: skip
+        if cfg.eval.every_n_steps:  # after Avalanche's clock among the plugins: it reads the updated step
+            every, size = cfg.eval.every_n_steps, cfg.eval.subset_size
+            plugins["continual_eval"] = ContinualEvalPlugin(
+                stream, tracks, every, size, cfg.seed, cfg.train.eval_batch_size
+            )
+            strategy.plugins.append(plugins["continual_eval"])
+        the_run = Run(cfg, out_dir, stream, model, strategy, plugins, tracks, results, processes, Loggers({}))
+        if state:
+            checkpoint.restore(the_run, state, out_dir / LAST_CHECKPOINT)
+            console.print(f"resuming {out_dir} after task {results.tasks_done}/{stream.num_tasks}")
+        else:
+            results.record_baseline(evaluate(model, stream, -1, batch_size=cfg.train.eval_batch_size))
+        the_run.loggers = build_loggers(the_run, experiment, state)
+        if "continual_eval" in plugins:
+            plugins["continual_eval"].on_eval = the_run.loggers.log_eval
+        print_header(console, the_run, experiment, device)
+        if processes.main:
+            atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        train_all_tasks(the_run, console)
+    finally:
+        distributed.stop()
+    console.final(results)
+    console.print(f"\nresults: {out_dir / 'results.json'} ({results.meta['elapsed_s']:.1f} s training + evaluation)")
+    return results
 
-    seed_everything(cfg.seed, cfg.deterministic)
-    device = resolve_device(cfg.device)
-    stream = build_stream(
-        cfg.data.name,
-        cfg.data.scenario,
-        cfg.data.n_tasks,
-        seed=cfg.seed,
-        root=data_root(cfg.data.root),
-        download=cfg.data.download,
-        device=device,
-        class_order=list(cfg.data.class_order) if cfg.data.class_order is not None else None,
-        augment=cfg.data.augment,
-    )
-    seed_everything(cfg.seed)  # model init does not depend on how the data was loaded
-    options = {k: v for k, v in cfg.model.items() if k not in ("name", "weights")}
-    model = build_model(cfg.model.name, stream.input_shape, stream.num_classes, weights=cfg.model.weights,
-                        input_norm=stream.train.norm, **options)  # fmt: skip
-    # layout and device are final before the EMA engine links the weights into its flat buffer
-    model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
-    strategy, tracks = build_strategy(cfg, model, stream, device)
-    if cfg.train.compile:
-        # in place, not torch.compile's wrapper, so checkpoints keep plain keys; after the EMA
-        # engine has moved the weights into its flat buffer, so tracing sees the final tensors
-        model.compile()
-    meta = {
-        "experiment": experiment,
-        "strategy": cfg.strategy.name,
-        "seed": cfg.seed,
-        "device": str(device),
-        "class_order": stream.class_order,
-        "task_classes": stream.task_classes,
-        "steps_per_task": [],
-        "elapsed_s": 0.0,
-        "config": config,
-    }
-    results = Results([t.name for t in tracks], stream.num_tasks, meta)
-    continual = None
-    if cfg.eval.every_n_steps:
-        continual = ContinualEvalPlugin(stream, tracks, cfg.eval.every_n_steps, cfg.eval.subset_size, cfg.seed,
-                                        cfg.train.eval_batch_size)  # fmt: skip
-        strategy.plugins.append(continual)
-    if resume_state:
-        restore(resume_state, strategy, stream, results, out_dir / LAST_CHECKPOINT)
-        console.print(f"resuming {out_dir} after task {results.tasks_done}/{stream.num_tasks}")
-    else:
-        results.record_baseline(evaluate(model, stream, -1, batch_size=cfg.train.eval_batch_size))
 
-    wandb = None
-    if cfg.logger.name == "wandb":
-        group = "-".join([experiment, cfg.strategy.name, *results.tracks[1:]])  # seeds of a setting aggregate
-        run_id = resume_state.get("wandb_run_id") if resume_state else None
-        wandb = WandbLogger(cfg.logger, out_dir, config, f"{group}-seed{cfg.seed}", group,
-                            [experiment, cfg.strategy.name], results.tracks, run_id=run_id)  # fmt: skip
-        if continual:
-            continual.on_eval = wandb.log_eval
-    print_header(console, cfg, experiment, stream, strategy, device)
-    atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # every value, interpolations resolved
-
-    started = time.perf_counter() - meta["elapsed_s"]
+def train_all_tasks(run: Run, console: Console) -> None:
+    """Train the remaining tasks; after each, evaluate every track and save results and checkpoint."""
+    results, strategy, stream, cfg = run.results, run.strategy, run.stream, run.cfg
+    started = time.perf_counter() - results.meta["elapsed_s"]
     try:
         for task in range(results.tasks_done, stream.num_tasks):
             steps_before = strategy.clock.train_iterations
-            strategy.train(stream.benchmark.train_stream[task])
-            meta["steps_per_task"].append(strategy.clock.train_iterations - steps_before)
-            for track in tracks:
-                with track.weights():
-                    accuracies = evaluate(model, stream, task, batch_size=cfg.train.eval_batch_size)
-                results.record(track.name, task, accuracies)
+            strategy.train(stream.benchmark.train_stream[task], drop_last=cfg.train.drop_last)
+            results.meta["steps_per_task"].append(strategy.clock.train_iterations - steps_before)
+            for track in run.tracks:
+                with track.swap_in():
+                    results.record(
+                        track.name, task, evaluate(run.model, stream, task, batch_size=cfg.train.eval_batch_size)
+                    )
             results.tasks_done = task + 1
-            meta["elapsed_s"] = round(time.perf_counter() - started, 2)
-            if continual:
-                results.continual = {n: stability_metrics(c) for n, c in continual.curves.items()}
-            save_outputs(results, out_dir, continual.curves if continual else None)
-            if cfg.checkpoint:
-                checkpoint.save(out_dir / LAST_CHECKPOINT, snapshot(strategy, stream, results, wandb))
-            console.task(results, task, meta["steps_per_task"][-1], stream.task_classes[task])
-            if wandb:
-                wandb.log_task(results, task)
+            results.meta["elapsed_s"] = round(time.perf_counter() - started, 2)
+            save(run, with_checkpoint=cfg.checkpoint)
+            console.task(results, task, results.meta["steps_per_task"][-1], stream.task_classes[task])
+            run.loggers.log_task(results, task)
         results.status = "completed"
+    except (KeyboardInterrupt, Interrupted):
+        results.status = "interrupted"
+        raise
     except BaseException:
         results.status = "failed"
         raise
     finally:
         if results.tasks_done:
-            save_outputs(results, out_dir, continual.curves if continual else None)
-        if wandb:
-            wandb.finish(results, out_dir)
-    console.final(results)
-    console.print(f"\nresults: {out_dir / 'results.json'} ({meta['elapsed_s']:.1f} s training + evaluation)")
-    if wandb and wandb.offline_dir:
-        console.print(f"W&B offline run: {wandb.offline_dir} (upload with: wandb sync {wandb.offline_dir})")
-    return results
+            with contextlib.suppress(UserError):  # if the disk is what failed, the error being raised says so
+                save(run, with_checkpoint=False)  # the status; the checkpoint of the last task stays
+        run.loggers.finish(results)
 
 
-def print_header(
-    console: Console, cfg: DictConfig, experiment: str, stream: ContinualStream, strategy, device: torch.device
-) -> None:
-    console.print(
-        f"{experiment}: {stream.num_tasks} tasks, {stream.num_classes} classes, {len(stream.train)} train samples, "
-        f"strategy={cfg.strategy.name}, model={cfg.model.name}, device={device}, seed={cfg.seed}, "
-        f"precision={'bf16 autocast' if strategy.autocast else 'fp32'}{', compiled' if cfg.train.compile else ''}"
-    )
-    first_steps = cfg.train.epochs * -(-len(stream.benchmark.train_stream[0].dataset) // cfg.train.batch_size)
-    for ema in (p.ema for p in strategy.plugins if isinstance(p, EMAPlugin)):
-        for decay, name in zip(ema.decays, ema.track_names):
-            console.print(
-                f"  {name}: averages over ~{ema.horizon(decay):,.0f} steps (update_every/(1-decay)); "
-                f"task 1 has {first_steps:,} steps"
-            )
+def save(run: Run, with_checkpoint: bool) -> None:
+    """Result files (and the checkpoint) of the tasks done; only the main process writes."""
+    if not run.processes.main:
+        return
+    continual = run.plugins.get("continual_eval")
+    if continual:
+        run.results.stability = {name: stability_metrics(curve) for name, curve in continual.curves.items()}
+    save_outputs(run.results, run.out_dir, continual.curves if continual else None)
+    if with_checkpoint:
+        checkpoint.save(run.out_dir / LAST_CHECKPOINT, checkpoint.snapshot(run))
 
 
-def _plugin(strategy: DeviceDataTemplate, kind: type):
-    return next((p for p in strategy.plugins if isinstance(p, kind)), None)
-
-
-def snapshot(strategy: DeviceDataTemplate, stream: ContinualStream, results: Results, wandb) -> dict:
-    """Everything needed to continue after the last finished task."""
-    ema, replay, continual = (_plugin(strategy, kind) for kind in (EMAPlugin, ReplayPlugin, ContinualEvalPlugin))
+def run_meta(
+    cfg: DictConfig, experiment: str, stream: TaskStream, tracks: list[Track], config: dict, world_size: int
+) -> dict:
     return {
-        "config": results.meta["config"],
-        "model": strategy.model.state_dict(),
-        "optimizer": strategy.optimizer.state_dict(),
-        "ema": ema.state_dict() if ema else None,
-        "replay": replay.state_dict() if replay else None,
-        "continual": continual.state_dict() if continual else None,
-        "rng": checkpoint.rng_state({"augment": stream.augment.get_state() if stream.augment else {}}),
-        "results": results.to_dict(),
-        "train_iterations": strategy.clock.train_iterations,
-        "wandb_run_id": wandb.run_id if wandb else None,
+        "experiment": experiment,
+        "strategy": cfg.strategy.name,
+        "seed": cfg.seed,
+        "device": str(stream.train.device),
+        "world_size": world_size,
+        "class_order": stream.class_order,
+        "task_classes": stream.task_classes,
+        "track_info": {t.name: {"decay": t.decay, "horizon": t.horizon} for t in tracks},
+        "steps_per_task": [],
+        "elapsed_s": 0.0,
+        "config": config,
     }
 
 
-def restore(state: dict, strategy: DeviceDataTemplate, stream: ContinualStream, results: Results, path: Path) -> None:
-    """Load a snapshot into a freshly built run."""
-    try:
-        checkpoint.restore_model(strategy.model, state["model"], path)
-        # Avalanche resets the optimizer on its first experience; do it now, then load the state
-        strategy.make_optimizer(reset_optimizer_state=True)
-        strategy.optimizer.load_state_dict(state["optimizer"])
-        for kind, key in ((EMAPlugin, "ema"), (ReplayPlugin, "replay"), (ContinualEvalPlugin, "continual")):
-            plugin = _plugin(strategy, kind)
-            if plugin is not None:
-                plugin.load_state_dict(state[key])
-        results.load(state["results"])
-        strategy.clock.train_iterations = state["train_iterations"]
-        checkpoint.set_rng_state(state["rng"])
-        if stream.augment:
-            stream.augment.set_state(state["rng"]["augment"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{path}: incomplete or foreign checkpoint ({type(err).__name__}: {err})") from err
+def build_loggers(run: Run, experiment: str, state: dict | None) -> Loggers:
+    """The loggers of ``logger=`` (the main process only); one that cannot start is a warning."""
+    if not run.processes.main:
+        return Loggers({})
+    cfg, results = run.cfg, run.results
+    info = RunInfo(run.out_dir, results.meta["config"], experiment, cfg.strategy.name, cfg.seed, results.tracks,
+                   setting_id(results.meta["config"]), results.tasks_done, world_size=run.world_size)  # fmt: skip
+    saved = (state or {}).get("loggers", {})
+    loggers = {}
+    for name, node in cfg.logger.items():
+        try:
+            loggers[name] = build(node, f"logger.{name}", run=info, resumed=saved.get(name))
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a logger must never stop training
+            warnings.warn(f"logger {name} disabled ({type(err).__name__}: {err}); local outputs are still written",
+                          stacklevel=2)  # fmt: skip
+    return Loggers(loggers)
+
+
+def distributed_model(model: nn.Module, cfg: DictConfig, processes: distributed.Processes) -> nn.Module | None:
+    """``model`` wrapped for data parallel training (None with one process)."""
+    if processes.world_size == 1:
+        return None
+    if cfg.train.sync_batchnorm:
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place for the children: the EMA views stay valid
+    device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def compile_in_place(model: nn.Module) -> None:
+    """``torch.compile`` the model in place, so checkpoints keep plain keys; after an EMA has linked
+    the weights into its flat buffer, so tracing sees the final tensors. Needs a C/C++ compiler."""
+    compiler = os.environ.get("CXX") or "g++"
+    if model_device(model).type == "cpu" and not shutil.which(compiler):
+        raise UserError(f"train.compile=true needs a C++ compiler ({compiler} is not on PATH); install one, or set CXX")
+    if model_device(model).type == "cuda" and not (shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")):
+        raise UserError("train.compile=true needs a C compiler for Triton (cc / gcc is not on PATH); install one")
+    model.compile()
+
+
+def print_header(console: Console, run: Run, experiment: str, device: torch.device) -> None:
+    cfg, stream = run.cfg, run.stream
+    console.print(
+        f"{experiment}: {stream.num_tasks} tasks, {stream.num_classes} classes, {len(stream.train)} train samples, "
+        f"strategy={cfg.strategy.name}, model={cfg.model._target_.rsplit('.', 1)[-1]}, device={device}, "
+        f"seed={cfg.seed}, precision={'bf16 autocast' if run.strategy.autocast_dtype else 'fp32'}"
+        f"{', compiled' if cfg.train.compile else ''}"
+        f"{f', {run.world_size} processes' if run.world_size > 1 else ''}"
+    )
+    first = len(stream.benchmark.train_stream[0].dataset)
+    steps = first // cfg.train.batch_size if cfg.train.drop_last else -(-first // cfg.train.batch_size)
+    for track in run.tracks:
+        if track.horizon is not None:
+            console.print(f"  {track.name}: averages over ~{track.horizon:,.0f} steps; task 1 has "
+                          f"{cfg.train.epochs * steps:,} steps")  # fmt: skip

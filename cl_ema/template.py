@@ -1,4 +1,4 @@
-"""Avalanche's SupervisedTemplate fed from device-resident tensors."""
+"""Avalanche's SupervisedTemplate fed from device-resident tensors, on one process or several."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+import torch.nn.functional as F
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor
 
-from cl_ema.data import ContinualStream
-from cl_ema.data.loader import IndexBatches
+from cl_ema.data import TaskStream
+from cl_ema.data.loader import DeviceBatches, IndexBatches
 
 
 class DeviceDataTemplate(SupervisedTemplate):
@@ -19,59 +20,94 @@ class DeviceDataTemplate(SupervisedTemplate):
     The dataloader (Avalanche's, or the one a plugin such as replay puts in its place) chooses
     batches of ``(index, label, task)``; ``IndexBatches`` serves them as device tensors without
     per-sample fetching, and ``_unpack_minibatch`` turns the indices into an augmented,
-    normalized input batch on the training device. With ``autocast`` (e.g. ``torch.bfloat16``)
-    the forward pass and the loss run under ``torch.autocast``; the weights stay fp32.
-    Everything else is Avalanche's loop.
+    normalized input batch on the training device. ``mb_replayed`` counts the replayed samples
+    at the end of the mini-batch. With ``autocast`` (e.g. ``torch.bfloat16``) the forward pass
+    and the loss run under ``torch.autocast``; the weights stay fp32.
+
+    With ``world_size`` processes (``torchrun``), every process draws the same global batch and
+    trains on its share (``rank``): the current and the replayed samples are each split in
+    ``world_size`` parts, and the loss is the global mean, so that the gradients averaged by
+    DistributedDataParallel are those of the global batch. Everything else is Avalanche's loop.
     """
 
     def __init__(
         self,
         *,
-        stream: ContinualStream,
+        stream: TaskStream,
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.stream = stream
-        self.autocast = autocast
+        self.autocast_dtype = autocast
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.rank = rank
+        self.world_size = world_size
+        self.mb_replayed = 0
+        self.mb_global_size = 0
 
     def _before_training_exp(self, **kwargs) -> None:
         super()._before_training_exp(**kwargs)  # builds the loader; plugins (replay) may replace it
-        self.dataloader = IndexBatches(self.dataloader, self.device)
+        if not isinstance(self.dataloader, DeviceBatches):
+            self.dataloader = IndexBatches(self.dataloader, self.device, current_size=len(self.adapted_dataset))
 
     def _unpack_minibatch(self) -> None:
+        replayed = getattr(self.mbatch, "replayed", 0)
         super()._unpack_minibatch()
-        raw = self.stream.train.raw(self.mbatch[0])
+        index, labels, tasks = self.mbatch
+        self.mb_global_size = len(index)
+        if self.world_size > 1:
+            (index, labels, tasks), replayed = self._share([index, labels, tasks], replayed)
+        raw = self.stream.train.raw(index)
         if self.stream.augment is not None:
             raw = self.stream.augment(raw)
-        self.mbatch[0] = self.stream.train.normalize(raw).contiguous(memory_format=self.memory_format)
+        inputs = self.stream.train.normalize(raw).contiguous(memory_format=self.memory_format)
+        self.mbatch = [inputs, labels, tasks]
+        self.mb_replayed = replayed
 
-    def _autocast(self) -> AbstractContextManager:
-        if self.autocast is None:
+    def _share(self, columns: list[Tensor], replayed: int) -> tuple[list[Tensor], int]:
+        """This process's part of the current and of the replayed samples of a global batch."""
+        cut = len(columns[0]) - replayed
+        mine = [
+            torch.cat(
+                [c[:cut].tensor_split(self.world_size)[self.rank], c[cut:].tensor_split(self.world_size)[self.rank]]
+            )
+            for c in columns
+        ]
+        return mine, len(columns[0][cut:].tensor_split(self.world_size)[self.rank])
+
+    def autocast(self) -> AbstractContextManager:
+        if self.autocast_dtype is None:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def forward(self) -> Tensor:
-        with self._autocast():
+        with self.autocast():
             return super().forward()
 
     def criterion(self) -> Tensor:
-        with self._autocast():
-            return super().criterion()
+        with self.autocast():
+            if self.world_size == 1 or not self.is_training:
+                return super().criterion()
+            # DDP averages gradients over processes: scale the local sum so the average is the global mean
+            loss = F.cross_entropy(self.mb_output, self.mb_y, reduction="sum")
+            return loss * (self.world_size / self.mb_global_size)
 
     def input_batches(self) -> Callable[[], Iterator[Tensor]]:
         """Replays the current experience's batches (replay memory included), unaugmented.
 
         The loader's shuffling draws from torch's global generator; the pass runs on a fork of
-        it, so re-estimating statistics never changes the training run.
+        it, and draws nothing from a replay memory, so re-estimating statistics never changes
+        the training run.
         """
         loader, store = self.dataloader, self.stream.train
 
         def batches() -> Iterator[Tensor]:
             with torch.random.fork_rng(devices=[]):
-                for mbatch in loader:
+                for mbatch in loader.without_draws():
                     yield store.batch(mbatch[0])
 
         return batches

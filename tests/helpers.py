@@ -20,11 +20,11 @@ def compose_config(*overrides: str) -> DictConfig:
 
 def run_experiment(out_dir: Path, *overrides: str, experiment: str = "split_digits"):
     """Compose, check and run like ``python -m cl_ema``; returns (results, console text)."""
+    from cl_ema.console import Console
     from cl_ema.runner import run
-    from cl_ema.tracking import Console
 
     cfg = compose_config("logger=none", "checkpoint=false", *overrides)
     check(cfg)
     text = io.StringIO()
-    results = run(cfg, out_dir, experiment, console=Console(text))
+    results = run(cfg, out_dir, experiment, console=Console(file=text))
     return results, text.getvalue()

@@ -22,22 +22,6 @@ def test_ema_update_benchmark_smoke():
     assert "K=1 / floor" in proc.stdout and "device: cpu" in proc.stdout
 
 
-def test_mnist_shaped_digits_load_through_the_mnist_loader(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from stability_gap import write_mnist_shaped_digits
-    finally:
-        sys.path.pop(0)
-    import torch
-
-    from cl_ema.data import build_stream
-
-    write_mnist_shaped_digits(tmp_path)
-    stream = build_stream("mnist", "split", 5, seed=0, root=tmp_path, download=False, device=torch.device("cpu"))
-    assert stream.train.inputs.shape == (1347, 1, 28, 28) and stream.train.inputs.dtype == torch.uint8
-    assert int(stream.train.inputs.max()) == 255 and len(stream.test) == 450
-
-
 def test_throughput_benchmark_smoke():
     proc = subprocess.run(
         [sys.executable, "benchmarks/throughput.py", "--device", "cpu", "--steps", "2", "--warmup", "1", "--width", "4",

@@ -1,41 +1,49 @@
-"""Every config composes; every bad value is one clear error naming its key."""
+"""Every config composes and builds; every bad value is one clear error naming its key."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from helpers import CONF, ROOT, compose_config
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cl_ema.config import MODEL_NAMES, check
+from cl_ema.building import build
+from cl_ema.config import NEUTRAL_KEYS, PLUGIN_OPTION_SECTIONS, check, setting, setting_id, to_container
 from cl_ema.errors import UserError
-from cl_ema.models import MODELS
-
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-STRATEGIES = sorted(p.stem for p in (CONF / "strategy").glob("*.yaml"))
-MODEL_FILES = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
 
-def test_the_documented_experiments_and_strategies_exist():
-    assert EXPERIMENTS == ["permuted_mnist", "split_cifar", "split_cifar10", "split_digits", "split_mnist"]
-    assert STRATEGIES == ["ema", "ema_replay", "plain", "replay"]
-    assert tuple(MODELS) == MODEL_NAMES
+def options(group: str) -> list[str]:
+    return sorted(str(p.relative_to(CONF / group).with_suffix("")) for p in (CONF / group).rglob("*.yaml"))
+
+
+EXPERIMENTS, STRATEGIES = options("experiment"), options("strategy")
+
+
+def test_the_documented_experiments_strategies_and_protocols_exist():
+    assert EXPERIMENTS == ["perm_mnist", "permuted_mnist", "seq_mnist", "split_cifar", "split_cifar10",
+                           "split_digits", "split_mnist"]  # fmt: skip
+    assert STRATEGIES == ["cls_er", "ema", "ema_lwf", "ema_replay", "lwf", "plain", "replay"]
+    assert options("best_args") == [f"{e}/{m}_{b}" for e in ("perm_mnist", "seq_mnist") for m in ("clser", "er")
+                                    for b in (200, 500)]  # fmt: skip
+
+
+PLUGINS = {"plain": set(), "ema": {"ema"}, "replay": {"replay"}, "ema_replay": {"ema", "replay"},
+           "cls_er": {"replay", "cls_er"}, "lwf": {"lwf"}, "ema_lwf": {"lwf", "ema"}}  # fmt: skip
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_every_experiment_and_strategy_composes_and_instantiates(experiment, strategy):
+def test_every_experiment_and_strategy_composes_and_builds_its_plugins(experiment, strategy):
+    from cl_ema.strategies import build_plugins
+
     cfg = compose_config(f"experiment={experiment}", f"strategy={strategy}", "device=cpu")
     check(cfg)
-    plugins = {name: instantiate(node, _convert_="all") for name, node in cfg.strategy.plugins.items()}
-    assert (
-        set(plugins)
-        == {"plain": set(), "ema": {"ema"}, "replay": {"replay"}, "ema_replay": {"ema", "replay"}}[strategy]
-    )
+    plugins = build_plugins(cfg)
+    assert set(plugins) == PLUGINS[strategy]
     if "ema" in plugins:
         assert plugins["ema"].decays == [cfg.ema.decay]
     if "replay" in plugins:
@@ -43,23 +51,54 @@ def test_every_experiment_and_strategy_composes_and_instantiates(experiment, str
     OmegaConf.to_container(cfg, resolve=True)
 
 
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_builds_its_model_and_optimizer(experiment):
+    from cl_ema.data import DataSpec
+    from cl_ema.data.sources import UNIT_NORM
+    from cl_ema.models import build_model
+    from cl_ema.strategies import build_optimizer
+
+    cfg = compose_config(f"experiment={experiment}", "device=cpu")
+    shape = (3, 32, 32) if "cifar" in experiment else (1, 28, 28) if "mnist" in experiment else (1, 8, 8)
+    model = build_model(cfg.model, DataSpec(shape, 100 if experiment == "split_cifar" else 10, UNIT_NORM))
+    optimizer = build_optimizer(cfg.optimizer, list(model.parameters()))
+    assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
+
+
 @pytest.mark.parametrize(
-    "group,option", [("model", m) for m in MODEL_FILES] + [("logger", "wandb"), ("logger", "none")]
+    "group,option", [(g, o) for g in ("model", "optimizer", "dataset", "logger") for o in options(g)]
 )
 def test_every_group_option_composes(group, option):
-    check(compose_config(f"{group}={option}", "device=cpu"))
+    target = "dataset@data.dataset" if group == "dataset" else group
+    extra = ["model.arch=resnet18"] if option == "torchvision" else []
+    check(compose_config(f"{target}={option}", "device=cpu", *extra))
+
+
+def test_several_loggers_at_once_and_none():
+    assert set(compose_config("logger=[wandb,tensorboard]").logger) == {"wandb", "tensorboard"}
+    assert dict(compose_config("logger=none").logger) == {}
+
+
+@pytest.mark.parametrize("protocol", options("best_args"))
+def test_published_protocols_set_what_their_method_reads(protocol):
+    experiment, method = protocol.split("/")
+    strategy = "cls_er" if method.startswith("clser") else "ema_replay"
+    cfg = compose_config(f"experiment={experiment}", f"strategy={strategy}", f"best_args={protocol}")
+    check(cfg)
+    assert cfg.replay.policy == "reservoir" and cfg.replay.mem_size == int(method.split("_")[1])
+    assert cfg.train.epochs == 1 and cfg.model._target_ == "cl_ema.models.MLP" and cfg.model.hidden == 100
 
 
 def test_default_is_split_digits_with_ema():
     cfg = compose_config()
-    assert cfg.data.name == "digits" and cfg.data.n_tasks == 5 and cfg.strategy.name == "ema"
-    assert cfg.logger.name == "wandb" and cfg.device == "cpu"
+    assert cfg.data.dataset._target_.endswith("load_digits") and cfg.data.n_tasks == 5 and cfg.strategy.name == "ema"
+    assert set(cfg.logger) == {"wandb"} and cfg.device == "cpu"
 
 
 def test_decays_list_overrides_decay():
-    cfg = compose_config("ema.decays=[0.9,0.99]")
-    plugin = instantiate(cfg.strategy.plugins.ema, _convert_="all")
-    assert plugin.decays == [0.9, 0.99]
+    from cl_ema.strategies import build_plugins
+
+    assert build_plugins(compose_config("ema.decays=[0.9,0.99]"))["ema"].decays == [0.9, 0.99]
 
 
 def test_data_root_comes_from_the_environment(monkeypatch, tmp_path):
@@ -69,35 +108,52 @@ def test_data_root_comes_from_the_environment(monkeypatch, tmp_path):
     assert compose_config().data.root is None
 
 
+def test_keys_that_do_not_change_results_are_declared_once_and_read_by_all():
+    assert set(NEUTRAL_KEYS) == {"resume", "device", "data.root", "data.download", "logger", "checkpoint",
+                                 "deterministic"}  # fmt: skip
+    assert PLUGIN_OPTION_SECTIONS == ("ema", "replay", "cls_er")
+    base = to_container(compose_config("strategy=ema", "ema.decay=0.9"))
+    same = to_container(compose_config("strategy=ema", "ema.decay=0.9", "seed=3", "device=cpu", "logger=none",
+                                       "resume=true", "checkpoint=false", "data.root=/x"))  # fmt: skip
+    assert setting(base) == setting(same) and setting_id(base) == setting_id(same)
+    other = to_container(compose_config("strategy=ema", "ema.decay=0.99"))
+    assert setting_id(other) != setting_id(base)
+    plain = to_container(compose_config("strategy=plain", "ema.decay=0.5"))
+    assert setting(plain) == setting(to_container(compose_config("strategy=plain")))  # unused options do not count
+
+
 BAD_VALUES = [
     ("ema.decay=1.5", "ema.decay=1.5"),
     ("ema.decay=-0.1", "ema.decay"),
+    ("ema.decay=nan", "ema.decay"),
     ("ema.decays=[0.9,1.2]", "ema.decays"),
     ("ema.decays=[0.9,0.9]", "distinct"),
+    ("ema.decays=[]", r"ema.decays=\[\]: give at least one decay"),
     ("ema.update_every=0", "ema.update_every"),
     ("ema.buffers=median", "ema.buffers"),
     ("ema.sync=always", "ema.sync"),
     ("ema.warmup_power=0", "ema.warmup_power"),
+    ("ema.warmup_gamma=nan", "ema.warmup_gamma"),
     ("replay.mem_size=-5", "replay.mem_size=-5"),
+    ("replay.mem_size=1000000000", "replay.mem_size"),
     ("replay.batch_size_mem=0", "replay.batch_size_mem"),
+    ("replay.policy=fifo", "replay.policy"),
+    ("cls_er.stable_update_prob=1.5", "cls_er.stable_update_prob"),
+    ("cls_er.plastic_decay=2", "cls_er.plastic_decay"),
+    ("cls_er.reg_weight=-1", "cls_er.reg_weight"),
     ("train.epochs=0", "train.epochs=0"),
     ("train.batch_size=0", "train.batch_size"),
-    ("train.lr=0", "train.lr"),
-    ("train.lr=-1", "train.lr"),
-    ("train.momentum=1.0", "train.momentum"),
-    ("train.optimizer=lbfgs", "train.optimizer"),
+    ("train.batch_size=100000000000", "train.batch_size"),
     ("train.precision=fp16", "train.precision"),
     ("eval.every_n_steps=-1", "eval.every_n_steps"),
     ("eval.subset_size=0", "eval.subset_size"),
-    ("train.weight_decay=-1", "train.weight_decay"),
     ("seed=-1", "seed"),
+    ("seed=4294967296", "seed=4294967296"),
     ("data.n_tasks=0", "data.n_tasks"),
-    ("data.name=imagenet", "data.name"),
     ("data.scenario=rotated", "data.scenario"),
-    ("model.name=vit", "model.name"),
-    ("model.hidden=0", "model.hidden"),
-    ("logger.mode=sometimes", "logger.mode"),
+    ("logger.wandb.mode=sometimes", "logger.wandb.mode"),
     ("device=tpu", "device"),
+    ("device=cpu:1", "device"),
     ("device=cuda:7", "device=cuda:7"),
     ("+foo=1", "foo: unknown config key"),
     ("+train.foo=1", "train.foo: unknown config key"),
@@ -105,9 +161,57 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize("override,expected", BAD_VALUES)
-def test_bad_value_is_a_user_error_naming_the_key(override, expected):
-    with pytest.raises(UserError, match=expected.replace("[", r"\[").replace("+", r"\+")):
-        check(compose_config(override))
+def test_bad_value_is_one_line_naming_the_key(override, expected):
+    """Types and choices fail when Hydra merges the override, ranges in check(), targets' arguments when built."""
+    from hydra.errors import HydraException
+
+    from cl_ema.__main__ import one_line
+    from cl_ema.loggers import RunInfo
+
+    try:
+        cfg = compose_config(override)
+        check(cfg)
+        for name, node in cfg.logger.items():
+            build(node, f"logger.{name}", run=RunInfo(Path("."), {}, "x", "y", 0, ["live"], "id"), resumed=None)
+    except UserError as err:
+        message = str(err)
+    except HydraException as err:
+        message = one_line(err)
+    else:
+        pytest.fail(f"{override} was accepted")
+    assert re.search(expected.replace("+", r"\+"), message), message
+    assert "\n" not in message
+
+
+BAD_TARGET_VALUES = [
+    ("optimizer.lr=-1", "optimizer.*learning rate"),
+    ("optimizer.lr=nan", "optimizer.lr=nan: must be a finite number"),
+    ("optimizer.weight_decay=-1", "optimizer.*weight_decay"),
+    ("optimizer.lr=abc", "optimizer.lr='abc': must be"),
+    ("+optimizer.foo=1", "optimizer.foo: torch.optim.sgd.SGD takes no argument 'foo'"),
+    ("model.hidden=0", "model.hidden=0"),
+    ("model.hidden=abc", "model.hidden='abc': must be int"),
+    ("model.init=he", "model.init='he': must be one of default, xavier_uniform"),
+    ("model._target_=cl_ema.models.Nope", "model._target_=cl_ema.models.Nope: cannot import it"),
+]
+
+
+@pytest.mark.parametrize("override,expected", BAD_TARGET_VALUES)
+def test_bad_value_of_a_target_is_refused_where_it_is_used(override, expected):
+    from torch import nn
+
+    from cl_ema.data import DataSpec
+    from cl_ema.data.sources import UNIT_NORM
+    from cl_ema.models import build_model
+    from cl_ema.strategies import build_optimizer
+
+    cfg = compose_config(override)
+    check(cfg)
+    with pytest.raises(UserError, match=expected):
+        if override.lstrip("+").startswith("model"):
+            build_model(cfg.model, DataSpec((1, 8, 8), 10, UNIT_NORM))
+        else:
+            build_optimizer(cfg.optimizer, [nn.Parameter(nn.init.zeros_(nn.Linear(2, 2).weight))])
 
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -121,29 +225,40 @@ def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     [
         ("ema.decay=1.5", "error: ema.decay=1.5: an EMA decay must be a number in [0, 1]"),
         ("replay.mem_size=-3", "error: replay.mem_size=-3: must be >= 1"),
-        ("strategy=foo", "error: In 'config': Could not find 'strategy/foo' Available options in 'strategy': ema"),
+        ("strategy=foo", "error: In 'config': Could not find 'strategy/foo' Available options in 'strategy': cls_er"),
         ("train.epochs=0", "error: train.epochs=0: must be >= 1"),
         ("train.batch_size=abc", "train.batch_size: Value 'abc' of type 'str' could not be converted to Integer"),
         ("experiment=nope", "error: In 'config': Could not find 'experiment/nope'"),
         ("foo=1", "Could not override 'foo'"),
     ],
 )
-def test_cli_prints_one_line_and_exits_2(override, expected, tmp_path):
-    proc = cli(override, f"hydra.run.dir={tmp_path}")
+def test_cli_prints_one_line_exits_2_and_writes_nothing(override, expected, tmp_path):
+    proc = cli(override, f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not (tmp_path / "run").exists()  # refused before Hydra made the folder
 
 
 def test_precision_defaults_per_device():
     import torch
 
-    from cl_ema.config import autocast_dtype
+    from cl_ema.config import Precision, autocast_dtype
 
-    assert autocast_dtype("auto", torch.device("cpu")) is None  # fp32 on CPU
-    assert autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
-    assert autocast_dtype("fp32", torch.device("cuda")) is None
+    assert autocast_dtype(Precision.auto, torch.device("cpu")) is None  # fp32 on CPU
+    assert autocast_dtype(Precision.bf16, torch.device("cpu")) == torch.bfloat16
+    assert autocast_dtype(Precision.fp32, torch.device("cuda")) is None
     if torch.cuda.is_available():
         expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        assert autocast_dtype("auto", torch.device("cuda")) == expected
+        assert autocast_dtype(Precision.auto, torch.device("cuda")) == expected
+
+
+@pytest.mark.parametrize("name,expected", [("cpu", "cpu"), ("cpu:0", "cpu"), ("auto", None)])
+def test_device_strings_torch_accepts(name, expected):
+    import torch
+
+    from cl_ema.config import resolve_device
+
+    device = resolve_device(name)
+    assert device == torch.device(expected or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -9,14 +9,22 @@ from fake_datasets import skip_cifar_md5, write_cifar, write_mnist  # noqa: F401
 from helpers import run_experiment
 from torch.utils.data import DataLoader
 
-from cl_ema.data import CropFlip, build_stream, experience_indices
+from cl_ema.config import Scenario
+from cl_ema.data import CropFlip, experience_indices, sources, stream_from_stores
 from cl_ema.errors import UserError
 
 CPU = torch.device("cpu")
+LOADERS = {
+    "digits": lambda root: sources.load_digits(),
+    "mnist": lambda root: sources.load_mnist(root, download=False),
+    "cifar10": lambda root: sources.load_cifar10(root, download=False),
+    "cifar100": lambda root: sources.load_cifar100(root, download=False),
+}
 
 
 def stream(name: str, root=None, scenario: str = "split", n_tasks: int = 5, seed: int = 0, **kw):
-    return build_stream(name, scenario, n_tasks, seed=seed, root=root, download=False, device=CPU, **kw)
+    train, test = LOADERS[name](root)
+    return stream_from_stores(train, test, Scenario(scenario), n_tasks, seed=seed, device=CPU, **kw)
 
 
 def test_digits_is_a_fixed_stratified_split_in_five_tasks():
@@ -79,6 +87,9 @@ def test_mnist_split_and_permuted(tmp_path):
     assert len(permuted.train) == 150 and permuted.task_classes == [list(range(10))] * 3
     x0 = permuted.train.raw(torch.tensor([7]))
     assert torch.equal(x0, split.train.inputs[7:8])  # task 0 is unpermuted
+    mammoth = stream("mnist", root=tmp_path, scenario="permuted", n_tasks=3, permute_first_task=True)
+    assert not torch.equal(mammoth.train.raw(torch.tensor([7])), x0)  # Mammoth permutes every task
+    assert not torch.equal(mammoth.train.permutations[0], torch.arange(784))
     x1 = permuted.train.raw(torch.tensor([50 + 7]))
     perm = permuted.train.permutations[1]
     assert not torch.equal(x1, x0)
@@ -195,10 +206,10 @@ def recording_template(s, plugins):
 
 
 def test_training_batches_hold_each_task_sample_once_per_epoch_plus_replay_memory():
-    from cl_ema.plugins import ReplayPlugin
+    from cl_ema.plugins.replay import ClassBalancedReplayPlugin
 
     s = stream("digits")
-    replay = ReplayPlugin(mem_size=40)
+    replay = ClassBalancedReplayPlugin(mem_size=40)
     strategy = recording_template(s, [replay])
     memories = []
     for experience in s.benchmark.train_stream[:3]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from cl_ema.config import EMAOptions
 from cl_ema.ema import EMA, recompute_bn, track_name, warmup_decay
 from cl_ema.errors import UserError
 
@@ -128,7 +129,32 @@ def test_several_decays_equal_independent_single_decay_emas_step_by_step():
         for k, single in enumerate(singles):
             ours, theirs = multi.averaged_state_dict(k), single.averaged_state_dict()
             assert all(torch.equal(ours[n], theirs[n]) for n in ours), (step, decays[k])
-    assert multi.track_names == ["ema_0.5", "ema_0.9", "ema_0.99", "ema_0.999"]
+    assert [track_name(d) for d in multi.decays] == ["ema_0.5", "ema_0.9", "ema_0.99", "ema_0.999"]
+
+
+def test_a_decay_of_one_in_an_update_leaves_that_shadow_alone_and_moves_the_others():
+    """CLS-ER's stochastic updates: update(decays) with 1 for the shadows that do not move this step."""
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema, plastic = EMA(model, [0.9, 0.99]), EMA(model, 0.9)
+    ema.register()
+    plastic.register()
+    before = ema.averaged_state_dict(1)
+    for step in range(3):
+        train_step(model, opt, step)
+        ema.update([0.9, 1.0])
+        plastic.update()
+    assert all(torch.equal(before[n], v) for n, v in ema.averaged_state_dict(1).items())  # untouched
+    moved, reference = ema.averaged_state_dict(0), plastic.averaged_state_dict(0)
+    assert all(torch.equal(moved[n], reference[n]) for n in moved)  # the same as an EMA of its own
+
+
+@pytest.mark.parametrize("decay", [0.9999991, 0.9999992, 1e-7, 0.1 + 0.2, 1.0, 0.0])
+def test_track_names_read_back_as_exactly_their_decay(decay):
+    name = track_name(decay)
+    assert float(name.removeprefix("ema_")) == decay
+    assert track_name(0.9999991) != track_name(0.9999992)
+    assert track_name(-0.0 + 0.0) == "ema_0"
 
 
 def test_multi_decay_chunks_cover_large_tensors(monkeypatch):
@@ -150,7 +176,7 @@ def test_multi_decay_chunks_cover_large_tensors(monkeypatch):
 
 def test_update_every_skips_steps():
     model = nn.Linear(3, 1)
-    ema = EMA(model, 0.5, update_every=3)
+    ema = EMA(model, 0.5, EMAOptions(update_every=3))
     ema.register()
     start = model.weight.detach().clone()
     for step in range(1, 7):
@@ -170,7 +196,7 @@ def test_warmup_follows_its_formula():
     assert warmup_decay(0.9, 10**6) == 0.9  # capped at the configured decay
     assert warmup_decay(0.999, 5, gamma=2.0, power=1.0) == pytest.approx(1 - (1 + 5 / 2.0) ** -1.0)
     model = nn.Linear(2, 1, bias=False)
-    ema = EMA(model, 0.999, warmup=True)
+    ema = EMA(model, 0.999, EMAOptions(warmup=True))
     ema.register()
     with torch.no_grad():
         model.weight.fill_(3.0)
@@ -183,7 +209,7 @@ def test_buffer_policies():
     model = small_net()
     bn = model[1]
     for policy, averaged in (("average", True), ("copy", False)):
-        ema = EMA(model, 0.5, buffers=policy)
+        ema = EMA(model, 0.5, EMAOptions(buffers=policy))
         ema.register()
         with torch.no_grad():
             bn.running_mean.fill_(4.0)
@@ -198,7 +224,7 @@ def test_buffer_policies():
         with torch.no_grad():
             bn.running_mean.zero_()
             bn.num_batches_tracked.zero_()
-    names = [n for group in EMA(model, 0.5, buffers="copy").state_dict()["names"] for n in group]
+    names = [n for group in EMA(model, 0.5, EMAOptions(buffers="copy")).state_dict()["names"] for n in group]
     assert "1.running_mean" not in names
 
 
@@ -217,14 +243,14 @@ def test_recompute_bn_matches_torch_update_bn():
 def test_state_dict_round_trip_restores_every_shadow_exactly():
     model = small_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ema = EMA(model, [0.9, 0.99], warmup=True)
+    ema = EMA(model, [0.9, 0.99], EMAOptions(warmup=True))
     ema.register()
     for step in range(4):
         train_step(model, opt, step)
         ema.update()
     state = ema.state_dict()
     other_model = small_net()
-    other = EMA(other_model, [0.9, 0.99], warmup=True)
+    other = EMA(other_model, [0.9, 0.99], EMAOptions(warmup=True))
     other.register()
     other.load_state_dict(state)
     for a, b in zip(other.state_dict()["shadows"], state["shadows"]):
@@ -257,9 +283,9 @@ def test_moving_the_model_after_register_is_an_error():
         ema.update()
 
 
-@pytest.mark.parametrize("decay", [1.5, -0.1, "0.9", True])
+@pytest.mark.parametrize("decay", [1.5, -0.1, "0.9", True, float("nan"), []])
 def test_decay_outside_unit_interval_is_rejected(decay):
-    with pytest.raises(UserError, match="ema.decay"):
+    with pytest.raises(UserError, match="decay"):
         EMA(nn.Linear(1, 1), decay)
 
 

@@ -37,6 +37,15 @@ def matrices(results, track: str):
     return [results.matrices[track, s] for s in ("class_il", "task_il")]
 
 
+def test_every_strategy_gives_the_pinned_matrices(runs):
+    """Refactoring must not change results: split digits, seed 0, bit for bit on CPU."""
+    pinned = json.loads((ROOT / "tests" / "data" / "pinned_split_digits.json").read_text())
+    for strategy, expected in pinned.items():
+        results, _, _ = runs(strategy, f"strategy={strategy}")
+        got = {f"{t}/{s}": results.matrices[t, s].tolist() for t in results.tracks for s in ("class_il", "task_il")}
+        assert got == expected, strategy
+
+
 def test_plain_fine_tuning_forgets(runs):
     results, _, _ = runs("plain", "strategy=plain")
     final = results.metrics("live", 4)
@@ -125,25 +134,33 @@ def test_result_files(runs):
     assert data["class_order"] == results.meta["class_order"] and len(data["steps_per_task"]) == 5
     assert (out / "acc_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     resolved = yaml.safe_load((out / "config.yaml").read_text())
-    assert resolved["strategy"]["plugins"]["ema"]["decays"] == [0.9, 0.99, 0.995]  # interpolations resolved
+    assert resolved["strategy"]["plugins"]["ema"]["config"]["decays"] == [0.9, 0.99, 0.995]  # interpolations resolved
     assert not list(out.rglob("*.tmp"))  # atomic writes leave nothing behind
 
 
 def test_checkpoint_holds_every_shadow_and_loads_safely(tmp_path):
     from cl_ema.ema import EMA
-    from cl_ema.models import build_model
 
     run_experiment(tmp_path, "strategy=ema", "ema.decays=[0.9,0.99]", "checkpoint=true", "data.n_tasks=2")
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
-    assert state["format"] == "cl_ema-checkpoint-1" and state["results"]["tasks_done"] == 2
-    model = build_model("mlp", (1, 8, 8), 10, hidden=100, layers=2)
+    assert state["format"] == "cl_ema-checkpoint-2" and state["results"]["tasks_done"] == 2
+    assert set(state["plugins"]) == {"ema"}  # plugin states by config name
+    model = digits_mlp()
     model.load_state_dict(state["model"])
     ema = EMA(model, [0.9, 0.99])
     ema.register()
-    ema.load_state_dict(state["ema"])
-    for got, saved in zip(ema.state_dict()["shadows"], state["ema"]["shadows"]):
+    ema.load_state_dict(state["plugins"]["ema"])
+    for got, saved in zip(ema.state_dict()["shadows"], state["plugins"]["ema"]["shadows"]):
         assert torch.equal(got, saved)
     assert ema.num_updates == sum(state["results"]["steps_per_task"]) == state["train_iterations"]
+
+
+def digits_mlp():
+    from cl_ema.data import DataSpec
+    from cl_ema.data.sources import DIGITS_NORM
+    from cl_ema.models import MLP
+
+    return MLP(DataSpec((1, 8, 8), 10, DIGITS_NORM), hidden=100, layers=2)
 
 
 def test_bf16_autocast_and_channels_last(tmp_path):
@@ -159,8 +176,6 @@ def test_bf16_autocast_and_channels_last(tmp_path):
 def test_compiled_model_trains_like_the_eager_one_and_saves_plain_keys(runs, tmp_path):
     from torch._dynamo.utils import counters
 
-    from cl_ema.models import build_model
-
     eager, _, _ = runs("ema", "strategy=ema")
     graphs_before = counters["stats"]["unique_graphs"]
     compiled, text = run_experiment(tmp_path, "strategy=ema", "train.compile=true", "checkpoint=true")
@@ -169,7 +184,7 @@ def test_compiled_model_trains_like_the_eager_one_and_saves_plain_keys(runs, tmp
         for got, expected in zip(matrices(compiled, track), matrices(eager, track)):
             np.testing.assert_allclose(got, expected, atol=0.012)  # fused kernels round differently: <= 1 sample of ~90
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
-    build_model("mlp", (1, 8, 8), 10, hidden=100, layers=2).load_state_dict(state)  # no `_orig_mod.` prefix
+    digits_mlp().load_state_dict(state)  # no `_orig_mod.` prefix
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -182,7 +197,7 @@ def test_cuda_run_with_bf16_autocast_learns(tmp_path):
 
 
 def test_wandb_offline_run_holds_what_was_logged(tmp_path):
-    results, _ = run_experiment(tmp_path, "logger=wandb", "logger.mode=auto", "strategy=ema", "seed=3")
+    results, _ = run_experiment(tmp_path, "logger=wandb", "logger.wandb.mode=auto", "strategy=ema", "seed=3")
     logged = read_run(find_run_file(tmp_path))
     tasks = [row["task"] for row in logged.history if "live/class_il/avg_acc" in row]
     assert tasks == [1, 2, 3, 4, 5]
@@ -198,7 +213,8 @@ def test_wandb_offline_run_holds_what_was_logged(tmp_path):
     assert logged.config["seed"] == 3 and logged.config["ema"]["decay"] == 0.99
     globs = {m.glob_name: m.step_metric for m in logged.metrics if m.glob_name}
     assert globs["live/*"] == globs["ema_0.99/*"] == "task" and globs["continual/*"] == "train_step"
-    assert logged.run.run_group == "split_digits-ema-ema_0.99"
+    assert logged.run.run_group.startswith("split_digits-ema-ema_0.99-")  # + the setting's id
+    assert logged.config["world_size"] == 1
     assert set(logged.run.tags) >= {"split_digits", "ema"}
     media = {k: v for row in logged.history for k, v in row.items() if k.endswith("acc_matrix")}
     assert media["live/acc_matrix"]["_type"] == "table-file" and media["ema_0.99/acc_matrix"]["nrows"] == 50
@@ -212,7 +228,7 @@ def test_wandb_failure_does_not_stop_training(tmp_path, monkeypatch):
         raise ConnectionError("api.wandb.ai unreachable")
 
     monkeypatch.setattr(wandb, "init", broken)
-    with pytest.warns(UserWarning, match="W&B logging disabled .*unreachable"):
+    with pytest.warns(UserWarning, match="logger wandb disabled .*unreachable"):
         results, _ = run_experiment(tmp_path, "logger=wandb", "data.n_tasks=2")
     assert results.status == "completed" and (tmp_path / "results.json").exists()
 

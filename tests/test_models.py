@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.error
 from pathlib import Path
 
@@ -10,13 +11,22 @@ import torch
 import torchvision
 from fake_datasets import skip_cifar_md5, write_cifar  # noqa: F401
 from helpers import run_experiment
+from omegaconf import OmegaConf
 from torch import nn
 
+from cl_ema.data import DataSpec
 from cl_ema.data.sources import CIFAR100_NORM, MNIST_NORM
 from cl_ema.errors import UserError
-from cl_ema.models import build_model
+from cl_ema.models import CNN, MLP, ResNet18, TorchvisionClassifier, build_model
 
-CIFAR = (3, 32, 32)
+CIFAR = DataSpec((3, 32, 32), 100, CIFAR100_NORM)
+CIFAR10 = DataSpec((3, 32, 32), 10, CIFAR100_NORM)
+DIGITS = DataSpec((1, 8, 8), 10, MNIST_NORM)
+
+
+def from_config(spec: DataSpec, target: str, **options):
+    """A model as the runner builds it, from a config node (``weights`` included)."""
+    return build_model(OmegaConf.create({"_target_": f"cl_ema.models.{target}", **options}), spec)
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -24,19 +34,40 @@ def num_parameters(model: nn.Module) -> int:
 
 
 def test_sizes_match_the_literature():
-    assert num_parameters(build_model("resnet18", CIFAR, 100, width=64)) == 11_220_132  # Mammoth / DER: 11.2 M
-    assert num_parameters(build_model("resnet18", CIFAR, 100, width=20)) == 1_109_240  # GEM's reduced, nf=20
-    assert num_parameters(build_model("mlp", (1, 28, 28), 10, hidden=400, layers=2)) == 478_410  # 784-400-400-10
-    out = build_model("cnn", CIFAR, 10, width=8)(torch.zeros(2, *CIFAR))
+    assert num_parameters(ResNet18(CIFAR, width=64)) == 11_220_132  # Mammoth / DER: 11.2 M
+    assert num_parameters(ResNet18(CIFAR, width=20)) == 1_109_240  # GEM's reduced, nf=20
+    mnist = DataSpec((1, 28, 28), 10, MNIST_NORM)
+    assert num_parameters(MLP(mnist, hidden=400, layers=2)) == 478_410  # 784-400-400-10
+    assert num_parameters(MLP(mnist, hidden=100, layers=2)) == 89_610  # Mammoth's MNISTMLP 784-100-100-10
+    out = CNN(CIFAR10, width=8)(torch.zeros(2, 3, 32, 32))
     assert out.shape == (2, 10)
 
 
+def test_mammoth_mlp_starts_from_xavier_uniform_weights_and_zero_biases():
+    torch.manual_seed(0)
+    model = MLP(DataSpec((1, 28, 28), 10, MNIST_NORM), hidden=100, layers=2, init="xavier_uniform")
+    for layer in (m for m in model.modules() if isinstance(m, nn.Linear)):
+        bound = (6 / (layer.in_features + layer.out_features)) ** 0.5  # Glorot & Bengio 2010
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+
+
+def test_a_model_too_large_for_memory_is_one_line_with_its_size():
+    huge = DataSpec((1, 100_000, 100_000), 10, MNIST_NORM)  # 10¹⁰ inputs: no machine allocates the first layer
+    with pytest.raises(
+        UserError,
+        match=r"model: cl_ema.models.MLP with these options has 1,000,000,001,110 "
+        r"parameters \(3725.3 GiB in fp32\), more than this machine's memory holds",
+    ):
+        from_config(huge, "MLP", hidden=100, layers=1)
+
+
 def test_weights_from_a_state_dict_or_a_checkpoint(tmp_path):
-    source = build_model("mlp", (1, 8, 8), 10, hidden=16, layers=1)
+    source = MLP(DIGITS, hidden=16, layers=1)
     torch.save(source.state_dict(), tmp_path / "state.pt")
-    torch.save({"format": "cl_ema-checkpoint-1", "model": source.state_dict()}, tmp_path / "last.pt")
+    torch.save({"format": "cl_ema-checkpoint-2", "model": source.state_dict()}, tmp_path / "last.pt")
     for name in ("state.pt", "last.pt"):
-        model = build_model("mlp", (1, 8, 8), 10, hidden=16, layers=1, weights=str(tmp_path / name))
+        model = from_config(DIGITS, "MLP", hidden=16, layers=1, weights=str(tmp_path / name))
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
 
 
@@ -51,11 +82,11 @@ def test_weights_from_a_state_dict_or_a_checkpoint(tmp_path):
 def test_bad_weights_are_one_clear_error(tmp_path, content, expected):
     path = tmp_path / "w.pt"
     if content == "other":
-        torch.save(build_model("mlp", (1, 8, 8), 10, hidden=32, layers=1).state_dict(), path)
+        torch.save(MLP(DIGITS, hidden=32, layers=1).state_dict(), path)
     elif content is not None:
         path.write_bytes(content)
     with pytest.raises(UserError, match=rf"model.weights={path}: {expected}"):
-        build_model("mlp", (1, 8, 8), 10, hidden=16, layers=1, weights=str(path))
+        from_config(DIGITS, "MLP", hidden=16, layers=1, weights=str(path))
 
 
 @pytest.fixture
@@ -72,10 +103,10 @@ def imagenet_resnet18(tmp_path, monkeypatch) -> dict[str, torch.Tensor]:
 
 
 def test_torchvision_model_starts_from_its_pretrained_weights(imagenet_resnet18):
-    model = build_model("torchvision", CIFAR, 10, arch="resnet18", pretrained="IMAGENET1K_V1", input_norm=CIFAR100_NORM)
+    model = TorchvisionClassifier(CIFAR10, arch="resnet18", pretrained="IMAGENET1K_V1")
     loaded = model.backbone.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in imagenet_resnet18.items() if not k.startswith("fc."))
-    assert model.backbone.fc.out_features == 10 and model.input_size == 224  # the weights' crop size
+    assert model.backbone.fc.out_features == 10 and model.adapter.size == 224  # the weights' crop size
     seen = []
     model.backbone.conv1.register_forward_hook(lambda module, args, out: seen.append(args[0]))
     # a dataset-normalized image whose pixels are ImageNet's mean reaches the network as zeros
@@ -89,21 +120,29 @@ def test_torchvision_model_starts_from_its_pretrained_weights(imagenet_resnet18)
 
 
 def test_torchvision_grayscale_and_random_init():
-    model = build_model("torchvision", (1, 28, 28), 10, arch="resnet18", input_norm=MNIST_NORM)
-    assert model.input_size == 28 and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    model = TorchvisionClassifier(DataSpec((1, 28, 28), 10, MNIST_NORM), arch="resnet18")
+    assert model.adapter.size == 28 and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
 @pytest.mark.parametrize(
     "options,expected",
     [
-        ({}, "model.arch: name a torchvision model"),
+        ({}, "model.arch: needs a value"),
         ({"arch": "resnet7"}, "model.arch='resnet7': not a torchvision classification model"),
         ({"arch": "resnet18", "pretrained": "CIFAR"}, "model.pretrained='CIFAR': resnet18 has IMAGENET1K_V1, DEFAULT"),
     ],
 )
 def test_torchvision_bad_options(options, expected):
-    with pytest.raises(UserError, match=expected.replace("(", r"\(")):
-        build_model("torchvision", CIFAR, 10, **options)
+    from helpers import compose_config
+    from hydra.errors import HydraException
+
+    from cl_ema.__main__ import one_line
+
+    cfg = compose_config("model=torchvision", *(f"model.{k}={v}" for k, v in options.items()))
+    with pytest.raises((UserError, HydraException)) as caught:
+        build_model(cfg.model, CIFAR10)
+    message = one_line(caught.value) if isinstance(caught.value, HydraException) else str(caught.value)
+    assert re.search(expected.replace("(", r"\("), message), message
 
 
 def test_pretrained_weights_that_cannot_be_downloaded_name_the_file(tmp_path, monkeypatch):
@@ -119,7 +158,7 @@ def test_pretrained_weights_that_cannot_be_downloaded_name_the_file(tmp_path, mo
         rf"download https://download.pytorch.org/models/{file} to {tmp_path}/hub/checkpoints/{file}"
     )
     with pytest.raises(UserError, match=expected):
-        build_model("torchvision", CIFAR, 10, arch="resnet18", pretrained="IMAGENET1K_V1")
+        TorchvisionClassifier(CIFAR10, arch="resnet18", pretrained="IMAGENET1K_V1")
 
 
 def test_fine_tuning_from_imagenet_weights_end_to_end(tmp_path, imagenet_resnet18, skip_cifar_md5):  # noqa: F811
@@ -129,7 +168,7 @@ def test_fine_tuning_from_imagenet_weights_end_to_end(tmp_path, imagenet_resnet1
         f"data.root={tmp_path / 'data'}", "data.download=false", "train.epochs=1", "train.batch_size=8",
         "device=cpu", "checkpoint=true", experiment="split_cifar10",
     )  # fmt: skip
-    assert results.status == "completed" and "model=torchvision" in text
+    assert results.status == "completed" and "model=TorchvisionClassifier" in text
     state = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert state["backbone.fc.weight"].shape == (10, 512)
     assert not torch.equal(state["backbone.conv1.weight"], imagenet_resnet18["conv1.weight"])  # it was fine-tuned

@@ -130,7 +130,7 @@ def test_nan_loss_stops_with_task_and_step_and_keeps_earlier_results(tmp_path, m
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["hydra.run.dir={blocker}/run"], "error: cannot write to "),
+        (["hydra.run.dir={blocker}/run"], "error: cannot create the run folder {blocker}/run: Not a directory"),
         (["resume={tmp}/nowhere"], "error: resume={tmp}/nowhere: no checkpoints/last.pt in that directory"),
     ],
 )  # fmt: skip

@@ -1,8 +1,10 @@
 """Datasets → Avalanche streams of sample indices, with the tensors resident on the device."""
 
+from cl_ema.data import sources
 from cl_ema.data.storage import CropFlip, Normalization, TensorStore
 from cl_ema.data.stream import (
-    ContinualStream,
+    DataSpec,
+    TaskStream,
     build_stream,
     experience_indices,
     index_dataset,
@@ -10,12 +12,14 @@ from cl_ema.data.stream import (
 )
 
 __all__ = [
-    "ContinualStream",
     "CropFlip",
+    "DataSpec",
     "Normalization",
+    "TaskStream",
     "TensorStore",
     "build_stream",
     "experience_indices",
     "index_dataset",
+    "sources",
     "stream_from_stores",
 ]

@@ -7,6 +7,9 @@ sample, 2.4 ms per batch of 128 on the host, serial with the kernel launches of 
 cl_ema's items are only ``(sample index, label, task label)``, so ``IndexBatches`` reads every
 item once per experience into device tensors and turns each batch that Avalanche's sampler draws
 into one gather: same batches, same random draws of the sampler, no per-sample work.
+
+Every batch is global: with several processes each one draws the same batch and takes its share
+later (``cl_ema.template``), so Avalanche's distributed samplers are never used.
 """
 
 from __future__ import annotations
@@ -21,24 +24,57 @@ from torch.utils.data import DataLoader
 from cl_ema.data.stream import dataset_columns
 
 
-class IndexBatches:
-    """Iterates the batches an Avalanche train loader would yield, as ``[index, label, task]`` on ``device``."""
+class IndexBatch(list):
+    """``[index, label, task]`` of one mini-batch; its last ``replayed`` samples come from a replay memory."""
 
-    def __init__(self, loader: DataLoader | MultiDatasetDataLoader, device: torch.device) -> None:
+    def __init__(self, columns: Sequence[Tensor], replayed: int = 0) -> None:
+        super().__init__(columns)
+        self.replayed = replayed
+
+
+class DeviceBatches:
+    """Iterable of ``IndexBatch``es on the training device: what the template trains on."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[IndexBatch]:
+        raise NotImplementedError
+
+    def without_draws(self) -> Iterable[IndexBatch]:
+        """The same samples, drawing nothing from a replay memory's generator (to re-estimate statistics)."""
+        return self
+
+
+class IndexBatches(DeviceBatches):
+    """The batches an Avalanche train loader would yield, as ``IndexBatch``es on ``device``.
+
+    Positions past the experience's own ``current_size`` samples are replay memory (Avalanche's
+    replay loader puts its memory datasets after the current data, and each batch's memory
+    samples after the current ones).
+    """
+
+    def __init__(
+        self, loader: DataLoader | MultiDatasetDataLoader, device: torch.device, current_size: int | None = None
+    ) -> None:
         self.loader = loader
         self.device = device
         datasets: Sequence = loader.datasets if isinstance(loader, MultiDatasetDataLoader) else [loader.dataset]
         columns = zip(*(dataset_columns(dataset) for dataset in datasets))
         # positions of the concatenated datasets → items, as the sampler's indices count them
         self.columns = [torch.cat(column).to(device) for column in columns]
+        self.current_size = len(self.columns[0]) if current_size is None else current_size
+        self._length = len(self._batch_sampler())  # building a sampler draws no random numbers
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self._length
 
-    def __iter__(self) -> Iterator[list[Tensor]]:
+    def __iter__(self) -> Iterator[IndexBatch]:
         for positions in self._batch_sampler():
-            at = torch.as_tensor(positions, dtype=torch.long).to(self.device)
-            yield [column[at] for column in self.columns]
+            at = torch.as_tensor(positions, dtype=torch.long)
+            replayed = int((at >= self.current_size).sum())
+            at = at.to(self.device)
+            yield IndexBatch([column[at] for column in self.columns], replayed)
 
     def _batch_sampler(self) -> Iterable[list[int]]:
         loader = self.loader
@@ -46,9 +82,7 @@ class IndexBatches:
             return loader.batch_sampler
         # a fresh sampler per epoch, as MultiDatasetDataLoader._get_loader builds it, minus that
         # method's FFCV probe, which walks every sample each epoch (75 ms per CIFAR-100 task)
-        samplers = loader._create_samplers(
-            loader.datasets, loader.batch_sizes, loader.distributed_sampling, loader.loader_kwargs
-        )
+        samplers = loader._create_samplers(loader.datasets, loader.batch_sizes, False, loader.loader_kwargs)
         return MultiDatasetSampler(
             loader.datasets,
             samplers,

@@ -1,8 +1,9 @@
-"""Raw datasets as tensors: scikit-learn digits (offline) and torchvision MNIST / CIFAR.
+"""Datasets as tensors: scikit-learn digits (offline) and torchvision MNIST / CIFAR.
 
-Each loader returns the train and test splits as ``TensorStore``s on the CPU. torchvision does the
-downloading (into ``root`` when ``download`` is true) and the checksum checks; its errors become
-one-line ``UserError``s naming the dataset and the folder.
+Each function here is the ``_target_`` of a config in ``conf/dataset/`` and returns the train and
+test splits as ``TensorStore``s on the CPU; a new dataset is one such function and its config.
+torchvision does the downloading (into ``root`` when ``download`` is true) and the checksum
+checks; its errors become one-line ``UserError``s naming the dataset, the folder and what to do.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from cl_ema.data.storage import Normalization, TensorStore
 from cl_ema.errors import UserError
 
 MNIST_NORM = Normalization(1 / 255, (0.1307,), (0.3081,))
+UNIT_NORM = Normalization(1 / 255, (0.0,), (1.0,))  # pixels in [0, 1], as torchvision's ToTensor leaves them
 CIFAR10_NORM = Normalization(1 / 255, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_NORM = Normalization(1 / 255, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 DIGITS_NORM = Normalization(1 / 16, (0.0,), (1.0,))  # pixel values 0..16 → [0, 1]
@@ -37,22 +39,31 @@ def load_digits() -> tuple[TensorStore, TensorStore]:
     return _store(x_tr, y_tr, DIGITS_NORM), _store(x_te, y_te, DIGITS_NORM)
 
 
-def load_mnist(root: Path, download: bool) -> tuple[TensorStore, TensorStore]:
+def load_mnist(root: Path, download: bool, normalize: bool = True) -> tuple[TensorStore, TensorStore]:
+    """MNIST, 60,000 / 10,000; ``normalize=false`` keeps pixels in [0, 1] (Mammoth's protocols)."""
     from torchvision.datasets import MNIST
 
+    norm = MNIST_NORM if normalize else UNIT_NORM
     train, test = (_torchvision(MNIST, "MNIST", root, download, train=flag) for flag in (True, False))
     return (
-        _store(train.data.numpy()[:, None], train.targets.numpy(), MNIST_NORM),
-        _store(test.data.numpy()[:, None], test.targets.numpy(), MNIST_NORM),
+        _store(train.data.numpy()[:, None], train.targets.numpy(), norm),
+        _store(test.data.numpy()[:, None], test.targets.numpy(), norm),
     )
 
 
-def load_cifar(num_classes: int, root: Path, download: bool) -> tuple[TensorStore, TensorStore]:
-    from torchvision.datasets import CIFAR10, CIFAR100
+def load_cifar10(root: Path, download: bool) -> tuple[TensorStore, TensorStore]:
+    from torchvision.datasets import CIFAR10
 
-    cls, name, norm = (
-        (CIFAR10, "CIFAR-10", CIFAR10_NORM) if num_classes == 10 else (CIFAR100, "CIFAR-100", CIFAR100_NORM)
-    )
+    return _cifar(CIFAR10, "CIFAR-10", CIFAR10_NORM, root, download)
+
+
+def load_cifar100(root: Path, download: bool) -> tuple[TensorStore, TensorStore]:
+    from torchvision.datasets import CIFAR100
+
+    return _cifar(CIFAR100, "CIFAR-100", CIFAR100_NORM, root, download)
+
+
+def _cifar(cls: Callable, name: str, norm: Normalization, root: Path, download: bool) -> tuple[TensorStore, ...]:
     train, test = (_torchvision(cls, name, root, download, train=flag) for flag in (True, False))
     # torchvision keeps CIFAR as (N, 32, 32, 3) uint8; the models want channels first.
     return (
@@ -71,17 +82,27 @@ def _torchvision(cls: Callable, name: str, root: Path, download: bool, *, train:
     try:
         return cls(root=str(root), train=train, download=download)
     except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if not download and "not found" in str(err).lower():
             raise UserError(
                 f"{name} {split} set not found in {root} and data.download=false: "
                 "set data.root to the folder holding it, or allow data.download=true"
             ) from err
+        if first.startswith("Error downloading"):  # MNIST: every mirror failed
+            urls = ", ".join(getattr(cls, "mirrors", []))
+            raise UserError(
+                f"could not download {name} into {root} ({first} from {urls}; no network?): "
+                f"put the files in {Path(root) / cls.__name__ / 'raw'}, or set data.root to a folder holding {name}"
+            ) from err
         raise UserError(
-            f"{name} {split} set in {root} is corrupt or incomplete ({err}); delete it to re-download"
+            f"{name} {split} set in {root} is corrupt or incomplete ({first}); delete it to re-download"
         ) from err
     except OSError as err:  # network failures (URLError is an OSError) and unreadable files
         action = "download" if download else "read"
-        raise UserError(f"could not {action} {name} {split} set in {root}: {err}") from err
+        url = getattr(cls, "url", "")
+        raise UserError(
+            f"could not {action} {name} {split} set in {root}{' from ' + url if url else ''}: {err}"
+        ) from err
     except Exception as err:  # truncated pickles / idx files surface as assorted errors
         raise UserError(
             f"{name} {split} set in {root} is corrupt ({type(err).__name__}: {err}); delete it to re-download"

@@ -1,9 +1,8 @@
-"""A continual stream: Avalanche defines the tasks, the tensors live on the device."""
+"""A stream of tasks: Avalanche defines the tasks, the tensors live on the device."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,18 +15,28 @@ from avalanche.benchmarks.scenarios.supervised import (
 from avalanche.benchmarks.utils.classification_dataset import (
     _as_taskaware_supervised_classification_dataset,
 )
+from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from cl_ema.config import DATASETS, SCENARIOS
-from cl_ema.data import sources
-from cl_ema.data.storage import CropFlip, TensorStore
+from cl_ema.building import build
+from cl_ema.config import Scenario, data_root
+from cl_ema.data.storage import CropFlip, Normalization, TensorStore
 from cl_ema.errors import UserError
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model needs to know about its inputs."""
+
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+    norm: Normalization  # how the stored pixels are normalized into the model's inputs
+
+
 @dataclass
-class ContinualStream:
-    """Everything a run needs to know about its data."""
+class TaskStream:
+    """Everything a run needs to know about its data: Avalanche's tasks, the tensors on the device."""
 
     benchmark: CLScenario  # Avalanche stream of index datasets: items are (index, label, task)
     train: TensorStore
@@ -43,59 +52,54 @@ class ContinualStream:
         return len(self.task_classes)
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.inputs.shape[1:])  # type: ignore[return-value]
+    def spec(self) -> DataSpec:
+        return DataSpec(tuple(self.train.inputs.shape[1:]), self.num_classes, self.train.norm)  # type: ignore[arg-type]
 
 
-def build_stream(
-    dataset: str,
-    scenario: str,
-    n_tasks: int,
-    *,
-    seed: int,
-    root: Path,
-    download: bool,
-    device: torch.device,
-    class_order: list[int] | None = None,
-    augment: bool = False,
-) -> ContinualStream:
-    """Load ``dataset`` onto ``device`` and split it into ``n_tasks`` tasks."""
-    train, test = _load(dataset, root, download)
+def build_stream(data: DictConfig, *, seed: int, device: torch.device) -> TaskStream:
+    """The ``data`` section's dataset (built from its ``_target_``), split into tasks on ``device``."""
+    train, test = build(data.dataset, "data.dataset", root=data_root(data.root), download=data.download)
     return stream_from_stores(
-        train, test, scenario, n_tasks, seed=seed, device=device, class_order=class_order, augment=augment, name=dataset
+        train,
+        test,
+        Scenario(data.scenario),
+        data.n_tasks,
+        seed=seed,
+        device=device,
+        class_order=list(data.class_order) if data.class_order is not None else None,
+        permute_first_task=data.permute_first_task,
+        augment=data.augment,
     )
 
 
 def stream_from_stores(
     train: TensorStore,
     test: TensorStore,
-    scenario: str,
+    scenario: Scenario,
     n_tasks: int,
     *,
     seed: int,
     device: torch.device,
     class_order: list[int] | None = None,
+    permute_first_task: bool = False,
     augment: bool = False,
-    name: str = "the dataset",
-) -> ContinualStream:
-    """Split in-memory train / test stores into a stream (``build_stream`` after loading)."""
+) -> TaskStream:
+    """Split train / test stores into the tasks of ``scenario``."""
     num_classes = int(train.base_targets.max()) + 1
-    if scenario == "split":
+    if scenario == Scenario.split:
         order = _class_order(class_order, num_classes, seed)
-        if n_tasks < 1 or num_classes % n_tasks:
-            raise UserError(f"data.n_tasks={n_tasks}: must divide the {num_classes} classes of {name}")
+        if num_classes % n_tasks:
+            raise UserError(f"data.n_tasks={n_tasks}: must divide the {num_classes} classes of the dataset")
         benchmark = class_incremental_benchmark(
             {"train": _index_dataset(train), "test": _index_dataset(test)},
             class_order=order,
             num_experiences=n_tasks,
         )
-    elif scenario == "permuted":
+    else:
         if class_order is not None:
             raise UserError("data.class_order: not used by the permuted scenario (every task has all classes)")
-        if n_tasks < 1:
-            raise UserError(f"data.n_tasks={n_tasks}: must be >= 1")
         order = list(range(num_classes))
-        perms = _permutations(n_tasks, int(np.prod(train.inputs.shape[1:])), seed)
+        perms = _permutations(n_tasks, int(np.prod(train.inputs.shape[1:])), seed, permute_first_task)
         train, test = train.permuted(perms), test.permuted(perms)
         benchmark = with_classes_timeline(
             benchmark_from_datasets(
@@ -103,13 +107,11 @@ def stream_from_stores(
                 test=[_index_dataset(test, task) for task in range(n_tasks)],
             )
         )
-    else:
-        raise UserError(f"data.scenario={scenario!r}: must be one of {', '.join(SCENARIOS)}")
 
     task_classes = [sorted(int(c) for c in exp.classes_in_this_experience) for exp in benchmark.train_stream]
     train, test = train.to(device), test.to(device)
     test_indices = [experience_indices(exp.dataset).to(device) for exp in benchmark.test_stream]
-    return ContinualStream(
+    return TaskStream(
         benchmark=benchmark,
         train=train,
         test=test,
@@ -136,16 +138,6 @@ def experience_indices(dataset) -> Tensor:
     return dataset_columns(dataset)[0]
 
 
-def _load(dataset: str, root: Path, download: bool) -> tuple[TensorStore, TensorStore]:
-    if dataset == "digits":
-        return sources.load_digits()
-    if dataset == "mnist":
-        return sources.load_mnist(root, download)
-    if dataset in ("cifar10", "cifar100"):
-        return sources.load_cifar(10 if dataset == "cifar10" else 100, root, download)
-    raise UserError(f"data.name={dataset!r}: must be one of {', '.join(DATASETS)}")
-
-
 def _class_order(given: list[int] | None, num_classes: int, seed: int) -> list[int]:
     if given is None:
         # Fixed per seed, independent of any other random state.
@@ -155,10 +147,12 @@ def _class_order(given: list[int] | None, num_classes: int, seed: int) -> list[i
     return list(given)
 
 
-def _permutations(n_tasks: int, size: int, seed: int) -> Tensor:
-    """Pixel permutations per task; task 0 sees the original images (van de Ven et al.)."""
+def _permutations(n_tasks: int, size: int, seed: int, permute_first: bool) -> Tensor:
+    """Pixel permutations per task, drawn from ``seed``; unless ``permute_first``, task 0 sees the
+    original images (van de Ven et al.; Mammoth's perm-mnist permutes every task)."""
     rng = np.random.RandomState(seed)
-    perms = [np.arange(size)] + [rng.permutation(size) for _ in range(n_tasks - 1)]
+    perms = [] if permute_first else [np.arange(size)]
+    perms += [rng.permutation(size) for _ in range(n_tasks - len(perms))]
     return torch.as_tensor(np.stack(perms), dtype=torch.long)
 
 

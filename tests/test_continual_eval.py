@@ -9,7 +9,7 @@ import torch
 from helpers import run_experiment
 from wandb_records import find_run_file, read_run
 
-from cl_ema.continual import Curve, stability_metrics
+from cl_ema.continual_eval import Curve, stability_metrics
 from cl_ema.report import write_report
 
 
@@ -57,11 +57,12 @@ def test_periodic_evaluation_does_not_change_training(tmp_path):
     b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # final live weights, BN included
-    assert all(torch.equal(x, y) for x, y in zip(a["ema"]["shadows"], b["ema"]["shadows"]))
+    shadows = [state["plugins"]["ema"]["shadows"] for state in (a, b)]
+    assert all(torch.equal(x, y) for x, y in zip(*shadows))
     assert with_eval.tracks == without.tracks
     data = json.loads((tmp_path / "a" / "results.json").read_text())
     for track in ("live", "ema_0.9", "ema_0.99"):
-        assert set(data["tracks"][track]["continual"]) == {"min_acc", "wc_acc", "aaa", "stability_gap", "gap_per_task"}
+        assert set(data["tracks"][track]["stability"]) == {"min_acc", "wc_acc", "aaa", "stability_gap", "gap_per_task"}
     curves = json.loads((tmp_path / "a" / "continual_eval.json").read_text())
     steps = curves["live"]["steps"]
     assert steps[0] == 0 and steps == sorted(steps) and len(curves["live"]["accuracies"][-1]) == 5
@@ -79,7 +80,7 @@ def test_continual_evaluation_is_logged_against_the_training_step_and_reported(t
         start += n
     assert [r["train_step"] for r in rows] == expected
     assert any(m.glob_name == "continual/*" and m.step_metric == "train_step" for m in logged.metrics)
-    gap = results.continual["ema_0.99"]["stability_gap"]
+    gap = results.stability["ema_0.99"]["stability_gap"]
     assert logged.summary["final/ema_0.99/continual/stability_gap"] == pytest.approx(gap)
     report = write_report(tmp_path, tmp_path / "report").read_text()
     assert "## Continual evaluation (stability gap)" in report

@@ -1,4 +1,4 @@
-"""Continual evaluation: every track on every seen task, during training (the stability gap).
+"""Continual evaluation: every track on every seen task during training, and the stability gap.
 
 With ``eval.every_n_steps=N`` each track (``live``, every ``ema_<decay>``) is evaluated on a fixed,
 seeded subset of each seen task's test set at the start of every task, every N optimizer steps,
@@ -27,8 +27,9 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor
 
-from cl_ema.data import ContinualStream
+from cl_ema.data import TaskStream
 from cl_ema.evaluation import Track, evaluate
+from cl_ema.metrics import STABILITY_METRICS
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Curve:
 def stability_metrics(curve: Curve) -> dict[str, float | list[float] | None]:
     """min-ACC, WC-ACC, AAA and the stability gap of one track (see the module docstring)."""
     if not curve.steps:
-        return {"min_acc": None, "wc_acc": None, "aaa": None, "stability_gap": None, "gap_per_task": []}
+        return {**dict.fromkeys(m.key for m in STABILITY_METRICS), "gap_per_task": []}
     last_task = max(curve.tasks)
     minima = []
     for k in range(last_task):
@@ -81,7 +82,7 @@ def stability_metrics(curve: Curve) -> dict[str, float | list[float] | None]:
     }
 
 
-def fixed_subsets(stream: ContinualStream, size: int, seed: int) -> list[Tensor]:
+def fixed_subsets(stream: TaskStream, size: int, seed: int) -> list[Tensor]:
     """Per task, ``size`` test indices drawn once from ``seed`` (not from the training RNG)."""
     rng = np.random.RandomState(seed)
     subsets = []
@@ -96,7 +97,7 @@ class ContinualEvalPlugin(SupervisedPlugin):
 
     def __init__(
         self,
-        stream: ContinualStream,
+        stream: TaskStream,
         tracks: list[Track],
         every_n_steps: int,
         subset_size: int,
@@ -118,7 +119,7 @@ class ContinualEvalPlugin(SupervisedPlugin):
         step = strategy.clock.train_iterations
         row = {}
         for track in self.tracks:
-            with track.weights():
+            with track.swap_in():
                 result = evaluate(strategy.model, self.stream, task, range(task + 1), self.subsets, self.batch_size)
             self.curves[track.name].add(step, task, result.class_il)
             row[track.name] = result.class_il

@@ -1,0 +1,53 @@
+"""What a run prints: the accuracy on every task seen after each task, then the final metrics."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+import numpy as np
+
+from cl_ema.metrics import METRICS, STABILITY_METRICS, TASK_IL_ACC
+from cl_ema.results import Results
+
+
+class Console:
+    """Per-task table of accuracies on every task seen, then the final metrics."""
+
+    def __init__(self, file: TextIO | None = None) -> None:
+        self.file = file or sys.stdout
+
+    def print(self, text: str = "") -> None:
+        print(text, file=self.file, flush=True)
+
+    def task(self, results: Results, task: int, steps: int, classes: list[int]) -> None:
+        width = max(len(t) for t in results.tracks) + 2
+        self.print(f"\ntask {task + 1}/{results.num_tasks} (classes {classes}): {steps} optimizer steps")
+        head = "".join(f"{'T' + str(j + 1):>7}" for j in range(task + 1))
+        self.print(f"{'class-IL %':<{width}}{head}{METRICS[0].label:>8}{TASK_IL_ACC.label:>10}")
+        for track in results.tracks:
+            row = results.row(track, task)[: task + 1]
+            cells = "".join(f"{100 * a:7.1f}" for a in row)
+            til = results.metrics(track, task, "task_il")[TASK_IL_ACC.key]
+            self.print(f"{track:<{width}}{cells}{100 * np.mean(row):8.1f}{100 * til:10.1f}")
+
+    def final(self, results: Results) -> None:
+        last = results.tasks_done - 1
+        width = max(len(t) for t in results.tracks) + 2
+        self.print(f"\nfinal metrics, class-IL ({TASK_IL_ACC.label} last), % after {results.tasks_done} tasks")
+        self.print(f"{'track':<{width}}" + "".join(f"{m.label:>9}" for m in (*METRICS, TASK_IL_ACC)))
+        for track in results.tracks:
+            values = results.metrics(track, last)
+            til = results.metrics(track, last, "task_il")[TASK_IL_ACC.key]
+            self.print(f"{track:<{width}}" + "".join(_cell(values[m.key], 9) for m in METRICS) + _cell(til, 9))
+        if results.stability:
+            titles = ", ".join(m.title for m in STABILITY_METRICS)
+            self.print(f"\ncontinual evaluation, % ({titles})")
+            self.print(f"{'track':<{width}}" + "".join(f"{m.label:>15}" for m in STABILITY_METRICS))
+            for track in results.tracks:
+                values = results.stability[track]
+                self.print(f"{track:<{width}}" + "".join(_cell(values[m.key], 15) for m in STABILITY_METRICS))
+
+
+def _cell(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{100 * value:{width}.2f}"

@@ -1,0 +1,78 @@
+"""Data parallel under ``torchrun``: every process runs the same story on its share of each batch.
+
+``torchrun --nproc-per-node=N -m cl_ema …`` starts N processes (``RANK``, ``LOCAL_RANK`` and
+``WORLD_SIZE`` in their environment). All of them seed alike, so Avalanche's loaders draw the same
+global mini-batch everywhere, and each trains on its 1/N share of it (``cl_ema.template``);
+DistributedDataParallel averages the gradients, so the parameters stay equal after every step.
+The EMA shadows, the replay memory and every plugin's random draws are then identical on all
+processes without any communication (timm's pattern for EMA). Evaluation splits each test set
+over the processes and sums the correct predictions, so every process sees the same accuracies.
+Only the main process (rank 0) writes files and logs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from cl_ema.errors import UserError
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def from_environment() -> Processes:
+    """This process's place, as torchrun tells it (one process when not under torchrun)."""
+    try:
+        return Processes(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        )
+    except ValueError as err:
+        raise UserError(f"RANK / LOCAL_RANK / WORLD_SIZE must be integers ({err})") from None
+
+
+def start(processes: Processes, device: torch.device) -> torch.device:
+    """Join the process group (NCCL on GPUs, gloo on CPUs); the device this process trains on."""
+    if processes.world_size == 1:
+        return device
+    if device.type == "cuda":
+        if processes.local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"process {processes.rank} has LOCAL_RANK={processes.local_rank} but this node has "
+                f"{torch.cuda.device_count()} GPU(s): run at most that many processes per node"
+            )
+        device = torch.device("cuda", processes.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over all processes (itself with one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def my_share(index: torch.Tensor) -> torch.Tensor:
+    """This process's contiguous part of ``index`` (all of it with one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return index.tensor_split(dist.get_world_size())[dist.get_rank()]
+    return index

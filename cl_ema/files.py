@@ -1,0 +1,72 @@
+"""Every file cl_ema writes goes through here: atomically, with the user's umask, errors in one line.
+
+``atomic_write`` writes to a temporary file in the same folder, flushes it to disk and renames it
+over the target, so a reader (or a crash) never sees half a file and the previous version stays
+until the new one is complete. A write that fails (disk full, file-size limit, quota,
+permission, read-only file system) is a ``UserError`` naming the file and the cause; the
+temporary file is removed and the previous version is untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cl_ema.errors import UserError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
+
+_CAUSES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (a file-size limit, e.g. ulimit -f)",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a path component is not a directory",
+    errno.EISDIR: "it is a directory",
+}
+
+
+def write_error(err: OSError, path: Path | str | None = None) -> UserError:
+    """One line naming the file and the cause of a failed write."""
+    where = path if path is not None else (err.filename or "a file")
+    cause = _CAUSES.get(err.errno or -1, err.strerror or type(err).__name__)
+    return UserError(f"cannot write {where}: {cause}; files written before are kept")
+
+
+@contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Turn an OSError raised while writing ``path`` into a one-line UserError."""
+    try:
+        yield
+    except OSError as err:
+        raise write_error(err, path) from err
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Replace ``path`` with ``data`` all at once (see the module docstring)."""
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; results are as shareable as any file the user writes
+            with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -1,0 +1,102 @@
+"""Where results are logged besides the console and the run directory: a list behind one interface.
+
+``logger=`` selects config files of ``conf/logger/`` (``logger=wandb``, the default;
+``logger=[wandb,tensorboard]`` for several; ``logger=none``). Each is built from its ``_target_``
+with the run's ``RunInfo`` (and its own saved state when a run resumes), and implements
+``Logger``: a row of metrics after every task, a point per continual evaluation, and the end of
+the run. Logging must never stop training: a logger that fails warns once and goes quiet.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from cl_ema.metrics import SETTINGS, STEP, continual_key, task_key
+from cl_ema.results import Results
+
+
+@dataclass
+class RunInfo:
+    """What loggers know about the run."""
+
+    out_dir: Path
+    config: dict[str, Any]  # resolved
+    experiment: str
+    strategy: str
+    seed: int
+    tracks: list[str]
+    setting_id: str  # equal for runs that differ only in seed and in keys that do not change results
+    tasks_done: int = 0  # > 0 when resuming
+    world_size: int = 1  # processes that trained the run (data parallel)
+    tags: list[str] = field(default_factory=list)
+
+    @property
+    def group(self) -> str:
+        """Runs of one setting (its seeds) share a group."""
+        return "-".join([self.experiment, self.strategy, *self.tracks[1:], self.setting_id])
+
+    @property
+    def name(self) -> str:
+        return f"{self.experiment}-{self.strategy}-seed{self.seed}"
+
+
+class Logger(Protocol):
+    def log_task(self, results: Results, task: int) -> None: ...
+
+    def log_eval(self, step: int, task: int, accuracies: Mapping[str, list[float]]) -> None: ...
+
+    def finish(self, results: Results) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+
+def task_log(results: Results, task: int) -> dict[str, float]:
+    """Everything logged after training ``task`` (0-based), by metric name (``cl_ema.metrics``)."""
+    row: dict[str, float] = {STEP: task + 1}
+    for track in results.tracks:
+        for setting in SETTINGS:
+            for j, acc in enumerate(results.row(track, task, setting)[: task + 1]):
+                row[task_key(track, setting, f"acc_task_{j + 1}")] = acc
+            for j, value in enumerate(results.forgetting(track, task, setting)):
+                row[task_key(track, setting, f"forgetting_task_{j + 1}")] = value
+            for name, value in results.metrics(track, task, setting).items():
+                if value is not None:
+                    row[task_key(track, setting, name)] = value
+    return row
+
+
+def eval_log(accuracies: Mapping[str, list[float]]) -> dict[str, float]:
+    """One continual evaluation: each track's accuracy on the tasks seen so far."""
+    return {continual_key(track, j): acc for track, values in accuracies.items() for j, acc in enumerate(values)}
+
+
+class Loggers:
+    """Calls every logger; one that raises is reported once and dropped, the others go on."""
+
+    def __init__(self, loggers: dict[str, Logger]) -> None:
+        self.loggers = dict(loggers)
+
+    def _each(self, method: str, *args: Any) -> None:
+        for name, logger in list(self.loggers.items()):
+            try:
+                getattr(logger, method)(*args)
+            except Exception as err:  # noqa: BLE001 - logging must never stop training
+                warnings.warn(f"logger {name} disabled ({type(err).__name__}: {err}); local outputs are still written",
+                              stacklevel=2)  # fmt: skip
+                del self.loggers[name]
+
+    def log_task(self, results: Results, task: int) -> None:
+        self._each("log_task", results, task)
+
+    def log_eval(self, step: int, task: int, accuracies: Mapping[str, list[float]]) -> None:
+        self._each("log_eval", step, task, accuracies)
+
+    def finish(self, results: Results) -> None:
+        self._each("finish", results)
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: logger.state_dict() for name, logger in self.loggers.items()}

@@ -1,0 +1,113 @@
+"""Each run gets a folder of its own, and no run writes into a folder that holds another run.
+
+A Hydra callback, run before Hydra creates the run folder or writes its ``.hydra/`` files:
+
+- the folder is claimed exclusively (``O_CREAT | O_EXCL`` on a marker file), so two runs started
+  in the same second — two W&B agents, two terminals — never share one: the second default
+  folder takes a suffix (``…_14-03-07_1``);
+- a folder that already holds a run (results, a checkpoint, Hydra's files or the marker) is
+  refused with one line, unless ``resume=`` names it: nothing is written into it;
+- under multirun the sweep folder is claimed the same way, and each job gets its own subfolder;
+- under ``torchrun`` only the main process claims and writes; the others run in a temporary
+  folder that nothing is written to and that is removed when they end.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict, read_write
+
+from cl_ema.config import LAST_CHECKPOINT, resume_request
+from cl_ema.errors import Refused, UserError
+
+MARKER = ".cl_ema_run"
+_RUN_FILES = (MARKER, "results.json", str(LAST_CHECKPOINT), ".hydra", "config.yaml")
+
+
+def holds_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in _RUN_FILES)
+
+
+def claim(folder: Path, *, given: bool, key: str) -> Path:
+    """``folder``, or the first free ``folder_N`` if the default pattern collides, claimed for this run."""
+    for attempt in range(10_000):
+        candidate = folder if attempt == 0 else folder.with_name(f"{folder.name}_{attempt}")
+        if holds_run(candidate):
+            if given:
+                raise UserError(
+                    f"{key}={folder}: that folder already holds a run (its results would be overwritten); "
+                    f"continue it with resume={folder}, or choose another folder"
+                )
+            continue
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(candidate / MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:  # another run claimed it between our check and our claim
+            if given:
+                raise UserError(f"{key}={folder}: another run is writing into that folder") from None
+            continue
+        except OSError as err:
+            raise UserError(f"cannot create the run folder {candidate}: {err.strerror}") from err
+        return candidate
+    raise UserError(f"{key}={folder}: no free folder name")
+
+
+def _overridden(config: DictConfig, key: str) -> bool:
+    return any(o.split("=", 1)[0].lstrip("+~") == key for o in config.hydra.overrides.hydra)
+
+
+class RunDirectories(Callback):
+    """Claims the run (or sweep) folder before Hydra writes anything into it."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._claim_run(config)
+        except UserError as err:
+            raise Refused(str(err)) from None  # Hydra turns a callback's Exception into a mere warning
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._claim_sweep(config)
+        except UserError as err:
+            raise Refused(str(err)) from None
+
+    def _claim_run(self, config: DictConfig) -> None:
+        if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only the main process writes
+            scratch = tempfile.mkdtemp(prefix="cl_ema_rank_")
+            atexit.register(shutil.rmtree, scratch, True)
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.run.dir = scratch
+                config.hydra.output_subdir = None
+            return
+        from cl_ema.config import check
+
+        task_cfg = copy.deepcopy(config)  # what the task function will get, as Hydra's run_job makes it
+        with read_write(task_cfg), open_dict(task_cfg):
+            del task_cfg["hydra"]
+        check(task_cfg)  # a bad value is refused before any folder is made
+        folder = Path(str(config.hydra.run.dir))
+        resumed = resume_request(config.resume)
+        if isinstance(resumed, Path) and resumed.resolve() == folder.resolve():
+            return  # resume=<this folder>: continue the run in it
+        claimed = claim(folder, given=_overridden(config, "hydra.run.dir"), key="hydra.run.dir")
+        with read_write(config.hydra):
+            config.hydra.run.dir = str(claimed)
+
+    def _claim_sweep(self, config: DictConfig) -> None:
+        folder = Path(str(config.hydra.sweep.dir))
+        given = _overridden(config, "hydra.sweep.dir")
+        if given and resume_request(config.get("resume")) and folder.is_dir():
+            return  # the jobs resume, each in its own subfolder
+        claimed = claim(folder, given=given, key="hydra.sweep.dir")
+        with read_write(config.hydra):
+            config.hydra.sweep.dir = str(claimed)
+            # each job's config is composed again from the overrides: make them name this folder
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir={claimed}")
