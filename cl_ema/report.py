@@ -195,11 +195,9 @@ def markdown(settings: list[Setting], skipped: list[tuple[Path, str]], root: Pat
     return "\n".join(lines) + "\n"
 
 
-def plot_horizons(settings: list[Setting]) -> bytes | None:
+def horizons_figure(settings: list[Setting]):
     """Final ACC and forgetting against the EMA horizon, per experiment/strategy; live as a dashed line."""
     import matplotlib.pyplot as plt
-
-    from cl_ema.plots import figure_png
 
     shown = METRICS[:2]  # average accuracy, average forgetting
     curves: dict[str, dict[str, list[tuple[float, list[float | None]]]]] = defaultdict(lambda: defaultdict(list))
@@ -236,15 +234,13 @@ def plot_horizons(settings: list[Setting]) -> bytes | None:
         ax.grid(alpha=0.3)
     fig.supxlabel("EMA horizon (optimizer steps averaged over); dashed: live weights")
     axes[0].legend(fontsize=8)
-    return figure_png(fig)
+    return fig
 
 
-def plot_over_tasks(setting_: Setting) -> bytes:
+def over_tasks_figure(setting_: Setting):
     """Mean accuracy on the tasks seen so far, after each task, per track."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-
-    from cl_ema.plots import figure_png
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for track in setting_.tracks:
@@ -263,7 +259,7 @@ def plot_over_tasks(setting_: Setting) -> bytes:
                  fontsize=9)  # fmt: skip
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return figure_png(fig)
+    return fig
 
 
 def mean_matrices(setting_: Setting) -> dict[str, np.ndarray]:
@@ -275,7 +271,7 @@ def mean_matrices(setting_: Setting) -> dict[str, np.ndarray]:
 
 def write_report(root: Path, out: Path) -> Path:
     """Write report.md and the plots into ``out``; return the path of report.md."""
-    from cl_ema.plots import heatmaps_png
+    from cl_ema.plots import figure_png, heatmaps_png
 
     runs, skipped = collect(root)
     if not runs:
@@ -284,15 +280,15 @@ def write_report(root: Path, out: Path) -> Path:
     settings = group(runs)
     text = markdown(settings, skipped, root)
     figures: list[tuple[str, str]] = []
-    horizon_png = plot_horizons(settings)
-    if horizon_png:
-        atomic_write(out / "decay_vs_metrics.png", horizon_png)
+    horizons = horizons_figure(settings)
+    if horizons:
+        atomic_write(out / "decay_vs_metrics.png", figure_png(horizons))
         figures.append(("EMA horizon vs final accuracy and forgetting", "decay_vs_metrics.png"))
     for index, setting_ in enumerate(settings):
         stem = f"{index:02d}_{setting_.experiment}_{setting_.strategy}"
         title = f"{setting_.experiment} / {setting_.strategy} ({setting_.label})"
         atomic_write(out / f"{stem}_matrices.png", heatmaps_png(mean_matrices(setting_), f"{title}: mean class-IL R"))
-        atomic_write(out / f"{stem}_over_tasks.png", plot_over_tasks(setting_))
+        atomic_write(out / f"{stem}_over_tasks.png", figure_png(over_tasks_figure(setting_)))
         figures += [
             (f"{title}: accuracy matrices", f"{stem}_matrices.png"),
             (f"{title}: over tasks", f"{stem}_over_tasks.png"),

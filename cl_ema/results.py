@@ -99,7 +99,7 @@ class Results:
                 self.matrices[track, setting] = matrix
         self.baseline = saved["baseline"]
         self.tasks_done = saved["tasks_done"]
-        for key in ("steps_per_task", "elapsed_s"):
+        for key in ("steps_per_task", "train_s", "elapsed_s"):
             self.meta[key] = saved[key]
 
 

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
@@ -64,20 +65,26 @@ def _overridden(config: DictConfig, key: str) -> bool:
     return any(o.split("=", 1)[0].lstrip("+~") == key for o in config.hydra.overrides.hydra)
 
 
+def _refuse_on_error(claim_in: Any, config: DictConfig) -> None:
+    """Hydra turns an Exception raised in a callback into a mere warning: a folder that cannot be
+    claimed must stop the run instead, before anything is written."""
+    HydraConfig.instance().set_config(config)  # the run folder's name reads Hydra's choices
+    try:
+        claim_in(config)
+    except UserError as err:
+        raise Refused(str(err)) from None
+    except Exception as err:  # noqa: BLE001 - anything else: refuse rather than share a folder
+        raise Refused(f"cannot claim the run folder ({type(err).__name__}: {err})") from err
+
+
 class RunDirectories(Callback):
     """Claims the run (or sweep) folder before Hydra writes anything into it."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            self._claim_run(config)
-        except UserError as err:
-            raise Refused(str(err)) from None  # Hydra turns a callback's Exception into a mere warning
+        _refuse_on_error(self._claim_run, config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            self._claim_sweep(config)
-        except UserError as err:
-            raise Refused(str(err)) from None
+        _refuse_on_error(self._claim_sweep, config)
 
     def _claim_run(self, config: DictConfig) -> None:
         if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only the main process writes

@@ -23,7 +23,7 @@ from cl_ema.config import LAST_CHECKPOINT, resolve_device, resume_request, setti
 from cl_ema.console import Console
 from cl_ema.continual_eval import ContinualEvalPlugin, stability_metrics
 from cl_ema.data import TaskStream, build_stream
-from cl_ema.errors import UserError
+from cl_ema.errors import Interrupted, UserError
 from cl_ema.evaluation import Track, evaluate
 from cl_ema.files import atomic_write
 from cl_ema.loggers import Loggers, RunInfo
@@ -32,10 +32,6 @@ from cl_ema.plugins import Stateful
 from cl_ema.results import Results, save_outputs
 from cl_ema.strategies import attach, build_plugins, build_strategy
 from cl_ema.template import DeviceDataTemplate
-
-
-class Interrupted(Exception):  # noqa: N818 - raised by the SIGTERM handler, like KeyboardInterrupt for SIGINT
-    """The run was asked to stop (SIGTERM)."""
 
 
 @dataclass
@@ -127,8 +123,9 @@ def train_all_tasks(run: Run, console: Console) -> None:
     started = time.perf_counter() - results.meta["elapsed_s"]
     try:
         for task in range(results.tasks_done, stream.num_tasks):
-            steps_before = strategy.clock.train_iterations
+            steps_before, train_started = strategy.clock.train_iterations, time.perf_counter()
             strategy.train(stream.benchmark.train_stream[task], drop_last=cfg.train.drop_last)
+            results.meta["train_s"] = round(results.meta["train_s"] + time.perf_counter() - train_started, 3)
             results.meta["steps_per_task"].append(strategy.clock.train_iterations - steps_before)
             for track in run.tracks:
                 with track.swap_in():
@@ -141,9 +138,10 @@ def train_all_tasks(run: Run, console: Console) -> None:
             console.task(results, task, results.meta["steps_per_task"][-1], stream.task_classes[task])
             run.loggers.log_task(results, task)
         results.status = "completed"
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Interrupted) as err:
         results.status = "interrupted"
-        raise
+        name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
+        raise Interrupted(name, str(run.out_dir), results.tasks_done) from None
     except BaseException:
         results.status = "failed"
         raise
@@ -179,6 +177,7 @@ def run_meta(
         "task_classes": stream.task_classes,
         "track_info": {t.name: {"decay": t.decay, "horizon": t.horizon} for t in tracks},
         "steps_per_task": [],
+        "train_s": 0.0,  # in strategy.train (continual evaluation included), the rest of elapsed_s evaluates
         "elapsed_s": 0.0,
         "config": config,
     }

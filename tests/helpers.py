@@ -28,3 +28,38 @@ def run_experiment(out_dir: Path, *overrides: str, experiment: str = "split_digi
     text = io.StringIO()
     results = run(cfg, out_dir, experiment, console=Console(file=text))
     return results, text.getvalue()
+
+
+def interrupt_in_task(monkeypatch, task: int, step: int) -> None:
+    """Make the next run stop with Ctrl-C at ``step`` of ``task`` (0-based), as a user would stop it."""
+    from cl_ema.plugins.training import FiniteLossPlugin
+
+    original = FiniteLossPlugin.after_training_iteration
+
+    def stop(self, strategy, **kwargs):
+        original(self, strategy, **kwargs)
+        if strategy.experience.current_experience == task and strategy.clock.train_exp_iterations == step:
+            monkeypatch.setattr(FiniteLossPlugin, "after_training_iteration", original)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(FiniteLossPlugin, "after_training_iteration", stop)
+
+
+def stop_and_resume(tmp_path: Path, monkeypatch, *overrides: str, task: int = 2, step: int = 5) -> tuple[dict, dict]:
+    """Tracks of a run stopped in the middle of ``task`` and resumed, and of the same run uninterrupted."""
+    import json
+
+    import pytest
+
+    run_dir = tmp_path / "stopped"
+    interrupt_in_task(monkeypatch, task, step)
+    from cl_ema.errors import Interrupted
+
+    with pytest.raises(Interrupted):
+        run_experiment(run_dir, "checkpoint=true", *overrides)
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "interrupted"
+    run_experiment(tmp_path / "resumer", "checkpoint=true", *overrides, f"resume={run_dir}")
+    run_experiment(tmp_path / "whole", *overrides)
+    resumed = json.loads((run_dir / "results.json").read_text())
+    assert resumed["status"] == "completed"
+    return resumed["tracks"], json.loads((tmp_path / "whole" / "results.json").read_text())["tracks"]

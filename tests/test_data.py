@@ -236,7 +236,7 @@ def test_training_batches_hold_each_task_sample_once_per_epoch_plus_replay_memor
                 assert counts.min() >= 1 and counts.max() - counts.min() <= 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_device_data_path_on_cuda():
     from cl_ema.data.loader import IndexBatches
 

@@ -305,7 +305,7 @@ def test_misuse_is_reported():
     assert track_name(0.999) == "ema_0.999" and track_name(0.9999) == "ema_0.9999"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_update_matches_cpu():
     cpu_model = small_net()
     gpu_model = copy.deepcopy(cpu_model).cuda()

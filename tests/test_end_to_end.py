@@ -187,7 +187,7 @@ def test_compiled_model_trains_like_the_eager_one_and_saves_plain_keys(runs, tmp
     digits_mlp().load_state_dict(state)  # no `_orig_mod.` prefix
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_run_with_bf16_autocast_learns(tmp_path):
     results, text = run_experiment(tmp_path, "device=cuda", "model=cnn", "train.precision=auto",
                                    "train.channels_last=true", "data.n_tasks=2")  # fmt: skip
@@ -269,3 +269,19 @@ def test_cli_default_run_from_a_non_editable_install(tmp_path):
         check=True,
     ).stdout.strip()
     assert where == str(site / "cl_ema" / "conf")  # the configs came from the wheel, not the checkout
+
+
+def test_tensorboard_and_wandb_at_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    results, _ = run_experiment(tmp_path, "logger=[wandb,tensorboard]", "strategy=ema", "eval.every_n_steps=50",
+                                "data.n_tasks=2")  # fmt: skip
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    acc = events.Scalars("ema_0.99/class_il/avg_acc")
+    assert [e.step for e in acc] == [1, 2] and acc[-1].value == pytest.approx(results.metrics("ema_0.99", 1)["avg_acc"])
+    assert [e.step for e in events.Scalars("live/task_il/acc_task_1")] == [1, 2]
+    assert [e.step for e in events.Scalars("continual/live/acc_task_1")][:3] == [0, 50, 100]  # optimizer steps
+    assert len(events.Images("acc_matrix/class_il")) == 2  # the matrix after each task
+    assert read_run(find_run_file(tmp_path)).summary["final/live/avg_acc"] == pytest.approx(
+        results.metrics("live", 1)["avg_acc"]
+    )

@@ -84,3 +84,60 @@ def test_report_cli_errors_on_an_empty_directory(tmp_path):
     assert (
         proc.returncode == 2 and proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
     )
+
+
+def test_wrongly_shaped_results_are_listed_not_fatal(tmp_path):
+    from helpers import run_experiment
+
+    run_experiment(tmp_path / "good", "data.n_tasks=2")
+    good = json.loads((tmp_path / "good" / "results.json").read_text())
+    shapes = {
+        "list": [1, 2],
+        "no_tracks": {"status": "completed"},
+        "bad_matrix": {**good, "tracks": {"live": {**good["tracks"]["live"], "acc_matrix": [[0.5]]}}},
+        "bad_counts": {**good, "tasks_done": "two"},
+        "bad_metric": {**good, "tracks": {"live": {**good["tracks"]["live"], "avg_acc": "high"}}},
+    }
+    for name, data in shapes.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(data))
+    report = write_report(tmp_path, tmp_path / "report").read_text()
+    for name in shapes:
+        assert f"| {name}/results.json | unreadable (" in report, name
+    assert "1 completed runs in 1 settings" in report
+
+
+def test_settings_group_by_what_runs_used_and_a_resumed_run_joins_its_seeds(tmp_path, monkeypatch):
+    from helpers import run_experiment, stop_and_resume
+
+    common = ["strategy=lwf", "data.n_tasks=2", "train.epochs=2"]
+    run_experiment(tmp_path / "seed0", *common, "seed=0")
+    stop_and_resume(tmp_path / "seed1", monkeypatch, *common, "seed=1", task=1, step=3)  # resumed, with resume=<dir>
+    shutil.rmtree(tmp_path / "seed1" / "whole")  # keep only the resumed run of seed 1
+    run_experiment(tmp_path / "alpha", *common, "strategy.plugins.lwf.alpha=0.5")  # an override inside the plugin node
+    run_experiment(tmp_path / "ema", "strategy=ema", "data.n_tasks=2", "train.epochs=2")
+    report = write_report(tmp_path, tmp_path / "report").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| split_digits | lwf |")]
+    by_label = {row.split(" | ")[2]: row.split(" | ")[4] for row in rows}
+    # seed 0 and the resumed seed 1 (its config says resume=<dir>): one setting of two seeds
+    assert by_label == {"strategy.plugins.lwf.alpha=1.0": "2", "strategy.plugins.lwf.alpha=0.5": "1"}, rows
+    assert "| split_digits | ema | - | ema_0.99 |" in report
+
+
+def test_plots_read_at_a_glance(multirun):
+    import matplotlib.pyplot as plt
+
+    from cl_ema.report import collect, group, horizons_figure, over_tasks_figure
+
+    settings = group(collect(multirun)[0])
+    fig = over_tasks_figure(settings[0])
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    low, high = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if low <= t <= high]
+    assert ticks and all(float(t).is_integer() for t in ticks)  # whole tasks, never 1.5
+    fig = horizons_figure(settings)
+    assert all(ax.get_xlabel() == "" for ax in fig.axes)  # one shared label, not one per panel overlapping
+    assert fig.get_supxlabel().startswith("EMA horizon")
+    assert [ax.get_xscale() for ax in fig.axes] == ["log", "log"]
+    plt.close("all")

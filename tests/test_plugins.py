@@ -1,0 +1,198 @@
+"""The plugin protocol, reservoir replay, CLS-ER and LwF: what each promises, and that resuming keeps it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from helpers import compose_config, run_experiment, stop_and_resume
+from torch import nn
+
+from cl_ema.config import CLSERConfig
+from cl_ema.errors import UserError
+from cl_ema.plugins.cls_er import CLSERPlugin, choose_teacher
+from cl_ema.plugins.replay import StreamReservoir
+
+
+# ---------------------------------------------------------------------------- reservoir
+def test_reservoir_keeps_every_sample_with_probability_mem_size_over_stream_length():
+    """Algorithm R: after a stream of N samples each is in a memory of M with probability M/N.
+
+    400 seeded streams of N=1,000 samples (batches of 10) into M=100 slots: each sample's inclusion
+    count is Binomial(400, 0.1), mean 40, std 6; all 1,000 counts lie within 40 ± 5 std (a false
+    alarm has probability below 1e-3), and early, middle and late samples are kept equally often.
+    """
+    counts = torch.zeros(1000)
+    for seed in range(400):
+        memory = StreamReservoir(100, seed)
+        for start in range(0, 1000, 10):
+            index = torch.arange(start, start + 10)
+            memory.add(index, index % 7)
+            assert memory.filled == min(start + 10, 100)
+        assert (memory.index >= 0).all() and len(memory.index.unique()) == 100  # full, no sample twice
+        assert torch.equal(memory.labels, memory.index % 7)  # labels travel with their samples
+        counts[memory.index] += 1
+    assert counts.sum() == 400 * 100
+    assert ((counts - 40).abs() <= 5 * 6).all(), (counts.min(), counts.max())
+    thirds = [chunk.mean().item() for chunk in counts.chunk(3)]
+    assert max(thirds) - min(thirds) < 2.0  # a third of the samples: std of its mean ~0.33
+
+
+def test_reservoir_samples_without_replacement_and_only_what_it_holds():
+    memory = StreamReservoir(50, seed=3)
+    index, labels = memory.sample(10, torch.device("cpu"))
+    assert len(index) == 0  # nothing seen yet: nothing replayed (Mammoth's first step)
+    memory.add(torch.arange(4), torch.arange(4))
+    index, _ = memory.sample(10, torch.device("cpu"))
+    assert sorted(index.tolist()) == [0, 1, 2, 3]  # capped at what is filled
+    memory.add(torch.arange(4, 500), torch.arange(4, 500))
+    index, labels = memory.sample(32, torch.device("cpu"))
+    assert len(index.unique()) == 32 and torch.equal(index, labels)
+
+
+def test_reservoir_replay_in_a_run_replays_from_the_second_step_and_never_exceeds_its_memory(tmp_path):
+    from cl_ema.plugins.replay import ReservoirReplayPlugin
+
+    replayed = []
+    original = ReservoirReplayPlugin.after_training_iteration
+
+    def record(self, strategy, **kwargs):
+        replayed.append(strategy.mb_replayed)
+        original(self, strategy, **kwargs)
+        assert self.memory.filled <= 30
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(ReservoirReplayPlugin, "after_training_iteration", record)
+    try:
+        run_experiment(tmp_path, "strategy=replay", "replay.policy=reservoir", "replay.mem_size=30",
+                       "replay.batch_size_mem=16", "train.epochs=1", "data.n_tasks=2")  # fmt: skip
+    finally:
+        monkey.undo()
+    assert replayed[0] == 0 and replayed[1] == 16 and all(r == 16 for r in replayed[1:])
+
+
+# ---------------------------------------------------------------------------- CLS-ER
+def test_the_teacher_of_each_sample_is_the_ema_model_more_confident_in_its_label():
+    plastic = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    stable = torch.tensor([[0.0, 2.0], [0.0, 3.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 1, 0])
+    chosen = choose_teacher(plastic, stable, labels)
+    # sample 0: plastic is surer of class 0; sample 1: stable of class 1; sample 2: a tie goes to plastic
+    assert torch.equal(chosen, torch.stack([plastic[0], stable[1], plastic[2]]))
+
+
+class _Strategy(SimpleNamespace):
+    def autocast(self):
+        return torch.autocast("cpu", enabled=False)
+
+
+def test_consistency_loss_uses_the_replayed_samples_only():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    plugin = CLSERPlugin(CLSERConfig(reg_weight=2.0))
+    plugin.attach(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the live weights move away from the (initial) EMA teachers
+    inputs, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    strategy = _Strategy(mb_x=inputs, mb_y=labels, mb_replayed=2, loss=torch.zeros(()))
+    plugin.before_forward(strategy)
+    strategy.mb_output = model(inputs)
+    plugin.before_backward(strategy)
+    with plugin.ema.swapped(0):
+        teacher = model(inputs[-2:])
+    expected = 2.0 * ((strategy.mb_output[-2:] - teacher) ** 2).mean()
+    torch.testing.assert_close(strategy.loss, expected)
+    # outputs on the current samples do not enter the term
+    strategy.loss, strategy.mb_output = torch.zeros(()), torch.cat([model(inputs[:4]) * 7, model(inputs[4:])])
+    plugin.before_backward(strategy)
+    torch.testing.assert_close(strategy.loss, expected)
+    strategy = _Strategy(mb_x=inputs, mb_y=labels, mb_replayed=0, loss=torch.zeros(()))
+    plugin.before_forward(strategy)
+    strategy.mb_output = model(inputs)
+    plugin.before_backward(strategy)
+    assert strategy.loss == 0  # nothing replayed (the first step): cross-entropy alone
+
+
+def test_each_ema_is_updated_with_its_probability_and_clsers_decay_ramp():
+    model = nn.Linear(2, 2)
+    plugin = CLSERPlugin(CLSERConfig(plastic_decay=0.99, plastic_update_prob=0.9, stable_decay=0.999,
+                                     stable_update_prob=0.3), seed=5)  # fmt: skip
+    plugin.attach(model)
+    calls = []
+    plugin.ema.update = calls.append
+    for _ in range(4000):
+        plugin.after_update(None)
+    decays = np.array(calls)
+    assert decays.shape == (4000, 2)
+    # Binomial(4000, p): std 19 and 29; 5 std bounds
+    assert abs((decays[:, 0] < 1).sum() - 3600) < 95 and abs((decays[:, 1] < 1).sum() - 1200) < 145
+    first = decays[0]  # step 1: min(1 - 1/2, α) whenever it updates
+    assert all(d in (0.5, 1.0) for d in first)
+    assert set(decays[1000:, 0]) <= {0.99, 1.0} and set(decays[1000:, 1]) <= {0.999, 1.0}
+    again = CLSERPlugin(plugin.config, seed=5)
+    again.attach(nn.Linear(2, 2))
+    replay = []
+    again.ema.update = replay.append
+    for _ in range(4000):
+        again.after_update(None)
+    assert np.array_equal(np.array(replay), decays)  # seeded: the same coin flips
+
+
+def test_stable_ema_moves_less_than_the_plastic_one_and_live_training_is_replay_with_a_loss(tmp_path):
+    results, text = run_experiment(tmp_path, "strategy=cls_er", "replay.policy=reservoir", "replay.mem_size=40",
+                                   "cls_er.reg_weight=0.5", "checkpoint=true", "data.n_tasks=2")  # fmt: skip
+    assert results.tracks == ["live", "ema_plastic", "ema_stable"]
+    assert "ema_stable: averages over ~1,429 steps" in text  # 1 / (0.7 · (1 − 0.999))
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    live = torch.cat([v.flatten() for k, v in state["model"].items()])
+    plastic, stable = state["plugins"]["cls_er"]["ema"]["shadows"][0]
+    initial = torch.cat([p.detach().flatten() for p in _digits_mlp().parameters()])
+    assert (stable - initial).norm() < (plastic - initial).norm() < (live - initial).norm()
+    assert state["plugins"]["cls_er"]["global_step"] == sum(results.meta["steps_per_task"])
+
+
+def _digits_mlp():
+    from cl_ema.data import DataSpec
+    from cl_ema.data.sources import DIGITS_NORM
+    from cl_ema.models import MLP
+
+    torch.manual_seed(0)
+    return MLP(DataSpec((1, 8, 8), 10, DIGITS_NORM), hidden=100, layers=2)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["strategy=cls_er", "replay.policy=reservoir", "replay.mem_size=40", "cls_er.reg_weight=0.5"],
+        ["strategy=ema_lwf", "ema.decays=[0.9,0.99]"],
+        ["strategy=ema_replay", "replay.policy=reservoir", "eval.every_n_steps=20"],
+    ],
+    ids=["cls_er", "ema_lwf", "reservoir+continual"],
+)
+def test_a_run_stopped_mid_task_and_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch, overrides):
+    resumed, whole = stop_and_resume(tmp_path, monkeypatch, *overrides, "train.epochs=2")
+    assert resumed == whole
+
+
+# ---------------------------------------------------------------------------- LwF and the protocol
+def test_lwf_distills_from_the_second_task_on(tmp_path):
+    plain, _ = run_experiment(tmp_path / "plain", "strategy=plain", "train.epochs=2")
+    lwf, _ = run_experiment(tmp_path / "lwf", "strategy=lwf", "train.epochs=2")
+    assert np.array_equal(plain.matrices["live", "class_il"][0], lwf.matrices["live", "class_il"][0])  # no teacher yet
+    assert not np.array_equal(plain.matrices["live", "class_il"][1:], lwf.matrices["live", "class_il"][1:])
+
+
+def test_a_plugin_that_cannot_save_its_state_is_refused_while_checkpointing():
+    from cl_ema.strategies import build_plugins
+
+    avalanche_lwf = "strategy.plugins.lwf._target_=avalanche.training.plugins.LwFPlugin"
+    with pytest.raises(UserError, match=r"strategy.plugins.lwf: avalanche.training.plugins.lwf.LwFPlugin cannot "
+                                        r"save what it keeps across tasks .* or set checkpoint=false"):  # fmt: skip
+        build_plugins(compose_config("strategy=lwf", avalanche_lwf))
+    assert set(build_plugins(compose_config("strategy=lwf", avalanche_lwf, "checkpoint=false"))) == {"lwf"}
+    with pytest.raises(UserError, match="strategy.plugins.lwf: Linear is not an Avalanche SupervisedPlugin"):
+        build_plugins(compose_config("strategy=lwf", "~strategy.plugins.lwf.alpha", "~strategy.plugins.lwf.temperature",
+                                     "strategy.plugins.lwf._target_=torch.nn.Linear", "+strategy.plugins.lwf.in_features=1",
+                                     "+strategy.plugins.lwf.out_features=1"))  # fmt: skip
