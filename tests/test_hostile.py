@@ -102,8 +102,15 @@ def test_a_file_size_limit_ends_in_one_line_and_keeps_earlier_results(tmp_path):
     assert not list((tmp_path / "run").rglob("*.tmp"))
 
 
-@pytest.mark.parametrize("code,cause", [(errno.ENOSPC, "no space left"), (errno.EDQUOT, "disk quota exceeded"),
-                                        (errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")])  # fmt: skip
+DISK_ERRORS = [
+    (errno.ENOSPC, "no space left"),
+    (errno.EDQUOT, "disk quota exceeded"),
+    (errno.EROFS, "read-only file system"),
+    (errno.EACCES, "permission denied"),
+]
+
+
+@pytest.mark.parametrize("code,cause", DISK_ERRORS)
 def test_disk_errors_name_the_file_and_keep_what_was_written(tmp_path, monkeypatch, code, cause):
     import cl_ema.files
 

@@ -193,6 +193,7 @@ def test_a_plugin_that_cannot_save_its_state_is_refused_while_checkpointing():
         build_plugins(compose_config("strategy=lwf", avalanche_lwf))
     assert set(build_plugins(compose_config("strategy=lwf", avalanche_lwf, "checkpoint=false"))) == {"lwf"}
     with pytest.raises(UserError, match="strategy.plugins.lwf: Linear is not an Avalanche SupervisedPlugin"):
-        build_plugins(compose_config("strategy=lwf", "~strategy.plugins.lwf.alpha", "~strategy.plugins.lwf.temperature",
-                                     "strategy.plugins.lwf._target_=torch.nn.Linear", "+strategy.plugins.lwf.in_features=1",
-                                     "+strategy.plugins.lwf.out_features=1"))  # fmt: skip
+        node = "strategy.plugins.lwf"
+        build_plugins(compose_config("strategy=lwf", f"~{node}.alpha", f"~{node}.temperature",
+                                     f"{node}._target_=torch.nn.Linear", f"+{node}.in_features=1",
+                                     f"+{node}.out_features=1"))  # fmt: skip
