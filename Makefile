@@ -19,8 +19,8 @@ setup: .venv/.synced
 run: setup  ## the default experiment: split digits, live vs EMA
 	$(VENV)/python -m cl_ema $(ARGS)
 
-test: setup  ## the whole test suite (CPU)
-	$(VENV)/python -m pytest -q $(ARGS)
+test: setup  ## the whole test suite (CPU), one pytest worker per core
+	$(VENV)/python -m pytest -q -n auto --dist loadfile $(ARGS)
 
 lint: setup
 	$(VENV)/ruff check cl_ema tests benchmarks

@@ -25,7 +25,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cl_ema.config import CONFIG_DIR, check, register_schema
 from cl_ema.errors import Interrupted, Refused, UserError
-from cl_ema.files import write_error
 from cl_ema.sweep import SWEEP
 
 
@@ -56,7 +55,7 @@ def describe(err: BaseException) -> str:
     if isinstance(err, OverflowError):
         return f"a value is too large for the computation ({err})"
     if isinstance(err, OSError):
-        return str(write_error(err))
+        return f"{err.filename}: {err.strerror or type(err).__name__}"
     return one_line(err)
 
 

@@ -72,6 +72,11 @@ class Sync(Choice):
     task_end = "task_end"  # the EMA weights are loaded into the live model after each task
 
 
+class LossClasses(Choice):
+    all = "all"  # cross-entropy over every output
+    task = "task"  # over the classes of each sample's own task (SLCA's and CoMA's current-task logits)
+
+
 class ReplayPolicy(Choice):
     class_balanced = "class_balanced"  # Avalanche's ClassBalancedBuffer, updated after each task
     reservoir = "reservoir"  # Mammoth's ER: reservoir sampling over the stream, updated every step
@@ -145,11 +150,18 @@ class TrainConfig:
     channels_last: bool = False  # NHWC layout for conv nets (faster with bf16 on recent GPUs)
     compile: bool = False  # torch.compile the model in place (its state-dict keys stay the same)
     sync_batchnorm: bool = False  # with several processes: BatchNorm statistics over the global batch
+    loss_classes: LossClasses = LossClasses.all
+    lr_milestones: list[int] = field(default_factory=list)  # epochs of each task after which the lr is cut
+    lr_gamma: float = 0.1  # … by this factor (every task starts again from the optimizer's lr)
 
     def __post_init__(self) -> None:
         at_least("train.epochs", self.epochs, 1, 100_000)
         at_least("train.batch_size", self.batch_size, 1, 1 << 24)
         at_least("train.eval_batch_size", self.eval_batch_size, 1, 1 << 24)
+        for milestone in self.lr_milestones:
+            at_least("train.lr_milestones", milestone, 1, self.epochs)
+        positive("train.lr_gamma", self.lr_gamma)
+        self.loss_classes = LossClasses(self.loss_classes)
 
 
 @dataclass

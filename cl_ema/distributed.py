@@ -1,9 +1,10 @@
 """Data parallel under ``torchrun``: every process runs the same story on its share of each batch.
 
 ``torchrun --nproc-per-node=N -m cl_ema …`` starts N processes (``RANK``, ``LOCAL_RANK`` and
-``WORLD_SIZE`` in their environment). All of them seed alike, so Avalanche's loaders draw the same
-global mini-batch everywhere, and each trains on its 1/N share of it (``cl_ema.template``);
-DistributedDataParallel averages the gradients, so the parameters stay equal after every step.
+``WORLD_SIZE`` in their environment; a SLURM job of N tasks started by submitit works the same).
+All of them seed alike, so Avalanche's loaders draw the same global mini-batch everywhere, and
+each trains on its 1/N share of it (``cl_ema.template``); DistributedDataParallel averages the
+gradients, so the parameters stay equal after every step.
 The EMA shadows, the replay memory and every plugin's random draws are then identical on all
 processes without any communication (timm's pattern for EMA). Evaluation splits each test set
 over the processes and sums the correct predictions, so every process sees the same accuracies.
@@ -13,12 +14,16 @@ Only the main process (rank 0) writes files and logs.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from cl_ema.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,14 @@ class Processes:
 
 
 def from_environment() -> Processes:
-    """This process's place, as torchrun tells it (one process when not under torchrun)."""
+    """This process's place, as torchrun tells it, or SLURM through submitit for a job of several
+    tasks (``hydra.launcher.tasks_per_node=N``); one process otherwise."""
+    if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR"):
+        import submitit
+        from submitit.helpers import TorchDistributedEnvironment
+
+        if submitit.JobEnvironment().num_tasks > 1:  # MASTER_ADDR/PORT, RANK, LOCAL_RANK, WORLD_SIZE
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     try:
         return Processes(
             int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -57,6 +69,24 @@ def start(processes: Processes, device: torch.device) -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def from_main(compute: Callable[[], T]) -> T:
+    """``compute()`` on the main process, its result on every process (a UserError there is raised
+    everywhere, so that no process waits for one that has stopped)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return compute()
+    message: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            message = [("value", compute())]
+        except UserError as err:
+            message = [("error", str(err))]
+    dist.broadcast_object_list(message, src=0)
+    kind, payload = message[0]
+    if kind == "error":
+        raise UserError(payload)
+    return payload
 
 
 def stop() -> None:

@@ -174,6 +174,8 @@ class EMA:
             raise RuntimeError("EMA.update() before register()")
         if self._swapped is not None:
             raise RuntimeError("EMA.update() while a shadow is swapped in; call restore() first")
+        if decays is not None and len(decays) != len(self.decays):
+            raise ValueError(f"EMA.update() got {len(decays)} decays for {len(self.decays)} shadows")
         self.num_calls += 1
         if self.num_calls % self.options.update_every:
             return

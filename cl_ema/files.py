@@ -19,13 +19,12 @@ from pathlib import Path
 from cl_ema.errors import UserError
 
 
-def _umask() -> int:
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
-
-FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
 
 _CAUSES = {
     errno.ENOSPC: "no space left on the device",
@@ -61,7 +60,7 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; results are as shareable as any file the user writes
+            os.fchmod(fd, file_mode())  # mkstemp makes 0600; results are as shareable as any file the user writes
             with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as handle:
                 handle.write(data)
                 handle.flush()

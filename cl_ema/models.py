@@ -149,7 +149,39 @@ class InputAdapter(nn.Module):
         return x
 
 
-class TorchvisionClassifier(nn.Module):
+class PretrainedClassifier(nn.Module):
+    """A backbone with a new head, fed through an ``InputAdapter``.
+
+    ``backbone_lr_scale`` < 1 trains the pretrained layers slower than the new head (the "slow
+    learner" of SLCA, Zhang et al. 2023: 0.01): ``param_groups(lr)`` gives the optimizer two groups.
+    """
+
+    backbone: nn.Module
+    adapter: InputAdapter
+    backbone_lr_scale: float = 1.0
+
+    def head(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _set_lr_scale(self, scale: float) -> None:
+        if not 0 < scale <= 1e3:
+            raise UserError(f"model.backbone_lr_scale={scale!r}: must be a number > 0")
+        self.backbone_lr_scale = scale
+
+    def param_groups(self, lr: float) -> list[dict]:
+        head = {id(p) for p in self.head().parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        backbone = [p for p in trainable if id(p) not in head]
+        return [
+            {"params": backbone, "lr": lr * self.backbone_lr_scale},
+            {"params": [p for p in trainable if id(p) in head]},
+        ]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(self.adapter(x))
+
+
+class TorchvisionClassifier(PretrainedClassifier):
     """A torchvision classification model, from its pretrained weights when given, with a new head.
 
     ``arch``: any classification model of ``torchvision.models``; ``pretrained``: one of its
@@ -158,18 +190,80 @@ class TorchvisionClassifier(nn.Module):
     (default: the weights' crop size, e.g. 224) and renormalizes to the weights' statistics.
     """
 
-    def __init__(self, spec: DataSpec, arch: str, pretrained: str | None = None, input_size: int | None = None) -> None:
+    def __init__(
+        self,
+        spec: DataSpec,
+        arch: str,
+        pretrained: str | None = None,
+        input_size: int | None = None,
+        backbone_lr_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         weights = _torchvision_weights(arch, pretrained)
         self.backbone = _torchvision_model(arch, weights)
-        _replace_head(self.backbone, arch, spec.num_classes)
+        self._head_name = _replace_head(self.backbone, arch, spec.num_classes)
         preset = weights.transforms() if weights is not None else None
         size = input_size or (preset.crop_size[0] if preset is not None else spec.input_shape[-1])
         mean, std = (preset.mean, preset.std) if preset is not None else (spec.norm.mean, spec.norm.std)
         self.adapter = InputAdapter(spec, size, mean, std)
+        self._set_lr_scale(backbone_lr_scale)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.backbone(self.adapter(x))
+    def head(self) -> nn.Module:
+        return self.backbone.get_submodule(self._head_name)
+
+
+class TimmClassifier(PretrainedClassifier):
+    """Any timm model (``timm.list_models()``), from its pretrained weights when asked, with a new head.
+
+    ``arch``: a timm model name with its weights tag, e.g. ``vit_base_patch16_224.augreg_in21k``;
+    ``pretrained=true`` loads those weights from the Hugging Face hub cache (downloading them on
+    first use). timm builds the head over the stream's classes; an ``InputAdapter`` resizes to
+    ``input_size`` (default: the model's, e.g. 224) and, with pretrained weights, renormalizes to
+    their statistics (timm's pretrained config).
+    """
+
+    def __init__(
+        self,
+        spec: DataSpec,
+        arch: str,
+        pretrained: bool = False,
+        input_size: int | None = None,
+        backbone_lr_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.backbone = _timm_model(arch, pretrained, spec.num_classes)
+        config = self.backbone.pretrained_cfg
+        size = input_size or config["input_size"][-1]
+        mean, std = (config["mean"], config["std"]) if pretrained else (spec.norm.mean, spec.norm.std)
+        self.adapter = InputAdapter(spec, size, mean, std)
+        self._set_lr_scale(backbone_lr_scale)
+
+    def head(self) -> nn.Module:
+        return self.backbone.get_classifier()
+
+
+def _timm_model(arch: str, pretrained: bool, num_classes: int) -> nn.Module:
+    import timm
+
+    if not timm.is_model(arch):
+        raise UserError(
+            f"model.arch={arch!r}: not a timm model (list them with timm.list_models('vit_*', pretrained=True))"
+        )
+    try:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
+    except (OSError, RuntimeError, ValueError) as err:  # hub errors are OSErrors; no weights for the tag: RuntimeError
+        if not pretrained:
+            raise
+        from huggingface_hub import constants
+
+        config = timm.models.get_pretrained_cfg(arch)
+        repo = (config.hf_hub_id if config is not None else None) or f"timm/{arch}"
+        where = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+        raise UserError(
+            f"model.pretrained=true: cannot load timm's {arch} weights ({_first_line(err)}); put model.safetensors "
+            f"from https://huggingface.co/{repo} into {where}/snapshots/<revision>/ (on a machine with network: "
+            f"hf download {repo}, with HF_HUB_CACHE pointing there)"
+        ) from None
 
 
 def _torchvision_weights(arch: str, pretrained: str | None):
@@ -202,7 +296,8 @@ def _torchvision_model(arch: str, weights) -> nn.Module:
         ) from err
 
 
-def _replace_head(model: nn.Module, arch: str, num_classes: int) -> None:
+def _replace_head(model: nn.Module, arch: str, num_classes: int) -> str:
+    """Give the last ``nn.Linear`` ``num_classes`` outputs; its name."""
     heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not heads:
         raise UserError(f"model.arch={arch}: has no linear classification head to replace")
@@ -210,6 +305,7 @@ def _replace_head(model: nn.Module, arch: str, num_classes: int) -> None:
     parent = model.get_submodule(parent_name)
     old = getattr(parent, attribute)
     setattr(parent, attribute, nn.Linear(old.in_features, num_classes))
+    return heads[-1]
 
 
 def build_model(node: DictConfig, spec: DataSpec) -> nn.Module:

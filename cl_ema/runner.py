@@ -72,11 +72,9 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
     processes = distributed.from_environment()
     console = console or Console(None if processes.main else open(os.devnull, "w"))  # noqa: SIM115
     config = to_container(cfg)
-    state = None
-    if resume_request(cfg.resume):
-        out_dir, state = checkpoint.resume_from(resume_request(cfg.resume), out_dir, config)
     device = distributed.start(processes, resolve_device(cfg.device))
     try:
+        out_dir, state = resume_point(cfg, out_dir, config)
         seed_everything(cfg.seed, cfg.deterministic)
         plugins = build_plugins(cfg)
         stream = build_stream(cfg.data, seed=cfg.seed, device=device)
@@ -115,6 +113,27 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
     console.final(results)
     console.print(f"\nresults: {out_dir / 'results.json'} ({results.meta['elapsed_s']:.1f} s training + evaluation)")
     return results
+
+
+def resume_point(cfg: DictConfig, out_dir: Path, config: dict) -> tuple[Path, dict | None]:
+    """The folder the run writes to, and the checkpoint it continues from (None for a new run).
+
+    The main process decides (``resume=true`` picks among the runs next to its folder); the others
+    take its folder and read the same checkpoint.
+    """
+    request = resume_request(cfg.resume)
+    found: dict[str, tuple[Path, dict]] = {}
+
+    def decide() -> tuple[str, bool]:
+        if request:
+            found["main"] = checkpoint.resume_from(request, out_dir, config)
+            return str(found["main"][0]), True
+        return str(out_dir), False
+
+    folder, resuming = distributed.from_main(decide)
+    if "main" in found:
+        return found["main"]
+    return Path(folder), checkpoint.load(Path(folder) / LAST_CHECKPOINT) if resuming else None
 
 
 def train_all_tasks(run: Run, console: Console) -> None:
@@ -208,9 +227,11 @@ def distributed_model(model: nn.Module, cfg: DictConfig, processes: distributed.
     if processes.world_size == 1:
         return None
     if cfg.train.sync_batchnorm:
-        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place for the children: the EMA views stay valid
+        if model_device(model).type != "cuda":
+            raise UserError("train.sync_batchnorm=true needs CUDA devices (SyncBatchNorm has no CPU kernels)")
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # reuses the parameters and buffers: EMA views stay valid
     device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def model_device(model: nn.Module) -> torch.device:

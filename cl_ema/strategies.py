@@ -24,7 +24,7 @@ from cl_ema.data import TaskStream
 from cl_ema.errors import UserError
 from cl_ema.evaluation import Track
 from cl_ema.plugins import Attaches, HasTracks, Stateful
-from cl_ema.plugins.training import FiniteLossPlugin, ProgressBarPlugin
+from cl_ema.plugins.training import FiniteLossPlugin, LRStepsPlugin, ProgressBarPlugin
 from cl_ema.template import DeviceDataTemplate
 
 
@@ -60,9 +60,25 @@ def attach(plugins: dict[str, SupervisedPlugin], model: nn.Module) -> list[Track
     return tracks
 
 
-def build_optimizer(node: DictConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """The ``optimizer`` section's optimizer (a partial ``_target_``) over ``params``."""
+def training_plugins(cfg: DictConfig, device: torch.device, rank: int) -> list[SupervisedPlugin]:
+    """The plugins every run has (none of them keeps state across tasks)."""
+    plugins = [
+        # reading the loss forces a GPU sync: check every 50 steps there, every step on CPU
+        FiniteLossPlugin(check_every=50 if device.type == "cuda" else 1),
+        ProgressBarPlugin(enabled=rank == 0),
+    ]
+    if cfg.train.lr_milestones:
+        plugins.append(LRStepsPlugin(list(cfg.train.lr_milestones), cfg.train.lr_gamma))
+    return plugins
+
+
+def build_optimizer(node: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The ``optimizer`` section's optimizer (a partial ``_target_``) over the model's trainable
+    parameters; a model with ``param_groups(lr)`` (e.g. a slower backbone) gives its own groups."""
     make = build(node, "optimizer")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if hasattr(model, "param_groups"):
+        params = model.param_groups(make.keywords.get("lr"))
     try:
         return make(params)
     except ValueError as err:  # torch.optim checks its own ranges (learning rate, momentum, …)
@@ -87,25 +103,20 @@ def build_strategy(
     training_model: nn.Module | None = None,
 ) -> DeviceDataTemplate:
     """The training template with ``plugins``; ``training_model`` is what trains (``model`` wrapped for DDP)."""
-    params = [p for p in model.parameters() if p.requires_grad]
     return DeviceDataTemplate(
         stream=stream,
         autocast=autocast_dtype(cfg.train.precision, device),
         channels_last=cfg.train.channels_last,
+        loss_classes=cfg.train.loss_classes,
         rank=rank,
         world_size=world_size,
         model=training_model or model,
-        optimizer=build_optimizer(cfg.optimizer, params),
+        optimizer=build_optimizer(cfg.optimizer, model),
         criterion=nn.CrossEntropyLoss(),
         train_mb_size=cfg.train.batch_size,
         train_epochs=cfg.train.epochs,
         eval_mb_size=cfg.train.eval_batch_size,
         device=device,
-        # reading the loss forces a GPU sync: check every 50 steps there, every step on CPU
-        plugins=[
-            *plugins,
-            FiniteLossPlugin(check_every=50 if device.type == "cuda" else 1),
-            ProgressBarPlugin(enabled=rank == 0),
-        ],  # fmt: skip
+        plugins=[*plugins, *training_plugins(cfg, device, rank)],
         evaluator=silent_evaluator(),  # cl_ema evaluates its tracks itself
     )

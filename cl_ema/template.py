@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor
 
+from cl_ema.config import LossClasses
 from cl_ema.data import TaskStream
 from cl_ema.data.loader import DeviceBatches, IndexBatches
 
@@ -24,6 +25,9 @@ class DeviceDataTemplate(SupervisedTemplate):
     at the end of the mini-batch. With ``autocast`` (e.g. ``torch.bfloat16``) the forward pass
     and the loss run under ``torch.autocast``; the weights stay fp32.
 
+    ``loss_classes="task"`` restricts each sample's cross-entropy to the classes of its own task
+    (the current task's logits of SLCA and CoMA, for current samples).
+
     With ``world_size`` processes (``torchrun``), every process draws the same global batch and
     trains on its share (``rank``): the current and the replayed samples are each split in
     ``world_size`` parts, and the loss is the global mean, so that the gradients averaged by
@@ -36,12 +40,20 @@ class DeviceDataTemplate(SupervisedTemplate):
         stream: TaskStream,
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
+        loss_classes: LossClasses = LossClasses.all,
         rank: int = 0,
         world_size: int = 1,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.stream = stream
+        self.loss_classes = loss_classes
+        own = torch.zeros(stream.num_tasks, stream.num_classes, dtype=torch.bool, device=self.device)
+        task_of_class = torch.zeros(stream.num_classes, dtype=torch.long, device=self.device)
+        for task, classes in enumerate(stream.task_classes):
+            own[task, classes] = True
+            task_of_class[classes] = task  # the last task that has the class (permuted: every task has all)
+        self._own_classes = own[task_of_class]  # class → the classes of its task
         self.autocast_dtype = autocast
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.rank = rank
@@ -90,11 +102,15 @@ class DeviceDataTemplate(SupervisedTemplate):
 
     def criterion(self) -> Tensor:
         with self.autocast():
-            if self.world_size == 1 or not self.is_training:
+            if (self.world_size == 1 or not self.is_training) and self.loss_classes == LossClasses.all:
                 return super().criterion()
+            logits = self.mb_output
+            if self.loss_classes == LossClasses.task:
+                logits = logits.masked_fill(~self._own_classes[self.mb_y], float("-inf"))
+            if self.world_size == 1 or not self.is_training:
+                return F.cross_entropy(logits, self.mb_y)
             # DDP averages gradients over processes: scale the local sum so the average is the global mean
-            loss = F.cross_entropy(self.mb_output, self.mb_y, reduction="sum")
-            return loss * (self.world_size / self.mb_global_size)
+            return F.cross_entropy(logits, self.mb_y, reduction="sum") * (self.world_size / self.mb_global_size)
 
     def input_batches(self) -> Callable[[], Iterator[Tensor]]:
         """Replays the current experience's batches (replay memory included), unaugmented.

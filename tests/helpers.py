@@ -63,3 +63,33 @@ def stop_and_resume(tmp_path: Path, monkeypatch, *overrides: str, task: int = 2,
     resumed = json.loads((run_dir / "results.json").read_text())
     assert resumed["status"] == "completed"
     return resumed["tracks"], json.loads((tmp_path / "whole" / "results.json").read_text())["tracks"]
+
+
+def cli_in_process(*argv: str, cwd: Path) -> tuple[int, str, str]:
+    """``python -m cl_ema argv`` run in this process from ``cwd``: exit status, stdout, stderr."""
+    import contextlib
+    import os
+    import signal
+    import sys
+
+    from cl_ema.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv, os.getcwd(), os.environ.get("HYDRA_FULL_ERROR"), signal.getsignal(signal.SIGTERM)
+    sys.argv = ["cl_ema", *argv]
+    os.chdir(cwd)
+    status = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        if saved[2] is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved[2]
+        signal.signal(signal.SIGTERM, saved[3])
+    return status, out.getvalue(), err.getvalue()

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import CONF, ROOT, compose_config
+from helpers import CONF, cli_in_process, compose_config
 from omegaconf import OmegaConf
 
 from cl_ema.building import build
@@ -25,7 +23,7 @@ EXPERIMENTS, STRATEGIES = options("experiment"), options("strategy")
 
 def test_the_documented_experiments_strategies_and_protocols_exist():
     assert EXPERIMENTS == ["perm_mnist", "permuted_mnist", "seq_mnist", "split_cifar", "split_cifar10",
-                           "split_digits", "split_mnist"]  # fmt: skip
+                           "split_cifar_vit", "split_digits", "split_mnist"]  # fmt: skip
     assert STRATEGIES == ["cls_er", "ema", "ema_lwf", "ema_replay", "lwf", "plain", "replay"]
     assert options("best_args") == [f"{e}/{m}_{b}" for e in ("perm_mnist", "seq_mnist") for m in ("clser", "er")
                                     for b in (200, 500)]  # fmt: skip
@@ -58,11 +56,15 @@ def test_every_experiment_builds_its_model_and_optimizer(experiment):
     from cl_ema.models import build_model
     from cl_ema.strategies import build_optimizer
 
-    cfg = compose_config(f"experiment={experiment}", "device=cpu")
+    offline = ["model.pretrained=false"] if "vit" in experiment else []  # the architecture, without a download
+    cfg = compose_config(f"experiment={experiment}", "device=cpu", *offline)
     shape = (3, 32, 32) if "cifar" in experiment else (1, 28, 28) if "mnist" in experiment else (1, 8, 8)
     model = build_model(cfg.model, DataSpec(shape, 100 if experiment == "split_cifar" else 10, UNIT_NORM))
-    optimizer = build_optimizer(cfg.optimizer, list(model.parameters()))
-    assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
+    optimizer = build_optimizer(cfg.optimizer, model)
+    assert optimizer.param_groups[-1]["lr"] == cfg.optimizer.lr  # the head's, when the backbone has its own
+    if experiment == "split_cifar_vit":  # SLCA's slow learner: the pretrained layers at 1/100 of the head's lr
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optimizer.lr / 100)
+        assert len(optimizer.param_groups[1]["params"]) == 2  # head weight and bias
 
 
 @pytest.mark.parametrize(
@@ -70,7 +72,7 @@ def test_every_experiment_builds_its_model_and_optimizer(experiment):
 )
 def test_every_group_option_composes(group, option):
     target = "dataset@data.dataset" if group == "dataset" else group
-    extra = ["model.arch=resnet18"] if option == "torchvision" else []
+    extra = {"torchvision": ["model.arch=resnet18"], "timm": ["model.arch=test_vit.r160_in1k"]}.get(option, [])
     check(compose_config(f"{target}={option}", "device=cpu", *extra))
 
 
@@ -120,6 +122,17 @@ def test_keys_that_do_not_change_results_are_declared_once_and_read_by_all():
     assert setting_id(other) != setting_id(base)
     plain = to_container(compose_config("strategy=plain", "ema.decay=0.5"))
     assert setting(plain) == setting(to_container(compose_config("strategy=plain")))  # unused options do not count
+
+
+def test_hydra_job_folders_leave_out_the_same_keys():
+    from hydra import compose, initialize_config_dir
+
+    from cl_ema.config import CONFIG_DIR, register_schema
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    assert list(cfg.hydra.job.config.override_dirname.exclude_keys) == list(NEUTRAL_KEYS)
 
 
 BAD_VALUES = [
@@ -211,13 +224,7 @@ def test_bad_value_of_a_target_is_refused_where_it_is_used(override, expected):
         if override.lstrip("+").startswith("model"):
             build_model(cfg.model, DataSpec((1, 8, 8), 10, UNIT_NORM))
         else:
-            build_optimizer(cfg.optimizer, [nn.Parameter(nn.init.zeros_(nn.Linear(2, 2).weight))])
-
-
-def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cl_ema", "logger=none", *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
+            build_optimizer(cfg.optimizer, nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize(
@@ -233,11 +240,11 @@ def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     ],
 )
 def test_cli_prints_one_line_exits_2_and_writes_nothing(override, expected, tmp_path):
-    proc = cli(override, f"hydra.run.dir={tmp_path / 'run'}")
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    status, out, err = cli_in_process("logger=none", override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err and out == ""
     assert not (tmp_path / "run").exists()  # refused before Hydra made the folder
 
 

@@ -233,6 +233,7 @@ def test_wandb_failure_does_not_stop_training(tmp_path, monkeypatch):
     assert results.status == "completed" and (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_default_run_from_a_non_editable_install(tmp_path):
     """`python -m cl_ema` with no arguments, from a wheel, in an unrelated working directory."""
     bin_dir = Path(sys.executable).parent
@@ -285,3 +286,27 @@ def test_tensorboard_and_wandb_at_once(tmp_path):
     assert read_run(find_run_file(tmp_path)).summary["final/live/avg_acc"] == pytest.approx(
         results.metrics("live", 1)["avg_acc"]
     )
+
+
+@pytest.mark.parametrize(
+    "experiment,strategy,protocol",
+    [("seq_mnist", "cls_er", "seq_mnist/clser_200"), ("perm_mnist", "ema_replay", "perm_mnist/er_500")],
+)
+def test_mammoth_protocols_run_on_mnist_files(tmp_path, experiment, strategy, protocol):
+    from fake_datasets import write_mnist
+
+    write_mnist(tmp_path / "data", per_class=8, test_per_class=2)
+    results, text = run_experiment(tmp_path / "out", f"experiment={experiment}", f"strategy={strategy}",
+                                   f"best_args={protocol}", f"data.root={tmp_path / 'data'}", "data.download=false",
+                                   "data.n_tasks=5" if experiment == "seq_mnist" else "data.n_tasks=3",
+                                   experiment=experiment)  # fmt: skip
+    assert results.status == "completed"
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    if experiment == "seq_mnist":
+        assert data["class_order"] == list(range(10)) and data["task_classes"][0] == [0, 1]
+        assert results.tracks == ["live", "ema_plastic", "ema_stable"]
+        assert data["config"]["train"]["drop_last"] is True  # CLS-ER's loaders
+    else:
+        assert data["task_classes"] == [list(range(10))] * 3  # domain-incremental: all classes in every task
+        assert data["config"]["data"]["permute_first_task"] is True  # Mammoth permutes the first task too
+    assert data["config"]["replay"]["policy"] == "reservoir"

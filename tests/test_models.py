@@ -172,3 +172,67 @@ def test_fine_tuning_from_imagenet_weights_end_to_end(tmp_path, imagenet_resnet1
     state = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert state["backbone.fc.weight"].shape == (10, 512)
     assert not torch.equal(state["backbone.conv1.weight"], imagenet_resnet18["conv1.weight"])  # it was fine-tuned
+
+
+TINY_VIT = "test_vit.r160_in1k"  # timm's own 0.3 M-parameter test ViT, 160×160 inputs
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache, offline."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"
+
+
+def put_in_hub_cache(cache: Path, repo: str, state: dict[str, torch.Tensor]) -> None:
+    """A seeded weight file where the hub client looks for ``repo``'s weights (no download)."""
+    import safetensors.torch
+
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    safetensors.torch.save_file(state, folder / "snapshots" / ("0" * 40) / "model.safetensors")
+
+
+def test_timm_model_starts_from_the_weights_in_the_hub_cache(hub_cache):
+    import timm
+
+    from cl_ema.models import TimmClassifier
+
+    torch.manual_seed(3)
+    seeded = timm.create_model(TINY_VIT).state_dict()
+    put_in_hub_cache(hub_cache, f"timm/{TINY_VIT}", seeded)
+    model = TimmClassifier(CIFAR10, arch=TINY_VIT, pretrained=True)
+    loaded = model.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in seeded.items() if not k.startswith("head."))
+    assert model.backbone.head.out_features == 10  # a new head over the stream's classes
+    assert model.adapter.size == 160  # the weights' input size
+    seen = []
+    model.backbone.patch_embed.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    half = torch.full((1, 3, 1, 1), 0.5)  # the weights' mean: a pixel there reaches the network as 0
+    x = (half - torch.tensor(CIFAR100_NORM.mean).view(1, 3, 1, 1)) / torch.tensor(CIFAR100_NORM.std).view(1, 3, 1, 1)
+    assert model(x.expand(2, 3, 32, 32)).shape == (2, 10)
+    assert seen[0].shape == (2, 3, 160, 160) and seen[0].abs().max() < 1e-5
+
+
+def test_timm_weights_missing_offline_name_the_cache_folder(hub_cache):
+    from cl_ema.models import TimmClassifier
+
+    expected = (
+        rf"model.pretrained=true: cannot load timm's {TINY_VIT} weights \(.*\); put model.safetensors from "
+        rf"https://huggingface.co/timm/{TINY_VIT} into {hub_cache}/models--timm--{TINY_VIT}/snapshots/"
+    )
+    with pytest.raises(UserError, match=expected):
+        TimmClassifier(CIFAR10, arch=TINY_VIT, pretrained=True)
+    with pytest.raises(UserError, match="model.arch='vit_nope': not a timm model"):
+        TimmClassifier(CIFAR10, arch="vit_nope")
+
+
+def test_timm_random_init_fine_tunes_end_to_end(tmp_path):
+    results, text = run_experiment(tmp_path, "model=timm", f"model.arch={TINY_VIT}", "model.input_size=32",
+                                   "train.epochs=1", "data.n_tasks=2", "strategy=ema")  # fmt: skip
+    assert results.status == "completed" and "model=TimmClassifier" in text

@@ -197,3 +197,35 @@ def test_a_plugin_that_cannot_save_its_state_is_refused_while_checkpointing():
         build_plugins(compose_config("strategy=lwf", f"~{node}.alpha", f"~{node}.temperature",
                                      f"{node}._target_=torch.nn.Linear", f"+{node}.in_features=1",
                                      f"+{node}.out_features=1"))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- protocol options of published methods
+def test_lr_steps_restart_every_task():
+    from cl_ema.plugins.training import LRStepsPlugin
+
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    strategy = SimpleNamespace(optimizer=optimizer)
+    plugin = LRStepsPlugin([2, 3], 0.1)
+    seen = []
+    for _task in range(2):
+        plugin.before_training_exp(strategy)
+        for _epoch in range(4):
+            seen.append(optimizer.param_groups[0]["lr"])
+            plugin.after_training_epoch(strategy)
+    assert seen == pytest.approx([0.5, 0.5, 0.05, 0.005] * 2)
+
+
+def test_loss_over_each_samples_task_classes_keeps_old_classes_from_being_pushed_down(tmp_path):
+    every, own = (
+        run_experiment(tmp_path / name, "strategy=plain", f"train.loss_classes={name}")[0] for name in ("all", "task")
+    )
+    assert own.metrics("live", 4)["avg_acc"] > every.metrics("live", 4)["avg_acc"] + 0.1  # the "labels trick"
+    assert own.metrics("live", 4, "task_il")["avg_acc"] > 0.9
+
+
+def test_a_slow_backbone_trains_through_avalanches_optimizer_updates(tmp_path):
+    results, _ = run_experiment(tmp_path, "model=timm", "model.arch=test_vit.r160_in1k", "model.input_size=32",
+                                "model.backbone_lr_scale=0.01", "train.epochs=1", "data.n_tasks=2",
+                                "train.lr_milestones=[1]", "checkpoint=true")  # fmt: skip
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["optimizer"]
+    assert [g["lr"] for g in state["param_groups"]] == pytest.approx([0.05 * 0.01 * 0.1, 0.05 * 0.1])

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, cli_in_process
 
 from cl_ema.errors import UserError
 from cl_ema.report import write_report
@@ -19,14 +18,16 @@ from cl_ema.report import write_report
 def multirun(tmp_path_factory):
     """2 decays × 2 seeds, plus plain × 2 seeds, through `python -m cl_ema -m` (W&B offline)."""
     root = tmp_path_factory.mktemp("multirun")
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    for args in (["strategy=ema", "ema.decay=0.9,0.99"], ["strategy=plain"]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "cl_ema", "-m", "seed=0,1", "train.epochs=3", *args,
-             f"hydra.sweep.dir={root / args[0].split('=')[1]}"],
-            cwd=root, env=env, capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    try:
+        for args in (["strategy=ema", "ema.decay=0.9,0.99"], ["strategy=plain"]):
+            sweep = root / args[0].split("=")[1]
+            status, _, err = cli_in_process("-m", "seed=0,1", "train.epochs=3", *args, f"hydra.sweep.dir={sweep}",
+                                            cwd=root)  # fmt: skip
+            assert status == 0, err[-3000:]
+    finally:
+        mp.undo()
     return root
 
 

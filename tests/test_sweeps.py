@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, compose_config
+from helpers import ROOT, cli_in_process, compose_config
 from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 
 from cl_ema.config import check
@@ -69,18 +66,9 @@ def _select(cfg, key: str):
 def test_one_rendered_command_runs_end_to_end(tmp_path):
     sweep = yaml.safe_load((ROOT / "sweeps" / "split_digits_ema_decay.yaml").read_text())
     command = render(sweep, {"ema.decay": 0.995, "seed": 2})
-    assert command[1] == "python"
-    command[1] = sys.executable  # the agent's "python" is whatever is first on PATH
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.run(
-        [*command, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert command[:4] == ["/usr/bin/env", "python", "-m", "cl_ema"]  # the agent runs `python -m cl_ema <args>`
+    status, _, err = cli_in_process(*command[4:], f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert status == 0, err[-2000:]
     data = json.loads((tmp_path / "run" / "results.json").read_text())
     assert data["seed"] == 2 and set(data["tracks"]) == {"live", "ema_0.995"} and data["status"] == "completed"
     assert list(Path(tmp_path / "run" / "wandb").glob("offline-run-*"))

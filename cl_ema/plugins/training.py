@@ -51,6 +51,34 @@ class FiniteLossPlugin(SupervisedPlugin, supports_distributed=True):
             )
 
 
+class LRStepsPlugin(SupervisedPlugin, supports_distributed=True):
+    """Multiplies every learning rate by ``gamma`` after each epoch in ``milestones`` of a task.
+
+    Each task starts again from the learning rates the optimizer was built with, as a MultiStepLR
+    made anew per task (SLCA, CoMA); so nothing is kept from one task to the next.
+    """
+
+    stateless = True
+
+    def __init__(self, milestones: list[int], gamma: float) -> None:
+        super().__init__()
+        self.milestones = set(milestones)
+        self.gamma = gamma
+        self.epochs_done = 0
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        self.epochs_done = 0
+        for group in strategy.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["initial_lr"]
+
+    def after_training_epoch(self, strategy, **kwargs) -> None:
+        self.epochs_done += 1
+        if self.epochs_done in self.milestones:
+            for group in strategy.optimizer.param_groups:
+                group["lr"] *= self.gamma
+
+
 class ProgressBarPlugin(SupervisedPlugin, supports_distributed=True):
     """One tqdm bar per training epoch, with the running loss (read every ``refresh`` steps)."""
 

@@ -1,0 +1,124 @@
+"""Data parallel under torchrun (gloo, 2 CPU processes): same results as one process, one writer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from helpers import ROOT, run_experiment
+
+pytestmark = pytest.mark.slow
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+RUN = ["strategy=ema_replay", "ema.decays=[0.9,0.99]", "logger=none", "device=cpu", "seed=1", "train.epochs=30"]
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*TORCHRUN, *args], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """`torchrun -m cl_ema` with 2 processes, and the same run in one process."""
+    root = tmp_path_factory.mktemp("ddp")
+    out = finish(torchrun("-m", "cl_ema", *RUN, f"hydra.run.dir={root / 'run'}", cwd=root))
+    single, _ = run_experiment(root / "single", *RUN)
+    return root, out, single
+
+
+def test_two_processes_give_the_single_process_results(two_processes):
+    root, out, single = two_processes
+    data = json.loads((root / "run" / "results.json").read_text())
+    assert data["status"] == "completed" and data["world_size"] == 1 + 1
+    assert "2 processes" in out
+    test_sizes = [len(index) for index in _digits_test_indices(single)]
+    for track in single.tracks:
+        for setting in ("class_il", "task_il"):
+            ours = np.array(data["tracks"][track]["acc_matrix"] if setting == "class_il"
+                            else data["tracks"][track][setting]["acc_matrix"])  # fmt: skip
+            # only the order of the gradient reduction differs: at most one test sample per task
+            assert (np.abs(ours - single.matrices[track, setting]) <= 1 / np.array(test_sizes) + 1e-12).all(), track
+
+
+def _digits_test_indices(results):
+    from cl_ema.config import Scenario
+    from cl_ema.data import sources, stream_from_stores
+
+    stream = stream_from_stores(*sources.load_digits(), Scenario.split, 5, seed=1, device=torch.device("cpu"))
+    return stream.test_indices
+
+
+def test_only_the_main_process_writes(two_processes):
+    root, _, _ = two_processes
+    written = sorted(p.relative_to(root).parts[0] for p in root.iterdir())
+    assert written == ["run", "single"]  # no folder of the second process, no outputs/
+    assert (root / "run" / ".hydra" / "config.yaml").exists() and (root / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_every_process_keeps_identical_ema_shadows_and_replay_memory(tmp_path):
+    finish(torchrun("tests/ddp_worker.py", str(tmp_path), *RUN, cwd=ROOT))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for a, b in zip(*(r["plugins"]["ema"]["shadows"] for r in ranks)):
+        assert torch.equal(a, b)  # bit for bit, without communication
+    memories = [r["plugins"]["replay"]["groups"] for r in ranks]
+    assert [g["key"] for g in memories[0]] == [g["key"] for g in memories[1]]
+    for a, b in zip(*memories):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["weights"], b["weights"])
+    assert all(torch.equal(ranks[0]["model"][k], ranks[1]["model"][k]) for k in ranks[0]["model"])
+
+
+def test_killed_and_resumed_under_torchrun_equals_the_uninterrupted_run(two_processes, tmp_path):
+    root, _, _ = two_processes
+    run_dir = tmp_path / "run"
+    proc = torchrun("-m", "cl_ema", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children(recursive=True)  # torchrun starts them in sessions of their own
+    for process in [psutil.Process(proc.pid), *workers]:
+        process.send_signal(signal.SIGKILL)  # torchrun and both workers, in the middle of task 2
+    proc.communicate()
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "running"
+    out = finish(torchrun("-m", "cl_ema", *RUN, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'again'}",
+                          cwd=tmp_path))  # fmt: skip
+    assert f"resuming {run_dir}" in out
+    tracks = [json.loads((d / "results.json").read_text())["tracks"] for d in (run_dir, root / "run")]
+    assert tracks[0] == tracks[1]  # the fixture's uninterrupted run under torchrun
+
+
+def test_a_multirun_through_the_submitit_launcher_runs_each_job_in_its_own_process(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "cl_ema", "-m", "hydra/launcher=submitit_local", "seed=0,1",
+                           "logger=none", "data.n_tasks=2", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert [json.loads(p.read_text())["seed"] for p in results] == [0, 1]
+    assert all(json.loads(p.read_text())["status"] == "completed" for p in results)
+    logs = list((tmp_path / "sweep" / ".submitit").glob("*/*_log.out"))
+    assert len({p.parent for p in logs}) == 2  # two submitit jobs: two processes
+
+
+def test_scaling_benchmark_runs_the_gloo_path():
+    proc = subprocess.run([sys.executable, "benchmarks/scaling.py", "--device", "cpu", "--processes", "2",
+                           "--model", "resnet18", "--width", "4", "--steps", "2", "--warmup", "1",
+                           "--batch-size", "8", "--samples", "1000"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout and "scaling efficiency" in proc.stdout
