@@ -1,10 +1,10 @@
-# Two commands on a fresh machine with Python 3.10-3.13: `make run` and `make test`.
+# Two commands on a fresh machine with Python 3.10-3.13: `make run` and `make test` (`make test-all`: CI).
 # uv installs the locked dependencies (uv.lock) into .venv; uv itself goes into .tools.
 PYTHON ?= python3
 UV := .tools/bin/uv
 VENV := .venv/bin
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-all lint bench clean
 
 setup: .venv/.synced
 
@@ -19,7 +19,10 @@ setup: .venv/.synced
 run: setup  ## the default experiment: split digits, live vs EMA
 	$(VENV)/python -m cl_ema $(ARGS)
 
-test: setup  ## the whole test suite (CPU), one pytest worker per core
+test: setup  ## the test suite without the tests that start fresh Python processes (CPU), a worker per core
+	$(VENV)/python -m pytest -q -n auto --dist loadfile -m "not slow" $(ARGS)
+
+test-all: setup  ## every test (what CI runs): torchrun, submitit, signals, concurrent runs too
 	$(VENV)/python -m pytest -q -n auto --dist loadfile $(ARGS)
 
 lint: setup

@@ -46,10 +46,23 @@ def _run(cfg: DictConfig) -> float | None:
         return None  # the sweep goes on; the summary at its end reports this job
 
 
+# keys of earlier versions → where the setting lives now (said when an override names the old key)
+RENAMED = {
+    "train.lr": "optimizer.lr",
+    "train.momentum": "optimizer.momentum",
+    "train.weight_decay": "optimizer.weight_decay",
+    "train.optimizer": "the optimizer group (optimizer=adam)",
+    "model.name": "the model group (model=timm, model=torchvision, …)",
+    **{f"logger.{key}": f"logger.wandb.{key}" for key in ("mode", "project", "entity", "group", "tags")},
+}
+
+
 def describe(err: BaseException) -> str:
     """One line for an error a user can act on."""
     if isinstance(err, (HydraException, OmegaConfBaseException)):
-        return one_line(err)
+        message = one_line(err)
+        renamed = [f"{old} is {new} now" for old, new in RENAMED.items() if f"override '{old}'" in message]
+        return f"{message} ({'; '.join(renamed)})" if renamed else message
     if isinstance(err, UserError):
         return str(err)
     if isinstance(err, OverflowError):

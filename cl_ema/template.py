@@ -83,13 +83,11 @@ class DeviceDataTemplate(SupervisedTemplate):
     def _share(self, columns: list[Tensor], replayed: int) -> tuple[list[Tensor], int]:
         """This process's part of the current and of the replayed samples of a global batch."""
         cut = len(columns[0]) - replayed
-        mine = [
-            torch.cat(
-                [c[:cut].tensor_split(self.world_size)[self.rank], c[cut:].tensor_split(self.world_size)[self.rank]]
-            )
-            for c in columns
-        ]
-        return mine, len(columns[0][cut:].tensor_split(self.world_size)[self.rank])
+
+        def part(tensor: Tensor) -> Tensor:
+            return tensor.tensor_split(self.world_size)[self.rank]
+
+        return [torch.cat([part(c[:cut]), part(c[cut:])]) for c in columns], len(part(columns[0][cut:]))
 
     def autocast(self) -> AbstractContextManager:
         if self.autocast_dtype is None:

@@ -237,6 +237,8 @@ def test_bad_value_of_a_target_is_refused_where_it_is_used(override, expected):
         ("train.batch_size=abc", "train.batch_size: Value 'abc' of type 'str' could not be converted to Integer"),
         ("experiment=nope", "error: In 'config': Could not find 'experiment/nope'"),
         ("foo=1", "Could not override 'foo'"),
+        ("train.lr=0.1", "train.lr: Key 'lr' not in 'TrainConfig' (train.lr is optimizer.lr now)"),
+        ("logger.mode=offline", "(logger.mode is logger.wandb.mode now)"),
     ],
 )
 def test_cli_prints_one_line_exits_2_and_writes_nothing(override, expected, tmp_path):
