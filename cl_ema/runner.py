@@ -107,11 +107,15 @@ def run(cfg: DictConfig, out_dir: Path, experiment: str, console: Console | None
         print_header(console, the_run, experiment, device)
         if processes.main:
             atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        train_all_tasks(the_run, console)
+        try:
+            train_all_tasks(the_run, console)
+            console.final(results)
+            console.print(f"\nresults: {out_dir / 'results.json'} ({results.meta['elapsed_s']:.1f} s training + "
+                          "evaluation)")  # fmt: skip
+        finally:
+            the_run.loggers.finish(results)  # last: W&B prints how to upload an offline run
     finally:
         distributed.stop()
-    console.final(results)
-    console.print(f"\nresults: {out_dir / 'results.json'} ({results.meta['elapsed_s']:.1f} s training + evaluation)")
     return results
 
 
@@ -168,7 +172,6 @@ def train_all_tasks(run: Run, console: Console) -> None:
         if results.tasks_done:
             with contextlib.suppress(UserError):  # if the disk is what failed, the error being raised says so
                 save(run, with_checkpoint=False)  # the status; the checkpoint of the last task stays
-        run.loggers.finish(results)
 
 
 def save(run: Run, with_checkpoint: bool) -> None:

@@ -3,6 +3,9 @@ import os
 import pytest
 
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one pytest worker per core: a second torch thread per worker only makes them wait for each other
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):

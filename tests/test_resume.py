@@ -51,17 +51,17 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     interrupted = json.loads((run_dir / "results.json").read_text())
     assert interrupted["status"] == "running" and interrupted["tasks_done"] == 1, interrupted["tasks_done"]
 
-    status, out, err = cli_in_process(*SLOW_RUN, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'again'}",
-                                      cwd=tmp_path)  # fmt: skip
-    assert status == 0, err[-3000:]
+    resumed = cli(*SLOW_RUN, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
     assert f"resuming {run_dir} after task 1/2" in out
 
     run_experiment(tmp_path / "whole", *SLOW_RUN)  # uninterrupted, same seed
     final = json.loads((run_dir / "results.json").read_text())
     assert final["status"] == "completed"
     assert final["tracks"] == tracks(tmp_path / "whole" / "results.json")  # identical on CPU
-    ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
-    assert len(ids) == 1  # the W&B run resumed under the same id
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in runs}) == 1  # W&B resumed the same run id
 
 
 def test_resume_true_finds_the_run_of_the_same_configuration(tmp_path):
