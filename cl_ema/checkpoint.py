@@ -15,6 +15,7 @@ bit for bit on CPU, as if it had never stopped.
 from __future__ import annotations
 
 import io
+import math
 import random
 import sys
 from pathlib import Path
@@ -110,11 +111,32 @@ def load(path: Path) -> dict[str, Any]:
             raise UserError(f"{path}: field {name!r} is missing or not a {getattr(kind, '__name__', kind)}")
     results = state["results"]
     done, total = results.get("tasks_done"), results.get("num_tasks")
-    if not (isinstance(done, int) and isinstance(total, int) and 1 <= done <= total):
+    if not (_count(done) and _count(total) and 1 <= done <= total):
         raise UserError(f"{path}: impossible task counts (tasks_done={done!r} of num_tasks={total!r})")
     if state["train_iterations"] < 0 or state["world_size"] < 1:
         raise UserError(f"{path}: impossible counters (train_iterations={state['train_iterations']})")
     return state
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_optimizer_state(saved: Any, fresh: dict[str, Any]) -> None:
+    """The saved optimizer state has the groups of the fresh one, each hyperparameter of the same kind
+    (a hand-edited ``lr='abc'`` would otherwise fail only at the first step)."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or len(groups) != len(fresh["param_groups"]):
+        raise UserError(f"the optimizer state has {len(groups or [])} parameter groups, this run's optimizer has "
+                        f"{len(fresh['param_groups'])}")  # fmt: skip
+    for group, expected in zip(groups, fresh["param_groups"]):
+        for key, value in expected.items():
+            got = group.get(key) if isinstance(group, dict) else None
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if number and not (isinstance(got, (int, float)) and not isinstance(got, bool) and math.isfinite(got)):
+                raise UserError(f"the optimizer's {key}={got!r} is not a finite number")
+            if isinstance(value, bool) and not isinstance(got, bool):
+                raise UserError(f"the optimizer's {key}={got!r} is not true or false")
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -166,6 +188,7 @@ def restore(run: Run, state: dict[str, Any], path: Path) -> None:
         run.model.load_state_dict(state["model"])  # copies in place: the EMA engine's views stay valid
         # Avalanche resets the optimizer on its first experience; do it now, then load the state
         run.strategy.make_optimizer(reset_optimizer_state=True)
+        check_optimizer_state(state["optimizer"], run.strategy.optimizer.state_dict())
         run.strategy.optimizer.load_state_dict(state["optimizer"])
         for name, plugin in plugins.items():
             plugin.load_state_dict(state["plugins"][name])

@@ -27,6 +27,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 from platformdirs import user_cache_dir
 
 if typing.TYPE_CHECKING:
@@ -158,8 +159,8 @@ class TrainConfig:
         at_least("train.epochs", self.epochs, 1, 100_000)
         at_least("train.batch_size", self.batch_size, 1, 1 << 24)
         at_least("train.eval_batch_size", self.eval_batch_size, 1, 1 << 24)
-        for milestone in self.lr_milestones:
-            at_least("train.lr_milestones", milestone, 1, self.epochs)
+        if not all(1 <= m <= self.epochs for m in self.lr_milestones):
+            _fail("train.lr_milestones", list(self.lr_milestones), f"each must be an epoch in [1, {self.epochs}]")
         positive("train.lr_gamma", self.lr_gamma)
         self.loss_classes = LossClasses(self.loss_classes)
 
@@ -192,8 +193,9 @@ class EMAConfig(EMAOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        decays = self.decay_list()
         self.sync = Sync(self.sync)
-        if self.sync == Sync.task_end and len(self.decay_list()) > 1:
+        if self.sync == Sync.task_end and len(decays) > 1:
             raise UserError("ema.sync=task_end changes training, so it takes one decay, not ema.decays")
 
     def decay_list(self) -> list[float]:
@@ -341,8 +343,10 @@ def check(cfg: DictConfig) -> Config:
     """The config as typed objects; a UserError names the first unknown key or value out of range."""
     for key in _unknown_keys(cfg, Config):  # `+key=value` overrides get past Hydra's own check
         raise UserError(f"{key}: unknown config key (the keys are declared in cl_ema/config.py)")
-    config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]  # runs every __post_init__
-    config.ema.decay_list()
+    try:
+        config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]  # runs every __post_init__
+    except MissingMandatoryValue as err:
+        raise UserError(f"{err.full_key}: needs a value (set {err.full_key}=…)") from None
     resume = resume_request(cfg.resume)
     if isinstance(resume, Path) and not (resume / LAST_CHECKPOINT).is_file():
         raise UserError(f"resume={cfg.resume}: no {LAST_CHECKPOINT} in that directory")

@@ -81,8 +81,11 @@ def check_shape(data: Any) -> None:
             if matrix.shape != (num_tasks, num_tasks):
                 raise ValueError("accuracy matrix")
             for metric in METRICS:
-                if not isinstance(values.get(metric.key), (int, float, type(None))):
-                    raise ValueError(metric.key)
+                value = values.get(metric.key)
+                if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                    raise ValueError(f"{metric.key}={value!r}")
+    if not isinstance(data.get("seed", 0), int):
+        raise ValueError("seed")
 
 
 def collect(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:

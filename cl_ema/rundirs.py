@@ -74,7 +74,8 @@ def _refuse_on_error(claim_in: Any, config: DictConfig) -> None:
     except UserError as err:
         raise Refused(str(err)) from None
     except Exception as err:  # noqa: BLE001 - anything else: refuse rather than share a folder
-        raise Refused(f"cannot claim the run folder ({type(err).__name__}: {err})") from err
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise Refused(f"cannot claim the run folder ({type(err).__name__}: {detail})") from err
 
 
 class RunDirectories(Callback):

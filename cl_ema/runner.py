@@ -7,7 +7,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from cl_ema.data import TaskStream, build_stream
 from cl_ema.errors import Interrupted, UserError
 from cl_ema.evaluation import Track, evaluate
 from cl_ema.files import atomic_write
-from cl_ema.loggers import Loggers, RunInfo
+from cl_ema.loggers import Loggers, RunInfo, warn_disabled
 from cl_ema.models import build_model
 from cl_ema.plugins import Stateful
 from cl_ema.results import Results, save_outputs
@@ -220,8 +219,7 @@ def build_loggers(run: Run, experiment: str, state: dict | None) -> Loggers:
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001 - a logger must never stop training
-            warnings.warn(f"logger {name} disabled ({type(err).__name__}: {err}); local outputs are still written",
-                          stacklevel=2)  # fmt: skip
+            warn_disabled(name, err)
     return Loggers(loggers)
 
 

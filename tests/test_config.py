@@ -163,6 +163,8 @@ BAD_VALUES = [
     ("seed=-1", "seed"),
     ("seed=4294967296", "seed=4294967296"),
     ("data.n_tasks=0", "data.n_tasks"),
+    ("train.lr_milestones=[50]", r"train.lr_milestones=\[50\]: each must be an epoch in \[1, 10\]"),
+    ("model=timm", r"model.arch: needs a value \(set model.arch=…\)"),
     ("data.scenario=rotated", "data.scenario"),
     ("logger.wandb.mode=sometimes", "logger.wandb.mode"),
     ("device=tpu", "device"),
@@ -239,6 +241,7 @@ def test_bad_value_of_a_target_is_refused_where_it_is_used(override, expected):
         ("foo=1", "Could not override 'foo'"),
         ("train.lr=0.1", "train.lr: Key 'lr' not in 'TrainConfig' (train.lr is optimizer.lr now)"),
         ("logger.mode=offline", "(logger.mode is logger.wandb.mode now)"),
+        ("model=torchvision", "error: model.arch: needs a value (set model.arch=…)"),
     ],
 )
 def test_cli_prints_one_line_exits_2_and_writes_nothing(override, expected, tmp_path):

@@ -160,8 +160,10 @@ def _edit_checkpoint(path: Path, edit) -> None:
         (lambda s: s["plugins"]["ema"]["shadows"][0].resize_(3), "checkpoint EMA shadows do not match"),
         (lambda s: s["model"].update({"features.1.weight": torch.zeros(3, 3)}), "does not fit this run"),
         (lambda s: s["plugins"].pop("ema"), r"holds the state of plugins \[\], this run has \['ema'\]"),
+        (lambda s: s["optimizer"]["param_groups"][0].update(lr="abc"), "the optimizer's lr='abc' is not a finite number"),
+        (lambda s: s["results"].update(tasks_done=True), r"impossible task counts \(tasks_done=True"),
     ],
-    ids=["tasks_done", "missing", "ill-typed", "shadow-shape", "model-shape", "plugin-missing"],
+    ids=["tasks_done", "missing", "ill-typed", "shadow-shape", "model-shape", "plugin-missing", "optimizer", "bool"],
 )
 def test_a_broken_checkpoint_is_one_line_and_rewrites_nothing(tmp_path, edit, expected):
     run_experiment(tmp_path, "strategy=ema", "data.n_tasks=2", "checkpoint=true")

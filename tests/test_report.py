@@ -98,6 +98,8 @@ def test_wrongly_shaped_results_are_listed_not_fatal(tmp_path):
         "bad_matrix": {**good, "tracks": {"live": {**good["tracks"]["live"], "acc_matrix": [[0.5]]}}},
         "bad_counts": {**good, "tasks_done": "two"},
         "bad_metric": {**good, "tracks": {"live": {**good["tracks"]["live"], "avg_acc": "high"}}},
+        "nan_metric": {**good, "tracks": {"live": {**good["tracks"]["live"], "avg_acc": float("nan")}}},
+        "bad_seed": {**good, "seed": "zz"},
     }
     for name, data in shapes.items():
         (tmp_path / name).mkdir()

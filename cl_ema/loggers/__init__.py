@@ -74,6 +74,13 @@ def eval_log(accuracies: Mapping[str, list[float]]) -> dict[str, float]:
     return {continual_key(track, j): acc for track, values in accuracies.items() for j, acc in enumerate(values)}
 
 
+def warn_disabled(name: str, err: BaseException) -> None:
+    """The one warning a failing logger gets (training goes on without it)."""
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    warnings.warn(f"logger {name} disabled ({type(err).__name__}: {detail}); local outputs are still written",
+                  stacklevel=3)  # fmt: skip
+
+
 class Loggers:
     """Calls every logger; one that raises is reported once and dropped, the others go on."""
 
@@ -85,8 +92,7 @@ class Loggers:
             try:
                 getattr(logger, method)(*args)
             except Exception as err:  # noqa: BLE001 - logging must never stop training
-                warnings.warn(f"logger {name} disabled ({type(err).__name__}: {err}); local outputs are still written",
-                              stacklevel=2)  # fmt: skip
+                warn_disabled(name, err)
                 del self.loggers[name]
 
     def log_task(self, results: Results, task: int) -> None:
