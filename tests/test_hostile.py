@@ -160,7 +160,7 @@ def _edit_checkpoint(path: Path, edit) -> None:
         (lambda s: s["plugins"]["ema"]["shadows"][0].resize_(3), "checkpoint EMA shadows do not match"),
         (lambda s: s["model"].update({"features.1.weight": torch.zeros(3, 3)}), "does not fit this run"),
         (lambda s: s["plugins"].pop("ema"), r"holds the state of plugins \[\], this run has \['ema'\]"),
-        (lambda s: s["optimizer"]["param_groups"][0].update(lr="abc"), "the optimizer's lr='abc' is not a finite number"),
+        (lambda s: s["optimizer"]["param_groups"][0].update(lr="abc"), "optimizer's lr='abc' is not a finite number"),
         (lambda s: s["results"].update(tasks_done=True), r"impossible task counts \(tasks_done=True"),
     ],
     ids=["tasks_done", "missing", "ill-typed", "shadow-shape", "model-shape", "plugin-missing", "optimizer", "bool"],
@@ -273,7 +273,6 @@ def test_an_interrupted_sweep_names_the_jobs_it_did_not_run():
 
 def test_an_unreachable_wandb_server_costs_at_most_15_seconds_and_one_warning(tmp_path, monkeypatch):
     import wandb
-
     from cl_ema.loggers import RunInfo
 
     wandb.teardown()  # W&B's service process outlives a run and keeps its server address: start one afresh
