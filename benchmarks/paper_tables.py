@@ -77,7 +77,7 @@ def jobs(experiment: str) -> list[Job]:
 def run_one(out: Path, experiment: str, seed: int, job: Job, data_root: Path):
     cfg = compose(f"experiment={experiment}", *job.overrides, f"seed={seed}", f"data.root={data_root}",
                   "data.download=false", "logger=none", "checkpoint=false", "device=cpu")  # fmt: skip
-    check(cfg)
+    check(cfg, experiment)
     started = time.perf_counter()
     results = run(cfg, out / experiment / job.name / f"seed{seed}", experiment, console=Console(file=io.StringIO()))
     return results, time.perf_counter() - started
@@ -147,7 +147,9 @@ def step_costs(args) -> str:
         per_step: dict[str, list[float]] = {"replay": [], "cls_er": []}
         for _ in range(args.timing_rounds):
             for strategy in per_step:
-                job = Job(strategy, [f"strategy={strategy}", f"best_args=seq_mnist/clser_{buffer}"], {})
+                # replay under CLS-ER's protocol, for the time per step alone
+                job = Job(strategy, [f"strategy={strategy}", f"best_args=seq_mnist/clser_{buffer}",
+                                     "best_args.strategies=[cls_er,replay]"], {})  # fmt: skip
                 results, _ = run_one(args.out / "timing", "seq_mnist", 0, job, args.data_root)
                 per_step[strategy].append(1000 * results.meta["train_s"] / sum(results.meta["steps_per_task"]))
         if args.timing_rounds:

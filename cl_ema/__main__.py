@@ -23,8 +23,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from cl_ema.config import CONFIG_DIR, check, register_schema
+from cl_ema.config import CONFIG_DIR, check, experiment_name, register_schema
 from cl_ema.errors import Interrupted, Refused, UserError
+from cl_ema.rundirs import release
 from cl_ema.sweep import SWEEP
 
 
@@ -32,16 +33,17 @@ from cl_ema.sweep import SWEEP
 def _run(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     try:
-        check(cfg)
+        experiment = experiment_name(hydra_cfg)
+        check(cfg, experiment)
         from cl_ema.runner import run  # heavy imports only once the config is known to be good
 
-        experiment = hydra_cfg.runtime.choices.get("experiment") or "custom"
         results = run(cfg, Path(hydra_cfg.runtime.output_dir), experiment)
         return results.metrics("live", results.tasks_done - 1)["avg_acc"]  # the objective for sweepers
     except (UserError, OSError, OverflowError) as err:
         message = describe(err)
         if hydra_cfg.mode != RunMode.MULTIRUN:
-            _fail(message)
+            release(Path(hydra_cfg.runtime.output_dir))  # refused before writing: leave no empty run folder
+            _fail(message, said_by_main=not isinstance(err, OSError))
         SWEEP.failed(hydra_cfg.job.num, list(hydra_cfg.overrides.task), message, Path(hydra_cfg.runtime.output_dir))
         return None  # the sweep goes on; the summary at its end reports this job
 
@@ -72,8 +74,11 @@ def describe(err: BaseException) -> str:
     return one_line(err)
 
 
-def _fail(message: str, status: int = 2) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+def _fail(message: str, status: int = 2, said_by_main: bool = True) -> NoReturn:
+    """``error: <message>``, exit ``status``. Under torchrun every process meets the same bad input
+    (``said_by_main``): the main one says it, once; a file error may be a single process's own."""
+    if not said_by_main or int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)
 
 
@@ -123,7 +128,7 @@ def main() -> None:
         ours = isinstance(err, (HydraException, OmegaConfBaseException, UserError, OverflowError))
         if user_wants_traceback or not (ours or err.filename is not None):  # an OSError without a file: a bug
             raise
-        _fail(describe(err))
+        _fail(describe(err), said_by_main=not isinstance(err, OSError))
     summary = SWEEP.summary()
     if summary:
         _fail(summary)

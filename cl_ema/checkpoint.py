@@ -17,15 +17,14 @@ from __future__ import annotations
 import io
 import math
 import random
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from cl_ema.config import LAST_CHECKPOINT, result_keys
-from cl_ema.errors import UserError
+from cl_ema.config import LAST_CHECKPOINT, result_keys, short_key
+from cl_ema.errors import UserError, warn
 from cl_ema.files import atomic_write
 
 if TYPE_CHECKING:
@@ -142,8 +141,8 @@ def check_optimizer_state(saved: Any, fresh: dict[str, Any]) -> None:
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Keys (dotted) whose values differ, leaving out those that never change results."""
     a, b = result_keys(saved), result_keys(current)
-    return [f"{k}: {a.get(k, 'absent')} in the checkpoint, {b.get(k, 'absent')} now" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)]  # fmt: skip
+    return [f"{short_key(k)}: {a.get(k, 'absent')} in the checkpoint, {b.get(k, 'absent')} now"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]  # fmt: skip
 
 
 def resume_from(request: Path | bool, out_dir: Path, config: dict) -> tuple[Path, dict[str, Any]]:
@@ -167,7 +166,7 @@ def resume_from(request: Path | bool, out_dir: Path, config: dict) -> tuple[Path
         try:
             state = load(run_dir / LAST_CHECKPOINT)
         except UserError as err:
-            print(f"resume=true: skipping {run_dir} ({err})", file=sys.stderr)
+            warn(f"resume=true: skipping {run_dir} ({err})")
             continue
         if not config_differences(state["config"], config):
             return run_dir, state
@@ -183,7 +182,7 @@ def restore(run: Run, state: dict[str, Any], path: Path) -> None:
             f"{path}: holds the state of plugins {sorted(state['plugins'])}, this run has {sorted(plugins)}"
         )
     if state["world_size"] != run.world_size:
-        print(f"resuming a run trained by {state['world_size']} processes with {run.world_size}", file=sys.stderr)
+        warn(f"resuming a run trained by {state['world_size']} processes with {run.world_size}")
     try:
         run.model.load_state_dict(state["model"])  # copies in place: the EMA engine's views stay valid
         # Avalanche resets the optimizer on its first experience; do it now, then load the state

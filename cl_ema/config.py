@@ -252,6 +252,14 @@ class StrategyConfig:
 
 
 @dataclass
+class BestArgsScope:
+    """What a published protocol (``best_args=…``) was tuned for; another experiment or strategy is refused."""
+
+    experiment: str = MISSING
+    strategies: list[str] = MISSING
+
+
+@dataclass
 class Config:
     seed: int = 0
     device: str = field(default="auto", metadata=NEUTRAL)  # auto | cpu | cuda | cuda:N
@@ -264,6 +272,7 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig, metadata=PLUGIN_OPTIONS)
     cls_er: CLSERConfig = field(default_factory=CLSERConfig, metadata=PLUGIN_OPTIONS)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    best_args: BestArgsScope | None = None  # set by a best_args=<experiment>/<method> file
     logger: dict[str, Any] = field(default_factory=dict, metadata=NEUTRAL)  # name → node with a `_target_`
     checkpoint: bool = field(default=True, metadata=NEUTRAL)  # save checkpoints/last.pt after each task
     # a run directory to continue, true: the newest run of this configuration, false/null: no resume
@@ -303,14 +312,24 @@ def _is_under(key: str, sections: Sequence[str]) -> bool:
 
 
 def result_keys(config: dict) -> dict[str, str]:
-    """The resolved config's keys that decide a run's results, as JSON strings (seed included)."""
-    return {k: json.dumps(v, sort_keys=True) for k, v in flatten(config).items() if not _is_under(k, NEUTRAL_KEYS)}
+    """The resolved config's keys that decide a run's results, as JSON strings (seed included): all but
+    the neutral keys and the plugin-option sections (the plugins' resolved nodes under
+    ``strategy.plugins`` hold what the run really used; an option no plugin reads changes nothing)."""
+    ignored = (*NEUTRAL_KEYS, *PLUGIN_OPTION_SECTIONS)
+    return {k: json.dumps(v, sort_keys=True) for k, v in flatten(config).items() if not _is_under(k, ignored)}
+
+
+def short_key(key: str) -> str:
+    """``strategy.plugins.ema.config.decay`` → ``ema.decay``: a plugin's option as users type it."""
+    parts = key.split(".")
+    if parts[:2] == ["strategy", "plugins"] and len(parts) > 4 and parts[3] == "config":
+        return ".".join([parts[2], *parts[4:]])
+    return key
 
 
 def setting(config: dict) -> dict[str, str]:
-    """What a run's seeds average over: its result keys without the seed and the plugin-option sections
-    (the plugins' resolved nodes under ``strategy.plugins`` hold what the run really used)."""
-    return {k: v for k, v in result_keys(config).items() if k != "seed" and not _is_under(k, PLUGIN_OPTION_SECTIONS)}
+    """What a run's seeds average over: its result keys without the seed."""
+    return {k: v for k, v in result_keys(config).items() if k != "seed"}
 
 
 def setting_id(config: dict) -> str:
@@ -339,19 +358,32 @@ def compose(*overrides: str) -> DictConfig:
         return hydra_compose("config", overrides=list(overrides))
 
 
-def check(cfg: DictConfig) -> Config:
-    """The config as typed objects; a UserError names the first unknown key or value out of range."""
+def check(cfg: DictConfig, experiment: str | None = None) -> Config:
+    """The config as typed objects; a UserError names the first unknown key or value out of range, or
+    published values (``best_args=``) used with an ``experiment`` or strategy they were not tuned for."""
     for key in _unknown_keys(cfg, Config):  # `+key=value` overrides get past Hydra's own check
         raise UserError(f"{key}: unknown config key (the keys are declared in cl_ema/config.py)")
     try:
         config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]  # runs every __post_init__
     except MissingMandatoryValue as err:
         raise UserError(f"{err.full_key}: needs a value (set {err.full_key}=…)") from None
+    scope, strategy = config.best_args, config.strategy.name
+    if scope and experiment and (experiment != scope.experiment or strategy not in scope.strategies):
+        raise UserError(
+            f"best_args: these published values were tuned for experiment={scope.experiment} with "
+            f"strategy={'|'.join(scope.strategies)}, not experiment={experiment} with strategy={strategy} "
+            "(override best_args.experiment / best_args.strategies to use them anyway)"
+        )
     resume = resume_request(cfg.resume)
     if isinstance(resume, Path) and not (resume / LAST_CHECKPOINT).is_file():
         raise UserError(f"resume={cfg.resume}: no {LAST_CHECKPOINT} in that directory")
     resolve_device(cfg.device)  # last: it imports torch
     return config
+
+
+def experiment_name(hydra_node: Any) -> str:
+    """The ``experiment=`` a run was composed with (Hydra records it among its choices)."""
+    return hydra_node.runtime.choices.get("experiment") or "custom"
 
 
 def resume_request(value: Any) -> Path | bool:

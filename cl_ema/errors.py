@@ -1,4 +1,11 @@
-"""The exceptions users see, each told in one line by the entry point."""
+"""The exceptions users see, each told in one line by the entry point, and the one-line warning."""
+
+import sys
+
+
+def warn(message: str) -> None:
+    """``warning: <message>`` on one line of stderr: something went wrong and the run goes on."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class UserError(Exception):

@@ -7,6 +7,7 @@ new model is one such class and its config.
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 from collections.abc import Sequence
@@ -249,6 +250,9 @@ def _timm_model(arch: str, pretrained: bool, num_classes: int) -> nn.Module:
         raise UserError(
             f"model.arch={arch!r}: not a timm model (list them with timm.list_models('vit_*', pretrained=True))"
         )
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # offline, each of the hub's retries logs a line: the error below says it all
     try:
         return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
     except (OSError, RuntimeError, ValueError) as err:  # hub errors are OSErrors; no weights for the tag: RuntimeError
@@ -264,6 +268,8 @@ def _timm_model(arch: str, pretrained: bool, num_classes: int) -> nn.Module:
             f"from https://huggingface.co/{repo} into {where}/snapshots/<revision>/ (on a machine with network: "
             f"hf download {repo}, with HF_HUB_CACHE pointing there)"
         ) from None
+    finally:
+        hub_log.setLevel(level)
 
 
 def _torchvision_weights(arch: str, pretrained: str | None):

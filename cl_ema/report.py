@@ -6,7 +6,8 @@ resolved configs agree up to the seed and the keys that never change results
 writes the mean ± std over seeds of the final metrics to ``report.md``, and PNG plots: EMA
 horizon vs final accuracy and forgetting, mean accuracy matrices, and accuracy over tasks (live
 vs EMA). Runs that failed, were interrupted or whose results cannot be read (not JSON, or not
-shaped like cl_ema's results) are listed in the report, never a reason to stop.
+shaped like cl_ema's results) are listed in the report, never a reason to stop; so is a seed run
+again in the same setting (the newest run counts: a repeat would shrink the std).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cl_ema.config import setting
+from cl_ema.config import setting, short_key
 from cl_ema.errors import UserError
 from cl_ema.files import atomic_write
 from cl_ema.metrics import METRICS, SETTINGS, STABILITY_METRICS, TASK_IL_ACC
@@ -32,6 +33,7 @@ from cl_ema.metrics import METRICS, SETTINGS, STABILITY_METRICS, TASK_IL_ACC
 class Run:
     path: Path
     data: dict[str, Any]
+    mtime: float = 0.0  # of results.json: the newest run of a repeated seed counts
 
     @property
     def tracks(self) -> list[str]:
@@ -98,7 +100,7 @@ def collect(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
     completed, skipped = [], []
     for path in files:
         try:
-            data = json.loads(path.read_text())
+            data, mtime = json.loads(path.read_text()), path.stat().st_mtime
             check_shape(data)
         except (OSError, ValueError, TypeError, AttributeError) as err:
             skipped.append((path, f"unreadable ({type(err).__name__}: {err})"))
@@ -107,8 +109,23 @@ def collect(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
             status = data.get("status", "unknown")
             skipped.append((path, f"{status} after {data['tasks_done']}/{data['num_tasks']} tasks"))
             continue
-        completed.append(Run(path, data))
+        completed.append(Run(path, data, mtime))
     return completed, skipped
+
+
+def one_run_per_seed(runs: list[Run], root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """The newest run of each seed in each setting, and (path, why) for the repeats left out."""
+
+    def seed_of(run: Run) -> tuple:
+        return run.setting, json.dumps(run.data.get("seed"))
+
+    newest: dict[tuple, Run] = {}
+    for run in sorted(runs, key=lambda r: r.mtime, reverse=True):
+        newest.setdefault(seed_of(run), run)
+    repeats = [(run.path, f"seed {run.data.get('seed')} again; the newer run "
+                f"{newest[seed_of(run)].path.parent.relative_to(root)} counts")
+               for run in runs if newest[seed_of(run)] is not run]  # fmt: skip
+    return [run for run in runs if newest[seed_of(run)] is run], repeats
 
 
 def group(runs: list[Run]) -> list[Setting]:
@@ -124,17 +141,15 @@ def group(runs: list[Run]) -> list[Setting]:
         varying = sorted({k for key in keys for k, _ in key if len({dict(other).get(k) for other in keys}) > 1})
         for key in keys:
             values = dict(key)
-            label = ", ".join(f"{_short(k)}={json.loads(values[k])}" for k in varying if k in values and k != "tracks")
+            label = ", ".join(
+                f"{short_key(k)}={json.loads(values[k])}" for k in varying if k in values and k != "tracks"
+            )
             settings.append(Setting(experiment, strategy, label or "-", by_setting[key]))
     return sorted(settings, key=lambda s: (s.experiment, s.strategy, s.label))
 
 
-def _short(key: str) -> str:
-    """``strategy.plugins.ema.config.decay`` → ``ema.decay``: the plugin's option as users type it."""
-    parts = key.split(".")
-    if parts[:2] == ["strategy", "plugins"] and len(parts) > 4 and parts[3] == "config":
-        return ".".join([parts[2], *parts[4:]])
-    return key
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def mean_std(values: list[float | None]) -> tuple[float, float, int]:
@@ -156,7 +171,7 @@ def markdown(settings: list[Setting], skipped: list[tuple[Path, str]], root: Pat
     lines = [
         f"# cl_ema report: {root}",
         "",
-        f"{sum(len(s.runs) for s in settings)} completed runs in {len(settings)} settings; "
+        f"{_count(sum(len(s.runs) for s in settings), 'completed run')} in {_count(len(settings), 'setting')}; "
         "mean ± std (sample std) over seeds, in %. Class-IL unless marked TIL.",
         "",
         "| experiment | strategy | setting | track | seeds | " + " | ".join(m.label for m in columns) + " |",
@@ -277,6 +292,8 @@ def write_report(root: Path, out: Path) -> Path:
     from cl_ema.plots import figure_png, heatmaps_png
 
     runs, skipped = collect(root)
+    runs, repeats = one_run_per_seed(runs, root)
+    skipped += repeats
     if not runs:
         reasons = "; ".join(f"{p.relative_to(root)}: {why}" for p, why in skipped[:5])
         raise UserError(f"{root}: no completed run to report ({reasons})")

@@ -9,7 +9,9 @@ A Hydra callback, run before Hydra creates the run folder or writes its ``.hydra
   refused with one line, unless ``resume=`` names it: nothing is written into it;
 - under multirun the sweep folder is claimed the same way, and each job gets its own subfolder;
 - under ``torchrun`` only the main process claims and writes; the others run in a temporary
-  folder that nothing is written to and that is removed when they end.
+  folder that nothing is written to and that is removed when they end;
+- a run refused before it wrote anything of its own (a value only its code can check, such as a
+  model that does not fit the data) gives back what the claim made: ``release``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from cl_ema.errors import Refused, UserError
 
 MARKER = ".cl_ema_run"
 _RUN_FILES = (MARKER, "results.json", str(LAST_CHECKPOINT), ".hydra", "config.yaml")
+_HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}  # what Hydra writes into .hydra/ at the start
+_MADE: dict[Path, Path | None] = {}  # claimed folder → the outermost folder its claim created (None: it existed)
 
 
 def holds_run(folder: Path) -> bool:
@@ -48,6 +52,7 @@ def claim(folder: Path, *, given: bool, key: str) -> Path:
                     f"continue it with resume={folder}, or choose another folder"
                 )
             continue
+        missing = [p for p in (candidate, *candidate.parents) if not p.exists()]
         try:
             candidate.mkdir(parents=True, exist_ok=True)
             os.close(os.open(candidate / MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
@@ -57,8 +62,36 @@ def claim(folder: Path, *, given: bool, key: str) -> Path:
             continue
         except OSError as err:
             raise UserError(f"cannot create the run folder {candidate}: {err.strerror}") from err
+        _MADE[candidate.resolve()] = missing[-1].resolve() if missing else None
         return candidate
     raise UserError(f"{key}={folder}: no free folder name")
+
+
+def release(folder: Path) -> None:
+    """Undo the claim of ``folder`` if the run wrote nothing there but the marker and Hydra's files:
+    those go, and so do the folders the claim created once empty. Anything else keeps them all."""
+    folder = folder.resolve()
+    if folder not in _MADE:
+        return
+    made = _MADE.pop(folder)
+    hydra = folder / ".hydra"
+    try:
+        if {p.name for p in folder.iterdir()} - {MARKER, ".hydra"} or (
+            hydra.exists() and {p.name for p in hydra.iterdir()} - _HYDRA_FILES
+        ):
+            return
+        for name in _HYDRA_FILES:
+            (hydra / name).unlink(missing_ok=True)
+        (folder / MARKER).unlink()
+        for empty in (hydra, folder, *folder.parents):
+            if made is None and empty == folder:
+                return  # the folder was there before: keep it
+            if empty.exists():
+                empty.rmdir()  # OSError if not empty: stop there
+            if empty == made:
+                return
+    except OSError:
+        return  # what cannot be removed stays; the run's own error is what the user needs to read
 
 
 def _overridden(config: DictConfig, key: str) -> bool:
@@ -95,12 +128,12 @@ class RunDirectories(Callback):
                 config.hydra.run.dir = scratch
                 config.hydra.output_subdir = None
             return
-        from cl_ema.config import check
+        from cl_ema.config import check, experiment_name
 
         task_cfg = copy.deepcopy(config)  # what the task function will get, as Hydra's run_job makes it
         with read_write(task_cfg), open_dict(task_cfg):
             del task_cfg["hydra"]
-        check(task_cfg)  # a bad value is refused before any folder is made
+        check(task_cfg, experiment_name(config.hydra))  # a bad value is refused before any folder is made
         folder = Path(str(config.hydra.run.dir))
         resumed = resume_request(config.resume)
         if isinstance(resumed, Path) and resumed.resolve() == folder.resolve():

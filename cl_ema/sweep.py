@@ -41,8 +41,8 @@ class Sweep:
         """One line on the failed jobs of the sweep that just ended (None if all succeeded)."""
         if self.folder is None:
             return None
-        failures = dict(self.failures)
-        for path in sorted(self.folder.glob(f"*/{ERROR_FILE}")):  # jobs a launcher ran in other processes
+        failures, folder = dict(self.failures), self.folder
+        for path in sorted(folder.glob(f"*/{ERROR_FILE}")):  # jobs a launcher ran in other processes
             num = int(path.parent.name.split("_", 1)[0]) if path.parent.name.split("_", 1)[0].isdigit() else -1
             failures.setdefault(num, ([path.parent.name], path.read_text().strip()))
         self.folder = None
@@ -50,7 +50,8 @@ class Sweep:
             return None
         total = f" of {len(self.jobs)}" if self.jobs else ""
         listed = "; ".join(f"#{n} ({' '.join(o)}): {m}" for n, (o, m) in sorted(failures.items()))
-        return f"{len(failures)}{total} jobs failed, the others completed: {listed}"
+        where = f"{ERROR_FILE} in their folders in {folder}"
+        return f"{len(failures)}{total} jobs failed, the others completed: {listed} ({where})"
 
     def not_run(self) -> str:
         """``; jobs … were not run: …`` for an interrupted sweep (empty otherwise)."""

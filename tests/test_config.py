@@ -10,6 +10,7 @@ from helpers import CONF, cli_in_process, compose_config
 from omegaconf import OmegaConf
 
 from cl_ema.building import build
+from cl_ema.checkpoint import config_differences
 from cl_ema.config import NEUTRAL_KEYS, PLUGIN_OPTION_SECTIONS, check, setting, setting_id, to_container
 from cl_ema.errors import UserError
 
@@ -84,11 +85,37 @@ def test_several_loggers_at_once_and_none():
 @pytest.mark.parametrize("protocol", options("best_args"))
 def test_published_protocols_set_what_their_method_reads(protocol):
     experiment, method = protocol.split("/")
-    strategy = "cls_er" if method.startswith("clser") else "ema_replay"
-    cfg = compose_config(f"experiment={experiment}", f"strategy={strategy}", f"best_args={protocol}")
-    check(cfg)
-    assert cfg.replay.policy == "reservoir" and cfg.replay.mem_size == int(method.split("_")[1])
-    assert cfg.train.epochs == 1 and cfg.model._target_ == "cl_ema.models.MLP" and cfg.model.hidden == 100
+    scope = compose_config(f"best_args={protocol}").best_args
+    assert scope.experiment == experiment
+    assert list(scope.strategies) == (["cls_er"] if method.startswith("clser") else ["replay", "ema_replay"])
+    for strategy in scope.strategies:
+        cfg = compose_config(f"experiment={experiment}", f"strategy={strategy}", f"best_args={protocol}")
+        check(cfg, experiment)
+        assert cfg.replay.policy == "reservoir" and cfg.replay.mem_size == int(method.split("_")[1])
+        assert cfg.train.epochs == 1 and cfg.model._target_ == "cl_ema.models.MLP" and cfg.model.hidden == 100
+
+
+@pytest.mark.parametrize(
+    "overrides,experiment,refused",
+    [
+        (["best_args=seq_mnist/clser_200"], "split_digits", "experiment=split_digits with strategy=ema"),
+        (
+            ["experiment=seq_mnist", "strategy=replay", "best_args=seq_mnist/clser_200"],
+            "seq_mnist",
+            "experiment=seq_mnist with strategy=replay",
+        ),
+        (
+            ["experiment=seq_mnist", "strategy=replay", "best_args=perm_mnist/er_200"],
+            "seq_mnist",
+            "experiment=seq_mnist with strategy=replay",
+        ),
+    ],
+)
+def test_published_protocols_are_refused_where_they_were_not_tuned(overrides, experiment, refused):
+    with pytest.raises(UserError, match=f"^best_args: these published values were tuned for .*, not {refused} "):
+        check(compose_config(*overrides), experiment)
+    widened = compose_config(*overrides, f"best_args.experiment={experiment}", "best_args.strategies=[ema,replay]")
+    check(widened, experiment)  # said explicitly, allowed
 
 
 def test_default_is_split_digits_with_ema():
@@ -122,6 +149,9 @@ def test_keys_that_do_not_change_results_are_declared_once_and_read_by_all():
     assert setting_id(other) != setting_id(base)
     plain = to_container(compose_config("strategy=plain", "ema.decay=0.5"))
     assert setting(plain) == setting(to_container(compose_config("strategy=plain")))  # unused options do not count
+    lwf = to_container(compose_config("strategy=lwf"))
+    assert not config_differences(lwf, to_container(compose_config("strategy=lwf", "ema.decay=0.9")))  # resume too
+    assert config_differences(base, other) == ["ema.decay: 0.9 in the checkpoint, 0.99 now"]
 
 
 def test_hydra_job_folders_leave_out_the_same_keys():
@@ -242,6 +272,11 @@ def test_bad_value_of_a_target_is_refused_where_it_is_used(override, expected):
         ("train.lr=0.1", "train.lr: Key 'lr' not in 'TrainConfig' (train.lr is optimizer.lr now)"),
         ("logger.mode=offline", "(logger.mode is logger.wandb.mode now)"),
         ("model=torchvision", "error: model.arch: needs a value (set model.arch=…)"),
+        ("best_args=seq_mnist/er_200", "error: best_args: these published values were tuned for experiment=seq_mnist"),
+        # checked by the code they reach, once the run has started: its folder is given back
+        ("data.n_tasks=3", "error: data.n_tasks=3: must divide the 10 classes of the dataset"),
+        ("optimizer.lr=inf", "error: optimizer.lr=inf: must be a finite number"),
+        ("model.hidden=0", "error: model.hidden=0: must be an integer >= 1"),
     ],
 )
 def test_cli_prints_one_line_exits_2_and_writes_nothing(override, expected, tmp_path):
@@ -250,7 +285,14 @@ def test_cli_prints_one_line_exits_2_and_writes_nothing(override, expected, tmp_
     lines = err.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], err
     assert "Traceback" not in err and out == ""
-    assert not (tmp_path / "run").exists()  # refused before Hydra made the folder
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_refused_by_its_code_leaves_no_folder_and_keeps_others(tmp_path):
+    (tmp_path / "outputs" / "keep").mkdir(parents=True)
+    status, _, err = cli_in_process("logger=none", "data.n_tasks=3", cwd=tmp_path)
+    assert status == 2 and "data.n_tasks=3" in err
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == ["outputs", "outputs/keep"]
 
 
 def test_precision_defaults_per_device():

@@ -122,3 +122,12 @@ def test_scaling_benchmark_runs_the_gloo_path():
                           cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stdout and "scaling efficiency" in proc.stdout
+
+
+def test_bad_input_is_said_once_under_torchrun(tmp_path):
+    proc = torchrun("-m", "cl_ema", "logger=none", "device=cpu", "ema.decay=1.5", cwd=tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    said = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert said == ["error: ema.decay=1.5: an EMA decay must be a number in [0, 1]"], err[-3000:]
+    assert not list(tmp_path.iterdir())  # no process wrote a folder

@@ -255,7 +255,10 @@ def test_a_failed_multirun_job_does_not_stop_the_sweep_and_is_named_at_the_end(t
     lines = err.strip().splitlines()
     failure = "#1 (logger=none train.epochs=2 ema.decay=1.5): ema.decay=1.5: an EMA decay must be a number in [0, 1]"
     assert lines[0] == f"error: job {failure}"
-    assert lines[-1] == f"error: 1 of 3 jobs failed, the others completed: {failure}"
+    assert (
+        lines[-1] == f"error: 1 of 3 jobs failed, the others completed: {failure} (error.txt in their folders in "
+        f"{tmp_path / 'sweep'})"
+    )
     done = [json.loads(p.read_text())["status"] for p in (tmp_path / "sweep").glob("*/results.json")]
     assert done == ["completed", "completed"]
 

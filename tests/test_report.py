@@ -76,6 +76,22 @@ def test_report_mean_and_std_are_over_seeds(multirun, tmp_path):
     assert acc == f"{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f}"
 
 
+def test_a_seed_run_again_counts_once(multirun, tmp_path):
+    shutil.copytree(multirun, tmp_path / "runs")
+    before = write_report(tmp_path / "runs", tmp_path / "before").read_text()
+    plain_seed_1 = next(p.parent for p in (tmp_path / "runs" / "plain").rglob("results.json") if "seed=1" in str(p))
+    shutil.copytree(plain_seed_1, tmp_path / "runs" / "again")  # the same command run twice
+    (tmp_path / "runs" / "again" / "results.json").touch()  # later (copytree keeps the times)
+    after = write_report(tmp_path / "runs", tmp_path / "after").read_text()
+
+    def plain_row(report: str) -> str:
+        return next(r for r in report.splitlines() if "| plain |" in r)
+
+    assert plain_row(after) == plain_row(before)  # still 2 seeds, same mean ± std
+    repeat = "seed 1 again; the newer run again counts"
+    assert f"| {plain_seed_1.relative_to(tmp_path / 'runs')}/results.json | {repeat} |" in after
+
+
 def test_report_cli_errors_on_an_empty_directory(tmp_path):
     with pytest.raises(UserError, match="no results.json"):
         write_report(tmp_path, tmp_path / "r")
@@ -107,7 +123,7 @@ def test_wrongly_shaped_results_are_listed_not_fatal(tmp_path):
     report = write_report(tmp_path, tmp_path / "report").read_text()
     for name in shapes:
         assert f"| {name}/results.json | unreadable (" in report, name
-    assert "1 completed runs in 1 settings" in report
+    assert "1 completed run in 1 setting;" in report
 
 
 def test_settings_group_by_what_runs_used_and_a_resumed_run_joins_its_seeds(tmp_path, monkeypatch):

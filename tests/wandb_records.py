@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,12 +64,27 @@ def _items(items) -> dict:
     return out
 
 
-def read_run(path: Path) -> LoggedRun:
+def _records(path: Path, wait_s: float) -> list[pb.Record]:
+    """The file's records once W&B's service has written its last one (``exit``): ``run.finish()``
+    can return before the service, another process, has flushed, on a loaded machine."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = []
+        for payload in _payloads(path.read_bytes()):
+            record = pb.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+        kinds = [record.WhichOneof("record_type") for record in records]
+        if kinds and kinds[-1] == "exit":
+            return records
+        assert time.monotonic() < deadline, f"{path}: no exit record after {wait_s} s; records: {kinds}"
+        time.sleep(0.2)
+
+
+def read_run(path: Path, wait_s: float = 60) -> LoggedRun:
     """Parse one ``run-*.wandb`` file."""
     logged = LoggedRun()
-    for payload in _payloads(path.read_bytes()):
-        record = pb.Record()
-        record.ParseFromString(payload)
+    for record in _records(path, wait_s):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             logged.history.append(_items(record.history.item))

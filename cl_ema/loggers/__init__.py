@@ -9,12 +9,12 @@ the run. Logging must never stop training: a logger that fails warns once and go
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from cl_ema.errors import warn
 from cl_ema.metrics import SETTINGS, STEP, continual_key, task_key
 from cl_ema.results import Results
 
@@ -77,8 +77,7 @@ def eval_log(accuracies: Mapping[str, list[float]]) -> dict[str, float]:
 def warn_disabled(name: str, err: BaseException) -> None:
     """The one warning a failing logger gets (training goes on without it)."""
     detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    warnings.warn(f"logger {name} disabled ({type(err).__name__}: {detail}); local outputs are still written",
-                  stacklevel=3)  # fmt: skip
+    warn(f"logger {name} disabled ({type(err).__name__}: {detail}); local outputs are still written")
 
 
 class Loggers:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cl_ema.config import positive
 from cl_ema.loggers import RunInfo, eval_log, task_log
 from cl_ema.metrics import CONTINUAL, SETTINGS, STEP, TRAIN_STEP, final_key
 from cl_ema.results import Results
@@ -75,6 +76,7 @@ class WandbLogger:
     ) -> None:
         import wandb
 
+        positive("logger.wandb.init_timeout", init_timeout)
         os.environ.setdefault("WANDB_SILENT", "true")  # cl_ema prints its own tables and warnings
         self.wandb = wandb
         self.out_dir = run.out_dir

@@ -10,14 +10,19 @@ model). This subclass saves them in checkpoints.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from avalanche.training.plugins import LwFPlugin as AvalancheLwFPlugin
 from torch import nn
 
+from cl_ema.config import at_least, positive
+
 
 class LwFPlugin(AvalancheLwFPlugin):
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0) -> None:
+        at_least("strategy.plugins.lwf.alpha", alpha, 0.0, math.inf)
+        positive("strategy.plugins.lwf.temperature", temperature)  # the logits are divided by it
         super().__init__(alpha=alpha, temperature=temperature)
         self._model: nn.Module | None = None
 
