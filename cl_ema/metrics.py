@@ -73,8 +73,13 @@ def final_key(track: str, name: str, setting: str = "class_il") -> str:
     return f"final/{track}/{name}" if setting == "class_il" else f"final/{track}/{setting}/{name}"
 
 
+def per_task(name: str, task: int) -> str:
+    """``acc_task_1`` for ``("acc", 0)``: in logged names tasks count from 1, as on the console."""
+    return f"{name}_task_{task + 1}"
+
+
 def continual_key(track: str, task: int) -> str:
-    return f"{CONTINUAL}/{track}/acc_task_{task + 1}"
+    return f"{CONTINUAL}/{track}/{per_task('acc', task)}"
 
 
 def task_forgetting(matrix: np.ndarray, i: int) -> list[float]:

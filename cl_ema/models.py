@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from cl_ema.building import build
-from cl_ema.config import INT32_MAX
+from cl_ema.config import INT32_MAX, at_least, positive
 from cl_ema.data import DataSpec
 from cl_ema.errors import UserError
 
@@ -165,8 +165,8 @@ class PretrainedClassifier(nn.Module):
         raise NotImplementedError
 
     def _set_lr_scale(self, scale: float) -> None:
-        if not 0 < scale <= 1e3:
-            raise UserError(f"model.backbone_lr_scale={scale!r}: must be a number > 0")
+        positive("model.backbone_lr_scale", scale)
+        at_least("model.backbone_lr_scale", scale, 0, 1e3)
         self.backbone_lr_scale = scale
 
     def param_groups(self, lr: float) -> list[dict]:

@@ -108,7 +108,6 @@ def build_strategy(
         autocast=autocast_dtype(cfg.train.precision, device),
         channels_last=cfg.train.channels_last,
         loss_classes=cfg.train.loss_classes,
-        rank=rank,
         world_size=world_size,
         model=training_model or model,
         optimizer=build_optimizer(cfg.optimizer, model),

@@ -13,6 +13,8 @@ from torch import Tensor
 from cl_ema.config import LossClasses
 from cl_ema.data import TaskStream
 from cl_ema.data.loader import DeviceBatches, IndexBatches
+from cl_ema.distributed import my_share
+from cl_ema.evaluation import class_masks
 
 
 class DeviceDataTemplate(SupervisedTemplate):
@@ -29,7 +31,7 @@ class DeviceDataTemplate(SupervisedTemplate):
     (the current task's logits of SLCA and CoMA, for current samples).
 
     With ``world_size`` processes (``torchrun``), every process draws the same global batch and
-    trains on its share (``rank``): the current and the replayed samples are each split in
+    trains on its share: the current and the replayed samples are each split in
     ``world_size`` parts, and the loss is the global mean, so that the gradients averaged by
     DistributedDataParallel are those of the global batch. Everything else is Avalanche's loop.
     """
@@ -41,22 +43,19 @@ class DeviceDataTemplate(SupervisedTemplate):
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
         loss_classes: LossClasses = LossClasses.all,
-        rank: int = 0,
         world_size: int = 1,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.stream = stream
         self.loss_classes = loss_classes
-        own = torch.zeros(stream.num_tasks, stream.num_classes, dtype=torch.bool, device=self.device)
+        _, own = class_masks(stream, self.device)
         task_of_class = torch.zeros(stream.num_classes, dtype=torch.long, device=self.device)
         for task, classes in enumerate(stream.task_classes):
-            own[task, classes] = True
             task_of_class[classes] = task  # the last task that has the class (permuted: every task has all)
         self._own_classes = own[task_of_class]  # class → the classes of its task
         self.autocast_dtype = autocast
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.rank = rank
         self.world_size = world_size
         self.mb_replayed = 0
         self.mb_global_size = 0
@@ -83,11 +82,7 @@ class DeviceDataTemplate(SupervisedTemplate):
     def _share(self, columns: list[Tensor], replayed: int) -> tuple[list[Tensor], int]:
         """This process's part of the current and of the replayed samples of a global batch."""
         cut = len(columns[0]) - replayed
-
-        def part(tensor: Tensor) -> Tensor:
-            return tensor.tensor_split(self.world_size)[self.rank]
-
-        return [torch.cat([part(c[:cut]), part(c[cut:])]) for c in columns], len(part(columns[0][cut:]))
+        return [torch.cat([my_share(c[:cut]), my_share(c[cut:])]) for c in columns], len(my_share(columns[0][cut:]))
 
     def autocast(self) -> AbstractContextManager:
         if self.autocast_dtype is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cl_ema.errors import warn
-from cl_ema.metrics import SETTINGS, STEP, continual_key, task_key
+from cl_ema.metrics import SETTINGS, STEP, continual_key, per_task, task_key
 from cl_ema.results import Results
 
 
@@ -60,9 +60,9 @@ def task_log(results: Results, task: int) -> dict[str, float]:
     for track in results.tracks:
         for setting in SETTINGS:
             for j, acc in enumerate(results.row(track, task, setting)[: task + 1]):
-                row[task_key(track, setting, f"acc_task_{j + 1}")] = acc
+                row[task_key(track, setting, per_task("acc", j))] = acc
             for j, value in enumerate(results.forgetting(track, task, setting)):
-                row[task_key(track, setting, f"forgetting_task_{j + 1}")] = value
+                row[task_key(track, setting, per_task("forgetting", j))] = value
             for name, value in results.metrics(track, task, setting).items():
                 if value is not None:
                     row[task_key(track, setting, name)] = value
