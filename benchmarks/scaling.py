@@ -66,7 +66,7 @@ def worker(args) -> None:
         optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), criterion=nn.CrossEntropyLoss(),
         train_mb_size=args.batch_size, train_epochs=epochs_for(args, len(experience.dataset)), device=device,
         plugins=[ema], evaluator=silent_evaluator(), autocast=torch.bfloat16 if args.bf16 else None,
-        rank=processes.rank, world_size=processes.world_size,
+        world_size=processes.world_size,
     )  # fmt: skip
     stop = _StopAfter(args.steps, args.warmup)
     strategy.plugins.append(stop)
