@@ -1,13 +1,16 @@
-"""Time one EMA update: cl_ema (1 and 4 decays) against the usual ways of doing it.
+"""Time one update of the weight averages: each of cl_ema's rules, K of them at once, and the usual ways.
 
     python benchmarks/ema_update.py [--device cuda] [--repeats 30]
 
 For a ResNet-18 (11.2 M parameters) and a wider one (~22 M), prints the median time of one
-update for: cl_ema with K=1 and K=4 decays; a per-parameter Python loop like the original
-``register/update`` class (new tensor per parameter per step); timm's ModelEmaV3; torch's
-AveragedModel with get_ema_multi_avg_fn; and one in-place ``lerp_`` over a flat buffer of the
-same size (the memory-bandwidth floor). Then the ratios the README reports, and the cost of a
-ResNet-18 training step at batch 128 for scale. All numbers come from this one run.
+update for: one in-place ``lerp_`` over a flat buffer of the model's size (the memory-bandwidth
+floor); cl_ema's engine with one shadow of each per-step rule (EMA with a constant, warmup and
+step schedule; the uniform, linear and quadratic means; CLS-ER's stochastic EMA, drawn to update);
+K=4 EMA decays, and K shadows of all those rules together in one engine; a per-parameter Python
+loop like the original ``register/update`` class; timm's ModelEmaV3; torch's AveragedModel with
+get_ema_multi_avg_fn. Then the ratios the README reports (each against the floor; K shadows
+against K floors), and a ResNet-18 training step at batch 128 for scale. All from this one run.
+The task-end rules (interpolations, merges) cost nothing per step.
 """
 
 from __future__ import annotations
@@ -21,10 +24,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from cl_ema.config import EMAOptions
 from cl_ema.data import DataSpec
 from cl_ema.data.sources import CIFAR100_NORM
-from cl_ema.ema import EMA
+from cl_ema.ema import EMAOptions, EMARule, MeanRule, Rule, StochasticEMARule, WeightAverages
 from cl_ema.models import ResNet18
 
 CIFAR100 = DataSpec((3, 32, 32), 100, CIFAR100_NORM)
@@ -77,12 +79,10 @@ def bench_model(width: int, device: torch.device, repeats: int, with_timm: bool)
     flat_live = torch.randn(n_params, device=device)
     flat_shadow = torch.randn(n_params, device=device)
     contenders: dict[str, Callable[[], None]] = {"flat lerp_ (floor)": lambda: flat_shadow.lerp_(flat_live, 1e-3)}
-    for k in (1, 4):
-        ema = EMA(
-            make(), [0.9, 0.99, 0.999, 0.9999][:k], EMAOptions(buffers="copy")
-        )  # parameters only, like the others
-        ema.register()
-        contenders[f"cl_ema K={k}"] = ema.update
+    for label, rules in per_step_rules().items():
+        averages = WeightAverages(make(), rules, buffers="copy")  # parameters only, like the others
+        averages.register()
+        contenders[label] = averages.update
     contenders["per-parameter loop"] = LoopEMA(make(), 0.999).update
     averaged_model = make()
     averaged = torch.optim.swa_utils.AveragedModel(
@@ -96,6 +96,22 @@ def bench_model(width: int, device: torch.device, repeats: int, with_timm: bool)
         timm_ema = ModelEmaV3(timm_model, decay=0.999, exclude_buffers=True)
         contenders["timm ModelEmaV3"] = lambda: timm_ema.update(timm_model)
     return {"params": n_params, **measure(contenders, device, repeats)}
+
+
+def per_step_rules() -> dict[str, list[Rule]]:
+    """The engines timed: one shadow of each per-step rule, then several shadows in one engine."""
+
+    def every_rule() -> list[Rule]:
+        always = torch.Generator().manual_seed(0)  # probability 1: the shadow moves every step
+        return [EMARule(0.999), EMARule(0.999, EMAOptions(schedule="warmup")),
+                EMARule(0.99, EMAOptions(schedule="step", step_updates=1e9)), MeanRule("uniform"),
+                MeanRule("linear"), MeanRule("quadratic"), StochasticEMARule(0.999, 1.0, always)]  # fmt: skip
+
+    names = ["ema", "ema warmup", "ema step", "mean uniform (SWA)", "mean linear", "mean quadratic", "CLS-ER ema"]
+    engines: dict[str, list[Rule]] = {f"cl_ema K=1 {n}": [r] for n, r in zip(names, every_rule())}
+    engines["cl_ema K=4 ema"] = [EMARule(d) for d in (0.9, 0.99, 0.999, 0.9999)]
+    engines[f"cl_ema K={len(names)} every rule"] = every_rule()
+    return engines
 
 
 def train_step_time(device: torch.device, repeats: int) -> float:
@@ -132,21 +148,23 @@ def main() -> None:
     rows = [k for k in results[args.widths[0]] if k != "params"]
     labels = [f"ResNet-18 w={w} ({results[w]['params'] / 1e6:.1f} M)" for w in results]
     header = "".join(f"{label:>28}" for label in labels)
-    print(f"\n{'one EMA update, median':<24}{header}")
+    print(f"\n{'one update, median':<32}{header}")
     for row in rows:
-        print(f"{row:<24}" + "".join(f"{1e3 * results[w][row]:>25.3f} ms" for w in results))
-    print("\nratios (same run)")
+        print(f"{row:<32}" + "".join(f"{1e3 * results[w][row]:>25.3f} ms" for w in results))
+    print("\nratios (same run): each cl_ema engine of K shadows against K floors")
     for r in results.values():
-        floor, k1, k4 = r["flat lerp_ (floor)"], r["cl_ema K=1"], r["cl_ema K=4"]
+        floor, k1 = r["flat lerp_ (floor)"], r["cl_ema K=1 ema"]
+        engines = [row for row in rows if row.startswith("cl_ema K=")]
+        per_floor = ", ".join(f"{row[7:]} {r[row] / (int(row.split()[1][2:]) * floor):.2f}x" for row in engines)
+        print(f"  {r['params'] / 1e6:.1f} M: {per_floor}")
         print(
-            f"  {r['params'] / 1e6:.1f} M: K=1 / floor = {k1 / floor:.2f}x, K=4 / K=1 = {k4 / k1:.2f}x, "
-            f"loop / K=1 = {r['per-parameter loop'] / k1:.1f}x, "
+            f"  {r['params'] / 1e6:.1f} M: loop / K=1 = {r['per-parameter loop'] / k1:.1f}x, "
             f"AveragedModel / K=1 = {r['torch AveragedModel'] / k1:.1f}x"
             + (f", timm / K=1 = {r['timm ModelEmaV3'] / k1:.2f}x" if "timm ModelEmaV3" in r else "")
         )
     if not args.no_train_step:
         step = train_step_time(device, max(3, args.repeats // 5))
-        k1 = results[args.widths[0]]["cl_ema K=1"]
+        k1 = results[args.widths[0]]["cl_ema K=1 ema"]
         print(
             f"\nResNet-18 training step, batch 128: {1e3 * step:.1f} ms; "
             f"EMA update (K=1, width {args.widths[0]}) = {100 * k1 / step:.2f} % of it"

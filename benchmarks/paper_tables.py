@@ -77,9 +77,9 @@ def jobs(experiment: str) -> list[Job]:
 def run_one(out: Path, experiment: str, seed: int, job: Job, data_root: Path):
     cfg = compose(f"experiment={experiment}", *job.overrides, f"seed={seed}", f"data.root={data_root}",
                   "data.download=false", "logger=none", "checkpoint=false", "device=cpu")  # fmt: skip
-    check(cfg, experiment)
+    check(cfg)
     started = time.perf_counter()
-    results = run(cfg, out / experiment / job.name / f"seed{seed}", experiment, console=Console(file=io.StringIO()))
+    results = run(cfg, out / experiment / job.name / f"seed{seed}", console=Console(file=io.StringIO()))
     return results, time.perf_counter() - started
 
 

@@ -4,9 +4,10 @@
     python benchmarks/scaling.py --device cpu --processes 1 2 --model resnet18 --width 4 --steps 5   # CPU, gloo
 
 For each process count it starts ``torchrun --standalone --nproc-per-node=N`` on this file; every
-process trains cl_ema's template (device-resident data, EMA plugin, DistributedDataParallel, each
-its share of the same global batch) on generated CIFAR-100-shaped data, and the main process
-reports the training samples/s over ``--steps`` steps after ``--warmup``. The table gives the
+process trains the run ``python -m cl_ema`` assembles (``cl_ema.assembly``: device-resident data,
+the EMA plugin, DistributedDataParallel, each process its share of the same global batch) on
+generated CIFAR-100-shaped data, and the main process reports the training samples/s over
+``--steps`` steps after ``--warmup``. The table gives the
 scaling efficiency ``samples/s(N) / (N · samples/s(1))`` at the same global batch.
 ``--model vit`` is split_cifar_vit's network (ViT-B/16 at 224×224, random weights: speed does not
 depend on them).
@@ -22,77 +23,30 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import _StopAfter, cifar_like, epochs_for  # noqa: E402
+from throughput import cl_ema_run, run_arguments  # noqa: E402
 
 from cl_ema import distributed  # noqa: E402
-from cl_ema.config import EMAConfig, Scenario  # noqa: E402
-from cl_ema.data import stream_from_stores  # noqa: E402
-from cl_ema.plugins.ema import EMAPlugin  # noqa: E402
-from cl_ema.strategies import silent_evaluator  # noqa: E402
-from cl_ema.template import DeviceDataTemplate  # noqa: E402
 
 RESULT = "RESULT "
-
-
-def build_model(args, spec) -> nn.Module:
-    from cl_ema.models import ResNet18, TimmClassifier
-
-    torch.manual_seed(0)
-    if args.model == "vit":
-        return TimmClassifier(spec, arch="vit_base_patch16_224", pretrained=False, input_size=224)
-    return ResNet18(spec, width=args.width)
 
 
 def worker(args) -> None:
     processes = distributed.from_environment()
     device = distributed.start(processes, torch.device(args.device))
-    stream = stream_from_stores(
-        *cifar_like(None, args.samples), Scenario.split, 10, seed=0, device=device, augment=True
-    )
-    experience = stream.benchmark.train_stream[0]
-    model = build_model(args, stream.spec).to(device)
-    ema = EMAPlugin(EMAConfig(decay=0.999))
-    ema.attach(model)
-    trained = model
-    if processes.world_size > 1:
-        trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    strategy = DeviceDataTemplate(
-        stream=stream, model=trained,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), criterion=nn.CrossEntropyLoss(),
-        train_mb_size=args.batch_size, train_epochs=epochs_for(args, len(experience.dataset)), device=device,
-        plugins=[ema], evaluator=silent_evaluator(), autocast=torch.bfloat16 if args.bf16 else None,
-        world_size=processes.world_size,
-    )  # fmt: skip
-    stop = _StopAfter(args.steps, args.warmup)
-    strategy.plugins.append(stop)
-    strategy.train(experience)
+    elapsed = cl_ema_run(args, device, "ema", processes)
     if processes.main:
-        speed = args.steps * args.batch_size / stop.elapsed
-        row = {
-            "processes": processes.world_size,
-            "samples_per_s": speed,
-            "ms_per_step": 1000 * stop.elapsed / args.steps,
-        }
+        speed = args.steps * args.batch_size / elapsed
+        row = {"processes": processes.world_size, "samples_per_s": speed, "ms_per_step": 1000 * elapsed / args.steps}
         print(RESULT + json.dumps(row), flush=True)
     distributed.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run_arguments(parser, model="vit", steps=50)
     parser.add_argument("--processes", type=int, nargs="+", default=[1, max(torch.cuda.device_count(), 1)])
-    parser.add_argument("--model", choices=("vit", "resnet18"), default="vit")
-    parser.add_argument("--width", type=int, default=64, help="ResNet-18 base width")
-    parser.add_argument("--batch-size", type=int, default=128, help="the global batch")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--samples", type=int, default=50_000, help="generated CIFAR-100-shaped images")
-    parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -37,7 +37,7 @@ def run_once(out: Path, *overrides: str):
     cfg = compose("logger=none", "checkpoint=false", *overrides)
     check(cfg)
     started = time.perf_counter()
-    results = run(cfg, out, "study", console=Console(file=io.StringIO()))
+    results = run(cfg, out, console=Console(file=io.StringIO()))
     return results, time.perf_counter() - started
 
 

@@ -8,8 +8,10 @@ The same work three ways — ResNet-18 on the first task of split CIFAR-100 (gen
 CIFAR's shape and dtype: 50,000 uint8 images, or real CIFAR-100 with --cifar-root), random crop
 (pad 4) + flip, SGD, the same batch size and number of steps:
 
-(a) cl_ema: ``DeviceDataTemplate`` (Avalanche's SupervisedTemplate fed by device-resident
-    tensors and batch augmentation on the device), with and without an EMA plugin;
+(a) cl_ema: the run ``python -m cl_ema experiment=split_cifar strategy=plain|ema`` assembles
+    (``cl_ema.assembly``, the dataset swapped for the same generated images), trained on its first
+    task: Avalanche's SupervisedTemplate fed by device-resident tensors and batch augmentation on
+    the device, with the plugins every run has, without and with the EMA plugin;
 (b) stock Avalanche ``Naive`` with torchvision transforms on PIL images through a DataLoader
     (what a user would otherwise write);
 (c) a bare PyTorch loop over device-resident tensors (the bound).
@@ -27,38 +29,41 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from avalanche.core import SupervisedPlugin
 from torch import nn
 
-from cl_ema.config import EMAConfig, Scenario
+from cl_ema.assembly import assemble
+from cl_ema.config import Scenario, check, compose
 from cl_ema.data import CropFlip, DataSpec, TensorStore, experience_indices, stream_from_stores
-from cl_ema.data.sources import CIFAR100_NORM, load_cifar100
+from cl_ema.data.sources import CIFAR100_NORM, load_cifar100, random_images
+from cl_ema.distributed import Processes
 from cl_ema.models import ResNet18
-from cl_ema.plugins.ema import EMAPlugin
 from cl_ema.strategies import silent_evaluator
-from cl_ema.template import DeviceDataTemplate
 
 
-def cifar_like(root: Path | None, samples: int, seed: int = 0) -> tuple[TensorStore, TensorStore]:
+def cifar_like(root: Path | None, samples: int) -> tuple[TensorStore, TensorStore]:
+    """Real CIFAR-100, or the generated images cl_ema's (a) trains on (``dataset=random_cifar100``)."""
     if root is not None:
         return load_cifar100(root, download=False)
-    rng = np.random.default_rng(seed)
-    labels = torch.as_tensor(np.arange(samples) % 100)
-    images = torch.from_numpy(rng.integers(0, 256, size=(samples, 3, 32, 32), dtype=np.uint8))
-    return TensorStore(images, labels, CIFAR100_NORM), TensorStore(images[:1000], labels[:1000], CIFAR100_NORM)
+    return random_images(100, (3, 32, 32), samples, 1000)
 
 
 def model_and_optimizer(args, device: torch.device):
+    from cl_ema.models import TimmClassifier
+
     torch.manual_seed(0)
+    spec = DataSpec((3, 32, 32), 100, CIFAR100_NORM)
     if args.model == "linear":
         model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 100)).to(device)
+    elif args.model == "vit":
+        model = TimmClassifier(spec, arch="vit_base_patch16_224", pretrained=False, input_size=224).to(device)
     else:
-        model = ResNet18(DataSpec((3, 32, 32), 100, CIFAR100_NORM), width=args.width).to(device)
+        model = ResNet18(spec, width=args.width).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -76,22 +81,39 @@ def epochs_for(args, task_size: int) -> int:
     return math.ceil((args.steps + args.warmup) * args.batch_size / task_size) + 1
 
 
-def cl_ema_run(stores, args, device, with_ema: bool) -> float:
-    stream = stream_from_stores(*stores, Scenario.split, 10, seed=0, device=device, augment=args.augment)
-    experience = stream.benchmark.train_stream[0]
-    model, optimizer = model_and_optimizer(args, device)
-    plugins = [EMAPlugin(EMAConfig(decay=0.999))] if with_ema else []
-    for plugin in plugins:
-        plugin.attach(model)
-    autocast = torch.bfloat16 if args.bf16 else None
-    strategy = DeviceDataTemplate(stream=stream, model=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(),
-                                  train_mb_size=args.batch_size, train_epochs=epochs_for(args, len(experience.dataset)),
-                                  device=device, plugins=plugins,
-                                  evaluator=silent_evaluator(), autocast=autocast,
-                                  channels_last=args.channels_last)  # fmt: skip
-    stop = _StopAfter(args.steps, args.warmup)
-    strategy.plugins.append(stop)
-    strategy.train(experience)
+def cl_ema_overrides(args, strategy: str) -> list[str]:
+    """What ``python -m cl_ema`` is given for (a): split CIFAR-100 with this benchmark's sizes."""
+    data = (
+        [f"data.root={args.cifar_root}", "data.download=false"]
+        if args.cifar_root
+        else [
+            "dataset@data.dataset=random_cifar100",
+            f"data.dataset.train_size={args.samples}",
+            "data.dataset.test_size=1000",
+        ]
+    )
+    experiment, model = "split_cifar", [f"model.width={args.width}"]
+    if args.model == "linear":
+        model = ["model=mlp", "model.layers=0"]
+    elif args.model == "vit":  # split_cifar_vit's network, random weights: speed does not depend on them
+        experiment, model = "split_cifar_vit", ["model.pretrained=false"]
+    return [
+        f"experiment={experiment}", f"strategy={strategy}", *data, *model, f"train.batch_size={args.batch_size}",
+        f"data.augment={args.augment}", f"train.precision={'bf16' if args.bf16 else 'fp32'}",
+        f"train.channels_last={args.channels_last}", f"train.compile={args.compile}", f"device={args.device}",
+        "logger=none", "checkpoint=false", "ema.decay=0.999",
+    ]  # fmt: skip
+
+
+def cl_ema_run(args, device, strategy: str, processes: Processes | None = None) -> float:
+    """Time ``args.steps`` steps of the first task of the run cl_ema assembles for these overrides."""
+    cfg = compose(*cl_ema_overrides(args, strategy))
+    check(cfg)
+    with tempfile.TemporaryDirectory() as out:
+        run = assemble(cfg, Path(out), processes or Processes(), device)
+        stop = _StopAfter(args.steps, args.warmup)
+        run.strategy.plugins.append(stop)
+        run.strategy.train(run.stream.benchmark.train_stream[0])
     return stop.elapsed
 
 
@@ -182,21 +204,26 @@ class _StopAfter(SupervisedPlugin):
             strategy.stop_training()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_arguments(parser: argparse.ArgumentParser, model: str = "resnet18", steps: int = 200) -> None:
+    """The options of a timed cl_ema run (this benchmark's and the scaling benchmark's)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--model", choices=("resnet18", "linear"), default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=128, help="the global batch")
+    parser.add_argument("--model", choices=("resnet18", "linear", "vit"), default=model)
     parser.add_argument("--width", type=int, default=64, help="ResNet-18 base width (64: the full model)")
     parser.add_argument("--no-augment", dest="augment", action="store_false", help="no random crop + flip")
     parser.add_argument("--samples", type=int, default=50_000, help="generated CIFAR-100-shaped training images")
     parser.add_argument("--cifar-root", type=Path, help="use real CIFAR-100 from this torchvision root")
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers for stock Avalanche")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in all three")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model in all three")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    run_arguments(parser)
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers for stock Avalanche")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table is their median")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -207,8 +234,8 @@ def main() -> None:
           f"timed steps after {args.warmup}, augment={args.augment}, bf16={args.bf16}, "
           f"channels_last={args.channels_last}, compile={args.compile}")  # fmt: skip
     runs = {
-        "(a) cl_ema": lambda: cl_ema_run(stores, args, device, with_ema=False),
-        "(a) cl_ema + EMA": lambda: cl_ema_run(stores, args, device, with_ema=True),
+        "(a) cl_ema": lambda: cl_ema_run(args, device, "plain"),
+        "(a) cl_ema + EMA": lambda: cl_ema_run(args, device, "ema"),
         "(b) Avalanche Naive + DataLoader": lambda: avalanche_naive_run(stores, args, device),
         "(c) bare loop": lambda: bare_loop(stores, args, device),
     }

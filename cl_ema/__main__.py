@@ -23,8 +23,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from cl_ema.config import CONFIG_DIR, check, experiment_name, register_schema
-from cl_ema.errors import Interrupted, Refused, UserError
+from cl_ema.config import CONFIG_DIR, check, plugin_nodes, record_choices, register_schema, unused_overrides
+from cl_ema.errors import Interrupted, Refused, UserError, warn
+from cl_ema.plugins import LIVE
 from cl_ema.rundirs import release
 from cl_ema.sweep import SWEEP
 
@@ -33,12 +34,15 @@ from cl_ema.sweep import SWEEP
 def _run(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     try:
-        experiment = experiment_name(hydra_cfg)
-        check(cfg, experiment)
+        record_choices(cfg, hydra_cfg.runtime.choices)
+        check(cfg)
+        for key in unused_overrides(cfg, list(hydra_cfg.overrides.task)):
+            warn(f"{key}: no plugin of strategy={cfg.choices.strategy} reads it (plugins: "
+                 f"{', '.join(plugin_nodes(cfg)) or 'none'}); it changes nothing")  # fmt: skip
         from cl_ema.runner import run  # heavy imports only once the config is known to be good
 
-        results = run(cfg, Path(hydra_cfg.runtime.output_dir), experiment)
-        return results.metrics("live", results.tasks_done - 1)["avg_acc"]  # the objective for sweepers
+        results = run(cfg, Path(hydra_cfg.runtime.output_dir))
+        return results.metrics(LIVE, results.tasks_done - 1)["avg_acc"]  # the objective for sweepers
     except (UserError, OSError, OverflowError) as err:
         message = describe(err)
         if hydra_cfg.mode != RunMode.MULTIRUN:

@@ -26,6 +26,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cl_ema.errors import UserError
+from cl_ema.options import OptionError
 
 _RESERVED = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 
@@ -64,7 +65,9 @@ def build(node: DictConfig | Mapping, key: str, **context: Any) -> Any:
         return functools.partial(factory, **passed) if passed else factory
     try:
         return factory(**passed)
-    except (ValueError, OverflowError) as err:  # the target's own range checks
+    except OptionError as err:  # the target's own range checks, naming its parameter
+        raise UserError(str(err.renamed(key))) from None
+    except (ValueError, OverflowError) as err:  # the range checks of others' code (torch.optim's)
         raise UserError(f"{key}: {err}") from err
 
 
@@ -80,7 +83,8 @@ def _locate(path: Any, key: str) -> Callable:
 
 
 def _signature(target: Callable) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
-    function = target.__init__ if inspect.isclass(target) else target
+    # a dataclass's generated __init__ has the fields' annotations; get_type_hints resolves them on the class
+    function = target if dataclasses.is_dataclass(target) else target.__init__ if inspect.isclass(target) else target
     try:
         parameters = dict(inspect.signature(target).parameters)
     except (TypeError, ValueError):  # builtins without a signature

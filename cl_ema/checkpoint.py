@@ -1,15 +1,10 @@
-"""What a checkpoint holds, and resuming a run from one.
+"""Checkpoint files: writing, reading and validating them, and finding the run to resume.
 
-``checkpoints/last.pt`` (written atomically after every task) holds everything that decides what
-happens next: the model, the optimizer, the state of every stateful plugin under its config name
-(EMA shadows, replay memory, continual-evaluation curves, …), every random generator, the
-accuracy matrices so far and the loggers' state (the W&B run id). It contains only tensors and
-plain Python values, so it loads with ``torch.load(weights_only=True)``: a checkpoint cannot run
-code. It is validated before anything is restored, and a checkpoint that does not fit is one
+``checkpoints/last.pt`` (written atomically after every task) holds what ``Run.state_dict()``
+(``cl_ema.assembly``) gives: everything that decides what happens next. It contains only tensors
+and plain Python values, so it loads with ``torch.load(weights_only=True)``: a checkpoint cannot
+run code. It is validated before anything is restored, and a checkpoint that does not fit is one
 ``UserError`` naming the file, with nothing written.
-
-Resuming restores all of it into a freshly built run, so the rest of the run is the same,
-bit for bit on CPU, as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -18,19 +13,16 @@ import io
 import math
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from cl_ema.config import LAST_CHECKPOINT, result_keys, short_key
+from cl_ema.config import LAST_CHECKPOINT, result_keys
 from cl_ema.errors import UserError, warn
 from cl_ema.files import atomic_write
 
-if TYPE_CHECKING:
-    from cl_ema.runner import Run
-
-FORMAT = "cl_ema-checkpoint-2"
+FORMAT = "cl_ema-checkpoint-3"
 # field → type every checkpoint has (checked before anything is restored)
 _FIELDS: dict[str, type | tuple[type, ...]] = {
     "format": str,
@@ -39,6 +31,7 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "model": dict,
     "optimizer": dict,
     "plugins": dict,
+    "continual": dict,
     "loggers": dict,
     "rng": dict,
     "results": dict,
@@ -68,23 +61,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def snapshot(run: Run) -> dict[str, Any]:
-    """Everything needed to continue after the last finished task."""
-    augment = run.stream.augment
-    return {
-        "format": FORMAT,
-        "config": run.results.meta["config"],
-        "world_size": run.world_size,
-        "model": run.model.state_dict(),
-        "optimizer": run.strategy.optimizer.state_dict(),
-        "plugins": {name: plugin.state_dict() for name, plugin in run.stateful_plugins().items()},
-        "loggers": run.loggers.state_dict(),
-        "rng": rng_state({"augment": augment.get_state() if augment else {}}),
-        "results": run.results.to_dict(),
-        "train_iterations": run.strategy.clock.train_iterations,
-    }
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -141,7 +117,7 @@ def check_optimizer_state(saved: Any, fresh: dict[str, Any]) -> None:
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Keys (dotted) whose values differ, leaving out those that never change results."""
     a, b = result_keys(saved), result_keys(current)
-    return [f"{short_key(k)}: {a.get(k, 'absent')} in the checkpoint, {b.get(k, 'absent')} now"
+    return [f"{k}: {a.get(k, 'absent')} in the checkpoint, {b.get(k, 'absent')} now"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]  # fmt: skip
 
 
@@ -171,33 +147,3 @@ def resume_from(request: Path | bool, out_dir: Path, config: dict) -> tuple[Path
         if not config_differences(state["config"], config):
             return run_dir, state
     raise UserError(f"resume=true: no checkpoint of this configuration in {out_dir.parent} (give resume=<run dir>)")
-
-
-def restore(run: Run, state: dict[str, Any], path: Path) -> None:
-    """Load a validated snapshot into a freshly built run (nothing is written)."""
-    plugins = run.stateful_plugins()
-    missing = sorted(set(plugins) ^ set(state["plugins"]))
-    if missing:
-        raise UserError(
-            f"{path}: holds the state of plugins {sorted(state['plugins'])}, this run has {sorted(plugins)}"
-        )
-    if state["world_size"] != run.world_size:
-        warn(f"resuming a run trained by {state['world_size']} processes with {run.world_size}")
-    try:
-        run.model.load_state_dict(state["model"])  # copies in place: the EMA engine's views stay valid
-        # Avalanche resets the optimizer on its first experience; do it now, then load the state
-        run.strategy.make_optimizer(reset_optimizer_state=True)
-        check_optimizer_state(state["optimizer"], run.strategy.optimizer.state_dict())
-        run.strategy.optimizer.load_state_dict(state["optimizer"])
-        for name, plugin in plugins.items():
-            plugin.load_state_dict(state["plugins"][name])
-        run.results.load(state["results"])
-        run.strategy.clock.train_iterations = state["train_iterations"]
-        set_rng_state(state["rng"])
-        if run.stream.augment:
-            run.stream.augment.set_state(state["rng"]["augment"])
-    except UserError as err:
-        raise UserError(f"{path}: {err}") from err
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"{path}: does not fit this run ({type(err).__name__}: {detail[:300]})") from err

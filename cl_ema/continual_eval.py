@@ -19,7 +19,7 @@ statistics alone, so training is the same with or without it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,8 +28,9 @@ from avalanche.core import SupervisedPlugin
 from torch import Tensor
 
 from cl_ema.data import TaskStream
-from cl_ema.evaluation import Track, evaluate
+from cl_ema.evaluation import evaluate
 from cl_ema.metrics import STABILITY_METRICS
+from cl_ema.plugins import Track
 
 
 @dataclass
@@ -103,7 +104,6 @@ class ContinualEvalPlugin(SupervisedPlugin):
         subset_size: int,
         seed: int,
         batch_size: int = 1024,
-        on_eval: Callable[[int, int, dict[str, list[float]]], None] | None = None,
     ) -> None:
         super().__init__()
         self.stream = stream
@@ -111,20 +111,15 @@ class ContinualEvalPlugin(SupervisedPlugin):
         self.every = every_n_steps
         self.subsets = fixed_subsets(stream, subset_size, seed)
         self.batch_size = batch_size
-        self.on_eval = on_eval
         self.curves = {track.name: Curve() for track in tracks}
 
     def _evaluate(self, strategy) -> None:
         task = strategy.experience.current_experience
         step = strategy.clock.train_iterations
-        row = {}
         for track in self.tracks:
             with track.swap_in():
                 result = evaluate(strategy.model, self.stream, task, range(task + 1), self.subsets, self.batch_size)
             self.curves[track.name].add(step, task, result.class_il)
-            row[track.name] = result.class_il
-        if self.on_eval:
-            self.on_eval(step, task, row)
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         self._evaluate(strategy)
@@ -137,8 +132,23 @@ class ContinualEvalPlugin(SupervisedPlugin):
         if strategy.clock.train_exp_iterations % self.every:  # not just evaluated
             self._evaluate(strategy)
 
+    def points(self, start: int = 0) -> list[tuple[int, int, dict[str, list[float]]]]:
+        """Evaluations ``start``, ``start + 1``, …: (step, task, accuracies of each track on the tasks seen)."""
+        reference = next(iter(self.curves.values()))
+        return [
+            (reference.steps[e], reference.tasks[e], {name: curve.accuracies[e] for name, curve in self.curves.items()})
+            for e in range(start, len(reference.steps))
+        ]
+
     def state_dict(self) -> dict:
         return {name: curve.to_dict() for name, curve in self.curves.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.curves = {name: Curve.from_dict(data) for name, data in state.items()}
+        if set(state) != set(self.curves):
+            raise ValueError(
+                f"the continual evaluation's curves are of tracks {sorted(state)}, not {sorted(self.curves)}"
+            )
+        try:
+            self.curves = {name: Curve.from_dict(data) for name, data in state.items()}
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"a continual evaluation curve is incomplete ({err})") from None

@@ -7,8 +7,7 @@ test task itself (the task identity is given at test time).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,16 +15,6 @@ from torch import Tensor, nn
 
 from cl_ema.data import TaskStream
 from cl_ema.distributed import my_share, sum_over_processes
-
-
-@dataclass(frozen=True)
-class Track:
-    """A set of weights to evaluate: ``live`` or an EMA shadow; ``with track.swap_in():`` puts them in the model."""
-
-    name: str
-    swap_in: Callable[[], AbstractContextManager[None]]
-    decay: float | None = None  # of an EMA track
-    horizon: float | None = None  # optimizer steps an EMA track averages over
 
 
 @dataclass

@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from cl_ema.building import build
-from cl_ema.config import INT32_MAX, at_least, positive
 from cl_ema.data import DataSpec
 from cl_ema.errors import UserError
+from cl_ema.options import at_least, count, positive
 
 
 class MLP(nn.Module):
@@ -40,7 +40,8 @@ class MLP(nn.Module):
         init: Literal["default", "xavier_uniform"] = "default",
     ) -> None:
         super().__init__()
-        _positive(hidden=hidden, layers=layers)
+        count("hidden", hidden)
+        count("layers", layers, 0)  # 0: a linear model
         widths = [math.prod(spec.input_shape)] + [hidden] * layers
         body: list[nn.Module] = [nn.Flatten()]
         for fan_in, fan_out in zip(widths, widths[1:]):
@@ -62,7 +63,7 @@ class CNN(nn.Module):
 
     def __init__(self, spec: DataSpec, width: int = 32) -> None:
         super().__init__()
-        _positive(width=width)
+        count("width", width)
         channels = spec.input_shape[0]
         self.features = nn.Sequential(
             nn.Conv2d(channels, width, 3, padding=1, bias=False),
@@ -106,7 +107,7 @@ class ResNet18(nn.Module):
 
     def __init__(self, spec: DataSpec, width: int = 64) -> None:
         super().__init__()
-        _positive(width=width)
+        count("width", width)
         self.conv1 = nn.Conv2d(spec.input_shape[0], width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         layers, in_planes = [], width
@@ -165,8 +166,8 @@ class PretrainedClassifier(nn.Module):
         raise NotImplementedError
 
     def _set_lr_scale(self, scale: float) -> None:
-        positive("model.backbone_lr_scale", scale)
-        at_least("model.backbone_lr_scale", scale, 0, 1e3)
+        positive("backbone_lr_scale", scale)
+        at_least("backbone_lr_scale", scale, 0, 1e3)
         self.backbone_lr_scale = scale
 
     def param_groups(self, lr: float) -> list[dict]:
@@ -343,12 +344,6 @@ def _size(options: dict, spec: DataSpec) -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _positive(**values: int) -> None:
-    for name, value in values.items():
-        if not 1 <= value <= INT32_MAX:
-            raise UserError(f"model.{name}={value!r}: must be an integer >= 1")
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cl_ema.config import setting, short_key
+from cl_ema.config import setting
 from cl_ema.errors import UserError
 from cl_ema.files import atomic_write
 from cl_ema.metrics import METRICS, SETTINGS, STABILITY_METRICS, TASK_IL_ACC
@@ -141,9 +141,7 @@ def group(runs: list[Run]) -> list[Setting]:
         varying = sorted({k for key in keys for k, _ in key if len({dict(other).get(k) for other in keys}) > 1})
         for key in keys:
             values = dict(key)
-            label = ", ".join(
-                f"{short_key(k)}={json.loads(values[k])}" for k in varying if k in values and k != "tracks"
-            )
+            label = ", ".join(f"{k}={json.loads(values[k])}" for k in varying if k in values and k != "tracks")
             settings.append(Setting(experiment, strategy, label or "-", by_setting[key]))
     return sorted(settings, key=lambda s: (s.experiment, s.strategy, s.label))
 

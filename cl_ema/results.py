@@ -2,7 +2,8 @@
 
 ``results.json`` (written atomically after every task) holds a top-level ``"tracks"`` object::
 
-    {"status": "running" | "completed" | "failed" | "interrupted", "tasks_done": 3, ...,
+    {"format": "cl_ema-results-2", "status": "running" | "completed" | "failed" | "interrupted",
+     "tasks_done": 3, ...,
      "tracks": {"live": {"acc_matrix": T×T, "avg_acc": …, "avg_forgetting": …, "bwt": …, …,
                          "task_il": {"acc_matrix": …, "avg_acc": …, …}},
                 "ema_0.999": {…}}}
@@ -16,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,8 @@ import numpy as np
 
 from cl_ema.files import atomic_write
 from cl_ema.metrics import METRICS, SETTINGS, metrics_after, task_forgetting
+
+FORMAT = "cl_ema-results-2"  # results.json's layout; the report reads this version
 
 if TYPE_CHECKING:  # the report reads results without importing torch or Avalanche
     from cl_ema.continual_eval import Curve
@@ -78,6 +82,7 @@ class Results:
                 entry["stability"] = self.stability[track]
             tracks[track] = entry
         return {
+            "format": FORMAT,
             **self.meta,
             "status": self.status,
             "tasks_done": self.tasks_done,
@@ -87,20 +92,60 @@ class Results:
         }
 
     def load(self, saved: dict[str, Any]) -> None:
-        """Continue from ``to_dict()`` output (of a run with the same tracks and tasks)."""
-        if list(saved["tracks"]) != self.tracks or saved["num_tasks"] != self.num_tasks:
-            raise ValueError(f"tracks {list(saved['tracks'])} / {saved['num_tasks']} tasks do not match this run")
-        for track, entry in saved["tracks"].items():
+        """Continue from ``to_dict()`` output (of a run with the same tracks and tasks); ValueError if it
+        does not fit: other tracks or task counts, misshapen matrices, rows missing for finished tasks,
+        values of the wrong kind."""
+        tracks, done = saved.get("tracks"), saved.get("tasks_done")
+        if not isinstance(tracks, dict) or list(tracks) != self.tracks or saved.get("num_tasks") != self.num_tasks:
+            raise ValueError(f"tracks {list(tracks or [])} / {saved.get('num_tasks')} tasks do not match this run")
+        if not _is_count(done) or not 1 <= done <= self.num_tasks:
+            raise ValueError(f"tasks_done={done!r} is not a task count of this run")
+        matrices = {}
+        for track, entry in tracks.items():
             for setting in SETTINGS:
-                values = entry["acc_matrix"] if setting == "class_il" else entry[setting]["acc_matrix"]
-                matrix = np.array(values, dtype=float)  # None → nan
+                values = (
+                    entry.get("acc_matrix") if setting == "class_il" else (entry.get(setting) or {}).get("acc_matrix")
+                )
+                try:
+                    matrix = np.array(values, dtype=float)  # None → nan
+                except (TypeError, ValueError):
+                    raise ValueError(
+                        f"the {track} {setting} accuracy matrix holds values that are not numbers"
+                    ) from None
                 if matrix.shape != (self.num_tasks, self.num_tasks):
-                    raise ValueError(f"{track} {setting} matrix has shape {matrix.shape}")
-                self.matrices[track, setting] = matrix
-        self.baseline = saved["baseline"]
-        self.tasks_done = saved["tasks_done"]
-        for key in ("steps_per_task", "train_s", "elapsed_s"):
-            self.meta[key] = saved[key]
+                    raise ValueError(f"the {track} {setting} accuracy matrix has shape {matrix.shape}")
+                if not np.isfinite(matrix[:done]).all() or ((matrix[:done] < 0) | (matrix[:done] > 1)).any():
+                    raise ValueError(f"the {track} {setting} accuracy matrix lacks rows of finished tasks, or holds "
+                                     "values outside [0, 1]")  # fmt: skip
+                matrices[track, setting] = matrix
+        baseline = saved.get("baseline")
+        if not isinstance(baseline, dict) or not all(_is_numbers(baseline.get(s), self.num_tasks) for s in SETTINGS):
+            raise ValueError("its baseline accuracies are not one number per task and setting")
+        steps = saved.get("steps_per_task")
+        if not (isinstance(steps, list) and len(steps) == done and all(_is_count(n) for n in steps)):
+            raise ValueError(f"steps_per_task={steps!r} is not one step count per finished task")
+        times = [saved.get(key) for key in ("train_s", "elapsed_s")]
+        if not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0 for t in times
+        ):
+            raise ValueError(f"its times {times} are not durations")
+        self.matrices.update(matrices)
+        self.baseline = {s: [float(v) for v in baseline[s]] for s in SETTINGS}
+        self.tasks_done = done
+        self.meta["steps_per_task"] = list(steps)
+        self.meta["train_s"], self.meta["elapsed_s"] = times
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_numbers(values: Any, length: int) -> bool:
+    return (
+        isinstance(values, list)
+        and len(values) == length
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    )
 
 
 def save_outputs(results: Results, out_dir: Path, curves: dict[str, Curve] | None = None) -> None:

@@ -128,12 +128,13 @@ class RunDirectories(Callback):
                 config.hydra.run.dir = scratch
                 config.hydra.output_subdir = None
             return
-        from cl_ema.config import check, experiment_name
+        from cl_ema.config import check, record_choices
 
         task_cfg = copy.deepcopy(config)  # what the task function will get, as Hydra's run_job makes it
         with read_write(task_cfg), open_dict(task_cfg):
             del task_cfg["hydra"]
-        check(task_cfg, experiment_name(config.hydra))  # a bad value is refused before any folder is made
+        record_choices(task_cfg, config.hydra.runtime.choices)
+        check(task_cfg)  # a bad value is refused before any folder is made
         folder = Path(str(config.hydra.run.dir))
         resumed = resume_request(config.resume)
         if isinstance(resumed, Path) and resumed.resolve() == folder.resolve():

@@ -1,16 +1,14 @@
-"""The strategy named by ``strategy=``: cl_ema's Avalanche template plus the plugins its config lists.
+"""A run's strategy: cl_ema's Avalanche template plus the plugins its config places (``conf/strategy/``).
 
-A strategy is a config file, ``conf/strategy/<name>.yaml``, listing plugins under ``plugins:``
-(config name → node with a ``_target_``; ``conf/plugin/`` holds the shared ones): ``plain`` has
-none, ``ema`` the EMAPlugin, ``replay`` a replay plugin, ``ema_replay`` both, ``cls_er`` replay
-and CLS-ER's two EMA teachers, ``lwf`` Avalanche's LwF. Each plugin is checked once against the
-protocol of ``cl_ema.plugins``.
+A strategy file lists plugin configs (``conf/plugin/``) in its defaults; each lands at the top
+level under its name (``ema``, ``replay``, …), in that order, and is built here and checked once
+against the plugin protocol of ``cl_ema.plugins``.
 """
 
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
+from typing import Any
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -19,26 +17,25 @@ from omegaconf import DictConfig
 from torch import nn
 
 from cl_ema.building import build
-from cl_ema.config import autocast_dtype
+from cl_ema.config import autocast_dtype, plugin_nodes
 from cl_ema.data import TaskStream
 from cl_ema.errors import UserError
-from cl_ema.evaluation import Track
-from cl_ema.plugins import Attaches, HasTracks, Stateful
+from cl_ema.plugins import Attaches, HasTracks, Stateful, Track, live_track
 from cl_ema.plugins.training import FiniteLossPlugin, LRStepsPlugin, ProgressBarPlugin
 from cl_ema.template import DeviceDataTemplate
 
 
-def build_plugins(cfg: DictConfig) -> dict[str, SupervisedPlugin]:
-    """The strategy's plugins by config name, each checked against the plugin protocol."""
+def build_plugins(cfg: DictConfig, **context: Any) -> dict[str, SupervisedPlugin]:
+    """The strategy's plugins by config name, each checked against the plugin protocol; ``context``
+    (the seed, the first task's steps) goes to those whose signature asks for it."""
     plugins = {}
-    for name, node in cfg.strategy.plugins.items():
-        key = f"strategy.plugins.{name}"
-        plugin = build(node, key, seed=cfg.seed)
+    for name, node in plugin_nodes(cfg).items():
+        plugin = build(node, name, seed=cfg.seed, **context)
         if not isinstance(plugin, SupervisedPlugin):
-            raise UserError(f"{key}: {type(plugin).__name__} is not an Avalanche SupervisedPlugin")
+            raise UserError(f"{name}: {type(plugin).__name__} is not an Avalanche SupervisedPlugin")
         if cfg.checkpoint and not isinstance(plugin, Stateful) and not getattr(plugin, "stateless", False):
             raise UserError(
-                f"{key}: {type(plugin).__module__}.{type(plugin).__name__} cannot save what it keeps across tasks "
+                f"{name}: {type(plugin).__module__}.{type(plugin).__name__} cannot save what it keeps across tasks "
                 "(no state_dict() / load_state_dict()), so a resumed run would not be the same run; "
                 "give it those methods (as cl_ema/plugins/lwf.py does) or set checkpoint=false"
             )
@@ -48,24 +45,27 @@ def build_plugins(cfg: DictConfig) -> dict[str, SupervisedPlugin]:
 
 def attach(plugins: dict[str, SupervisedPlugin], model: nn.Module) -> list[Track]:
     """Attach the plugins to the model; the tracks to evaluate, ``live`` first."""
-    tracks = [Track("live", nullcontext)]
-    for plugin in plugins.values():
+    tracks = [live_track()]
+    for name, plugin in plugins.items():
         if isinstance(plugin, Attaches):
-            plugin.attach(model)
+            try:
+                plugin.attach(model)
+            except MemoryError as err:  # the averages' shadows do not fit
+                raise UserError(f"{name}: {err}") from None
         if isinstance(plugin, HasTracks):
             tracks += plugin.tracks()
     names = [t.name for t in tracks]
     if len(set(names)) != len(names):
-        raise UserError(f"strategy.plugins: two plugins evaluate tracks of the same name ({names})")
+        raise UserError(f"plugins {list(plugins)}: two of them evaluate tracks of the same name ({names})")
     return tracks
 
 
-def training_plugins(cfg: DictConfig, device: torch.device, rank: int) -> list[SupervisedPlugin]:
+def training_plugins(cfg: DictConfig, device: torch.device, main: bool) -> list[SupervisedPlugin]:
     """The plugins every run has (none of them keeps state across tasks)."""
-    plugins = [
+    plugins: list[SupervisedPlugin] = [
         # reading the loss forces a GPU sync: check every 50 steps there, every step on CPU
         FiniteLossPlugin(check_every=50 if device.type == "cuda" else 1),
-        ProgressBarPlugin(enabled=rank == 0),
+        ProgressBarPlugin(enabled=main),
     ]
     if cfg.train.lr_milestones:
         plugins.append(LRStepsPlugin(list(cfg.train.lr_milestones), cfg.train.lr_gamma))
@@ -76,12 +76,12 @@ def build_optimizer(node: DictConfig, model: nn.Module) -> torch.optim.Optimizer
     """The ``optimizer`` section's optimizer (a partial ``_target_``) over the model's trainable
     parameters; a model with ``param_groups(lr)`` (e.g. a slower backbone) gives its own groups."""
     make = build(node, "optimizer")
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: Any = [p for p in model.parameters() if p.requires_grad]
     if hasattr(model, "param_groups"):
         params = model.param_groups(make.keywords.get("lr"))
     try:
         return make(params)
-    except ValueError as err:  # torch.optim checks its own ranges (learning rate, momentum, …)
+    except (ValueError, IndexError, TypeError) as err:  # torch.optim checks its own values (lr, betas, …)
         raise UserError(f"optimizer: {err}") from err
 
 
@@ -94,28 +94,33 @@ def silent_evaluator() -> EvaluationPlugin:
 
 def build_strategy(
     cfg: DictConfig,
+    *,
     model: nn.Module,
+    training_model: nn.Module,
     stream: TaskStream,
     plugins: list[SupervisedPlugin],
+    after_clock: list[SupervisedPlugin],
     device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-    training_model: nn.Module | None = None,
+    world_size: int,
 ) -> DeviceDataTemplate:
-    """The training template with ``plugins``; ``training_model`` is what trains (``model`` wrapped for DDP)."""
-    return DeviceDataTemplate(
+    """The training template with ``plugins``; ``after_clock``: plugins that read the step count an
+    iteration has just made (Avalanche's clock counts in its own plugin, which the template adds
+    last). ``training_model`` is what trains (``model`` itself, or wrapped for data parallel training)."""
+    strategy = DeviceDataTemplate(
         stream=stream,
         autocast=autocast_dtype(cfg.train.precision, device),
         channels_last=cfg.train.channels_last,
         loss_classes=cfg.train.loss_classes,
         world_size=world_size,
-        model=training_model or model,
+        model=training_model,
         optimizer=build_optimizer(cfg.optimizer, model),
         criterion=nn.CrossEntropyLoss(),
         train_mb_size=cfg.train.batch_size,
         train_epochs=cfg.train.epochs,
         eval_mb_size=cfg.train.eval_batch_size,
         device=device,
-        plugins=[*plugins, *training_plugins(cfg, device, rank)],
+        plugins=plugins,
         evaluator=silent_evaluator(),  # cl_ema evaluates its tracks itself
     )
+    strategy.plugins += after_clock
+    return strategy

@@ -72,12 +72,15 @@ class DeviceDataTemplate(SupervisedTemplate):
         self.mb_global_size = len(index)
         if self.world_size > 1:
             (index, labels, tasks), replayed = self._share([index, labels, tasks], replayed)
-        raw = self.stream.train.raw(index)
-        if self.stream.augment is not None:
-            raw = self.stream.augment(raw)
-        inputs = self.stream.train.normalize(raw).contiguous(memory_format=self.memory_format)
-        self.mbatch = [inputs, labels, tasks]
+        self.mbatch = [self.inputs(index), labels, tasks]
         self.mb_replayed = replayed
+
+    def inputs(self, index: Tensor, augment: bool = True) -> Tensor:
+        """The model's input batch for training samples ``index``: gathered, augmented, normalized."""
+        raw = self.stream.train.raw(index)
+        if augment and self.stream.augment is not None:
+            raw = self.stream.augment(raw)
+        return self.stream.train.normalize(raw).contiguous(memory_format=self.memory_format)
 
     def _share(self, columns: list[Tensor], replayed: int) -> tuple[list[Tensor], int]:
         """This process's part of the current and of the replayed samples of a global batch."""
@@ -112,11 +115,11 @@ class DeviceDataTemplate(SupervisedTemplate):
         it, and draws nothing from a replay memory, so re-estimating statistics never changes
         the training run.
         """
-        loader, store = self.dataloader, self.stream.train
+        loader = self.dataloader
 
         def batches() -> Iterator[Tensor]:
             with torch.random.fork_rng(devices=[]):
                 for mbatch in loader.without_draws():
-                    yield store.batch(mbatch[0])
+                    yield self.inputs(mbatch[0], augment=False)
 
         return batches

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cl_ema import checkpoint, runner
+from cl_ema import runner
 from cl_ema.config import check, compose
 
 
@@ -22,12 +22,12 @@ def main() -> None:
 
     def train_and_keep(run, console):
         keep(run, console)
-        torch.save(checkpoint.snapshot(run), out / f"rank{dist.get_rank()}.pt")
+        torch.save(run.state_dict(), out / f"rank{dist.get_rank()}.pt")
 
     runner.train_all_tasks = train_and_keep
     cfg = compose("logger=none", "checkpoint=false", "device=cpu", *overrides)
     check(cfg)
-    runner.run(cfg, out / "run", "split_digits")
+    runner.run(cfg, out / "run")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def compose_config(*overrides: str) -> DictConfig:
     return compose(*overrides)
 
 
-def run_experiment(out_dir: Path, *overrides: str, experiment: str = "split_digits"):
+def run_experiment(out_dir: Path, *overrides: str):
     """Compose, check and run like ``python -m cl_ema``; returns (results, console text)."""
     from cl_ema.console import Console
     from cl_ema.runner import run
@@ -26,7 +26,7 @@ def run_experiment(out_dir: Path, *overrides: str, experiment: str = "split_digi
     cfg = compose_config("logger=none", "checkpoint=false", *overrides)
     check(cfg)
     text = io.StringIO()
-    results = run(cfg, out_dir, experiment, console=Console(file=text))
+    results = run(cfg, out_dir, console=Console(file=text))
     return results, text.getvalue()
 
 

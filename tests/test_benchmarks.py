@@ -25,9 +25,18 @@ def run_script(name: str, *args: str) -> str:
 
 def test_ema_update_benchmark_smoke():
     out = run_script("ema_update.py", "--repeats", "2", "--widths", "4", "8", "--no-train-step")
-    for row in ("flat lerp_ (floor)", "cl_ema K=1", "cl_ema K=4", "per-parameter loop", "torch AveragedModel"):
-        assert row in out
-    assert "K=1 / floor" in out and "device: cpu" in out
+    for row in (
+        "flat lerp_ (floor)",
+        "cl_ema K=1 ema",
+        "cl_ema K=1 mean uniform (SWA)",
+        "cl_ema K=1 CLS-ER ema",
+        "cl_ema K=4 ema",
+        "cl_ema K=7 every rule",
+        "per-parameter loop",
+        "torch AveragedModel",
+    ):
+        assert row in out, row
+    assert "K=7 every rule" in out.split("ratios")[1] and "device: cpu" in out
 
 
 def test_throughput_benchmark_smoke():

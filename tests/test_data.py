@@ -146,7 +146,6 @@ def test_end_to_end_on_generated_cifar10(tmp_path, skip_cifar_md5):  # noqa: F81
         "train.batch_size=8",
         "replay.mem_size=10",
         "device=cpu",
-        experiment="split_cifar10",
     )
     assert results.status == "completed" and results.tasks_done == 5
     assert results.tracks == ["live", "ema_0.9997"]

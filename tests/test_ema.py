@@ -1,4 +1,4 @@
-"""The EMA engine against its formula, and its swap / restore / checkpoint contracts."""
+"""The averaging engine against its formulas and independent references; its swap, restore, checkpoint contracts."""
 
 from __future__ import annotations
 
@@ -8,9 +8,21 @@ import pytest
 import torch
 from torch import nn
 
-from cl_ema.config import EMAOptions
-from cl_ema.ema import EMA, recompute_bn, track_name, warmup_decay
-from cl_ema.errors import UserError
+from cl_ema.ema import (
+    EMA,
+    EMAOptions,
+    EMARule,
+    Frozen,
+    MeanRule,
+    StochasticEMARule,
+    WeightAverages,
+    decay_for_horizon,
+    mean_weight,
+    recompute_bn,
+    warmup_decay,
+)
+from cl_ema.options import OptionError
+from cl_ema.plugins import ema_name
 
 
 def small_net(dtype=torch.float32) -> nn.Module:
@@ -82,7 +94,7 @@ def test_apply_restore_round_trip_is_bit_exact_and_keeps_parameter_objects():
     ema.update()
     with ema.swapped():
         pass
-    assert ema.num_updates == 4
+    assert ema.step == 4 and ema.rules[0].due == 4
 
 
 def test_swapped_context_restores_on_error():
@@ -129,32 +141,138 @@ def test_several_decays_equal_independent_single_decay_emas_step_by_step():
         for k, single in enumerate(singles):
             ours, theirs = multi.averaged_state_dict(k), single.averaged_state_dict()
             assert all(torch.equal(ours[n], theirs[n]) for n in ours), (step, decays[k])
-    assert [track_name(d) for d in multi.decays] == ["ema_0.5", "ema_0.9", "ema_0.99", "ema_0.999"]
+    assert [ema_name(d) for d in multi.decays] == ["ema_0.5", "ema_0.9", "ema_0.99", "ema_0.999"]
 
 
-def test_a_decay_of_one_in_an_update_leaves_that_shadow_alone_and_moves_the_others():
-    """CLS-ER's stochastic updates: update(decays) with 1 for the shadows that do not move this step."""
+def test_a_shadow_whose_rule_does_not_move_is_left_alone_while_the_others_move():
+    """CLS-ER's stochastic rule: a shadow not drawn this step keeps its value; the others move as alone."""
     model = small_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ema, plastic = EMA(model, [0.9, 0.99]), EMA(model, 0.9)
-    ema.register()
+    never = StochasticEMARule(0.99, 0.0, torch.Generator())
+    mixed, plastic = WeightAverages(model, [EMARule(0.9), never]), EMA(model, 0.9)
+    mixed.register()
     plastic.register()
-    before = ema.averaged_state_dict(1)
+    before = mixed.averaged_state_dict(1)
     for step in range(3):
         train_step(model, opt, step)
-        ema.update([0.9, 1.0])
+        mixed.update()
         plastic.update()
-    assert all(torch.equal(before[n], v) for n, v in ema.averaged_state_dict(1).items())  # untouched
-    moved, reference = ema.averaged_state_dict(0), plastic.averaged_state_dict(0)
+    assert all(torch.equal(before[n], v) for n, v in mixed.averaged_state_dict(1).items())  # untouched
+    moved, reference = mixed.averaged_state_dict(0), plastic.averaged_state_dict(0)
     assert all(torch.equal(moved[n], reference[n]) for n in moved)  # the same as an EMA of its own
 
 
 @pytest.mark.parametrize("decay", [0.9999991, 0.9999992, 1e-7, 0.1 + 0.2, 1.0, 0.0])
 def test_track_names_read_back_as_exactly_their_decay(decay):
-    name = track_name(decay)
+    name = ema_name(decay)
     assert float(name.removeprefix("ema_")) == decay
-    assert track_name(0.9999991) != track_name(0.9999992)
-    assert track_name(-0.0 + 0.0) == "ema_0"
+    assert ema_name(0.9999991) != ema_name(0.9999992)
+    assert ema_name(-0.0 + 0.0) == "ema_0"
+    assert ema_name(1 - 1 / 1200, horizon=1.0) == "ema_h1_0.999167"  # a horizon says both
+    assert ema_name(0.99, schedule="step") == "ema_step_0.99"
+
+
+def test_the_uniform_mean_is_torch_averaged_models_default_rule():
+    """SWA (Izmailov et al. 2018): the uniform mean of the iterates, as torch's AveragedModel computes it."""
+    model = small_net()
+    ours = WeightAverages(model, [MeanRule()])
+    ours.register()
+    reference = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)  # its default rule: SWA
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(7):
+        train_step(model, opt, step)
+        ours.update()
+        reference.update_parameters(model)
+    mean = ours.averaged_state_dict(0)
+    for name, value in reference.module.state_dict().items():
+        if name in mean:
+            torch.testing.assert_close(mean[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_an_ema_is_torch_averaged_model_with_get_ema_multi_avg_fn():
+    model = small_net()
+    ours = EMA(model, 0.8)
+    ours.register()
+    reference = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.8), use_buffers=True
+    )
+    reference.update_parameters(model)  # AveragedModel's first update copies the weights: ours start there too
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(5):
+        train_step(model, opt, step)
+        ours.update()
+        reference.update_parameters(model)
+    shadow = ours.averaged_state_dict(0)
+    for name, value in reference.module.state_dict().items():
+        if name in shadow:
+            torch.testing.assert_close(shadow[name], value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("weighting,coefficient", [
+    ("linear", lambda n: n),
+    ("quadratic", lambda n: sum(i * i for i in range(1, n + 1))),  # online_ema's mean_ensembling
+])  # fmt: skip
+def test_weighted_means_of_iterates_follow_their_weights(weighting, coefficient):
+    model = small_net()
+    ours = WeightAverages(model, [MeanRule(weighting)])
+    ours.register()
+    seen = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(6):
+        train_step(model, opt, step)
+        ours.update()
+        seen.append(averaged_state(model))
+    weights = [coefficient(n) for n in range(1, 7)]
+    for name, value in ours.averaged_state_dict(0).items():
+        expected = sum(w * s[name].double() for w, s in zip(weights, seen)) / sum(weights)
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+    assert [mean_weight(n, weighting) for n in (1, 2)] == [1.0, weights[1] / sum(weights[:2])]
+
+
+def test_a_mean_reset_starts_again_from_the_next_iterate():
+    model = nn.Linear(2, 1, bias=False)
+    mean = WeightAverages(model, [MeanRule()])
+    mean.register()
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        mean.update()
+        if value == 1.0:
+            mean.reset(0)  # the task-scoped mean: a new task starts after this step
+    assert torch.equal(mean.averaged_state_dict(0)["weight"], torch.full((1, 2), 2.5))  # mean of 2 and 3
+
+
+def test_the_step_schedule_follows_online_emas_step_rampup():
+    """Temporal ensembles: decay d_0 while the updates done before are at most W, then the decay."""
+    rule = EMARule(0.99, EMAOptions(schedule="step", step_decay=0.9, step_updates=3))
+    decays = []
+    for step in range(1, 7):
+        decays.append(rule.current_decay())
+        rule.next_weight(step)
+    assert decays == [0.9, 0.9, 0.9, 0.9, 0.99, 0.99]
+    assert rule.horizon == pytest.approx(100)
+
+
+def test_a_frozen_row_is_a_snapshot_and_computed_weights_swap_in_and_out():
+    model = nn.Linear(2, 1, bias=False)
+    rows = WeightAverages(model, [Frozen(), Frozen()])
+    rows.register()
+    with torch.no_grad():
+        model.weight.fill_(4.0)
+    rows.update()
+    rows.snapshot(1)
+    before = model.weight.detach().clone()
+    with rows.swapped_to(lambda shadows, live: shadows[0].lerp(live, 0.25)):
+        expected = 0.75 * rows.averaged_state_dict(0)["weight"] + 0.25 * before
+        torch.testing.assert_close(model.weight, expected)
+    assert torch.equal(model.weight, before)
+    assert torch.equal(rows.averaged_state_dict(1)["weight"], before)
+
+
+def test_horizons_give_their_decay():
+    assert decay_for_horizon(1000) == pytest.approx(0.999)
+    with pytest.raises(OptionError, match="horizon=0.5: must be at least one optimizer step"):
+        decay_for_horizon(0.5)
 
 
 def test_multi_decay_chunks_cover_large_tensors(monkeypatch):
@@ -185,7 +303,7 @@ def test_update_every_skips_steps():
         ema.update()
         if step == 3:  # first real update at the third step: 0.5·start + 0.5·3
             torch.testing.assert_close(ema.averaged_state_dict()["weight"], 0.5 * start + 1.5)
-    assert ema.num_calls == 6 and ema.num_updates == 2
+    assert ema.step == 6 and ema.rules[0].due == 2
     assert ema.horizon(0.5) == 6.0
 
 
@@ -196,13 +314,13 @@ def test_warmup_follows_its_formula():
     assert warmup_decay(0.9, 10**6) == 0.9  # capped at the configured decay
     assert warmup_decay(0.999, 5, gamma=2.0, power=1.0) == pytest.approx(1 - (1 + 5 / 2.0) ** -1.0)
     model = nn.Linear(2, 1, bias=False)
-    ema = EMA(model, 0.999, EMAOptions(warmup=True))
+    ema = EMA(model, 0.999, EMAOptions(schedule="warmup"))
     ema.register()
     with torch.no_grad():
         model.weight.fill_(3.0)
     ema.update()  # decay 0 → shadow = θ
     assert torch.equal(ema.averaged_state_dict()["weight"], torch.full((1, 2), 3.0))
-    assert ema.current_decays() == [pytest.approx(1 - 2 ** (-2 / 3))]
+    assert ema.rules[0].current_decay() == pytest.approx(1 - 2 ** (-2 / 3))
 
 
 def test_buffer_policies():
@@ -243,25 +361,30 @@ def test_recompute_bn_matches_torch_update_bn():
 def test_state_dict_round_trip_restores_every_shadow_exactly():
     model = small_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ema = EMA(model, [0.9, 0.99], EMAOptions(warmup=True))
+    ema = EMA(model, [0.9, 0.99], EMAOptions(schedule="warmup"))
     ema.register()
     for step in range(4):
         train_step(model, opt, step)
         ema.update()
     state = ema.state_dict()
     other_model = small_net()
-    other = EMA(other_model, [0.9, 0.99], EMAOptions(warmup=True))
+    other = EMA(other_model, [0.9, 0.99], EMAOptions(schedule="warmup"))
     other.register()
     other.load_state_dict(state)
     for a, b in zip(other.state_dict()["shadows"], state["shadows"]):
         assert torch.equal(a, b)
-    assert other.num_updates == 4
-    with pytest.raises(UserError, match="decays"):
-        EMA(small_net(), [0.5]).load_state_dict(state)
+    assert other.step == 4 and [r.due for r in other.rules] == [4, 4]
+    fewer = EMA(small_net(), [0.5])
+    fewer.register()
+    with pytest.raises(ValueError, match="2 rules, these have 1"):
+        fewer.load_state_dict(state)
     wrong = EMA(nn.Linear(2, 2), [0.9, 0.99])
     wrong.register()
-    with pytest.raises(UserError, match="do not match"):
+    with pytest.raises(ValueError, match="do not match"):
         wrong.load_state_dict(state)
+    state["shadows"][0][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        other.load_state_dict(state)
 
 
 def test_channels_last_layout_is_kept():
@@ -285,8 +408,28 @@ def test_moving_the_model_after_register_is_an_error():
 
 @pytest.mark.parametrize("decay", [1.5, -0.1, "0.9", True, float("nan"), []])
 def test_decay_outside_unit_interval_is_rejected(decay):
-    with pytest.raises(UserError, match="decay"):
+    with pytest.raises(OptionError, match="decay"):
         EMA(nn.Linear(1, 1), decay)
+
+
+def test_a_replaced_layer_or_a_model_without_weights_is_refused():
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    ema = EMA(net, 0.9)
+    ema.register()
+    net[2] = nn.Linear(2, 1)  # the shadow would follow the old layer's tensors
+    with pytest.raises(RuntimeError, match="replaced after register"):
+        ema.apply_shadow()
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters to average"):
+        EMA(frozen, 0.9).register()
+
+
+def test_shadows_that_cannot_fit_are_refused_naming_their_size(monkeypatch):
+    import cl_ema.ema as ema_module
+
+    monkeypatch.setattr(ema_module, "free_memory", lambda device: 1000)
+    with pytest.raises(MemoryError, match=r"3 averaged copies of the model need 0.00 GiB, but cpu has"):
+        WeightAverages(nn.Linear(100, 10), [Frozen(), Frozen(), Frozen()]).register()
 
 
 def test_misuse_is_reported():
@@ -302,7 +445,6 @@ def test_misuse_is_reported():
     ema.restore()
     with pytest.raises(RuntimeError, match="without apply_shadow"):
         ema.restore()
-    assert track_name(0.999) == "ema_0.999" and track_name(0.9999) == "ema_0.9999"
 
 
 @pytest.mark.gpu
@@ -321,3 +463,26 @@ def test_cuda_update_matches_cpu():
     for cpu_state, gpu_state in zip(*results):
         for name, value in cpu_state.items():
             torch.testing.assert_close(value, gpu_state[name].cpu())
+
+
+@pytest.mark.slow
+def test_the_engine_imports_without_hydra_omegaconf_or_avalanche():
+    """cl_ema.ema is a library: a plain PyTorch loop needs nothing of cl_ema's command line."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for name in ('hydra', 'omegaconf', 'avalanche', 'platformdirs', 'wandb'):\n"
+        "    sys.modules[name] = None  # importing them now raises ImportError\n"
+        "import torch\n"
+        "from cl_ema.ema import EMA\n"
+        "model = torch.nn.Linear(3, 2)\n"
+        "ema = EMA(model, [0.9, 0.99])\n"
+        "ema.register()\n"
+        "torch.optim.SGD(model.parameters(), lr=0.1).step(); ema.update()\n"
+        "with ema.swapped(1): print('ok', sorted(m for m in sys.modules if m.startswith('cl_ema')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok ['cl_ema', 'cl_ema.ema', 'cl_ema.options']"), done.stdout

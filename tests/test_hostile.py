@@ -157,8 +157,14 @@ def _edit_checkpoint(path: Path, edit) -> None:
         (lambda s: s["results"].update(tasks_done=-1), r"impossible task counts \(tasks_done=-1 of num_tasks=2\)"),
         (lambda s: s.pop("optimizer"), "field 'optimizer' is missing or not a dict"),
         (lambda s: s.update(train_iterations="many"), "field 'train_iterations' is missing or not a int"),
-        (lambda s: s["plugins"]["ema"]["shadows"][0].resize_(3), "checkpoint EMA shadows do not match"),
-        (lambda s: s["model"].update({"features.1.weight": torch.zeros(3, 3)}), "does not fit this run"),
+        (
+            lambda s: s["plugins"]["ema"]["shadows"][0].resize_(3),
+            "the state of plugin ema does not fit .the saved shadows do not match",
+        ),
+        (
+            lambda s: s["model"].update({"features.1.weight": torch.zeros(3, 3)}),
+            "the model's weights do not fit this model .size mismatch for features.1.weight",
+        ),
         (lambda s: s["plugins"].pop("ema"), r"holds the state of plugins \[\], this run has \['ema'\]"),
         (lambda s: s["optimizer"]["param_groups"][0].update(lr="abc"), "optimizer's lr='abc' is not a finite number"),
         (lambda s: s["results"].update(tasks_done=True), r"impossible task counts \(tasks_done=True"),
@@ -253,7 +259,7 @@ def test_a_failed_multirun_job_does_not_stop_the_sweep_and_is_named_at_the_end(t
                                     cwd=tmp_path)  # fmt: skip
     assert status == 2 and "Traceback" not in err and "Error executing job" not in err
     lines = err.strip().splitlines()
-    failure = "#1 (logger=none train.epochs=2 ema.decay=1.5): ema.decay=1.5: an EMA decay must be a number in [0, 1]"
+    failure = "#1 (logger=none train.epochs=2 ema.decay=1.5): ema.decay=1.5: must be a number in [0, 1]"
     assert lines[0] == f"error: job {failure}"
     assert (
         lines[-1] == f"error: 1 of 3 jobs failed, the others completed: {failure} (error.txt in their folders in "

@@ -166,7 +166,7 @@ def test_fine_tuning_from_imagenet_weights_end_to_end(tmp_path, imagenet_resnet1
     results, text = run_experiment(
         tmp_path / "out", "experiment=split_cifar10", "model=resnet18_imagenet", "model.input_size=32",
         f"data.root={tmp_path / 'data'}", "data.download=false", "train.epochs=1", "train.batch_size=8",
-        "device=cpu", "checkpoint=true", experiment="split_cifar10",
+        "device=cpu", "checkpoint=true",
     )  # fmt: skip
     assert results.status == "completed" and "model=TorchvisionClassifier" in text
     state = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)["model"]

@@ -133,13 +133,13 @@ def test_settings_group_by_what_runs_used_and_a_resumed_run_joins_its_seeds(tmp_
     run_experiment(tmp_path / "seed0", *common, "seed=0")
     stop_and_resume(tmp_path / "seed1", monkeypatch, *common, "seed=1", task=1, step=3)  # resumed, with resume=<dir>
     shutil.rmtree(tmp_path / "seed1" / "whole")  # keep only the resumed run of seed 1
-    run_experiment(tmp_path / "alpha", *common, "strategy.plugins.lwf.alpha=0.5")  # an override inside the plugin node
+    run_experiment(tmp_path / "alpha", *common, "lwf.alpha=0.5")  # an option of the plugin
     run_experiment(tmp_path / "ema", "strategy=ema", "data.n_tasks=2", "train.epochs=2")
     report = write_report(tmp_path, tmp_path / "report").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| split_digits | lwf |")]
     by_label = {row.split(" | ")[2]: row.split(" | ")[4] for row in rows}
     # seed 0 and the resumed seed 1 (its config says resume=<dir>): one setting of two seeds
-    assert by_label == {"strategy.plugins.lwf.alpha=1.0": "2", "strategy.plugins.lwf.alpha=0.5": "1"}, rows
+    assert by_label == {"lwf.alpha=1.0": "2", "lwf.alpha=0.5": "1"}, rows
     assert "| split_digits | ema | - | ema_0.99 |" in report
 
 

@@ -59,7 +59,7 @@ def _select(cfg, key: str):
     from omegaconf import OmegaConf
 
     if key == "strategy":
-        return cfg.strategy.name
+        return cfg.choices.strategy
     return OmegaConf.select(cfg, key)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from cl_ema.data.storage import Normalization, TensorStore
 from cl_ema.errors import UserError
+from cl_ema.options import OptionError, count
 
 MNIST_NORM = Normalization(1 / 255, (0.1307,), (0.3081,))
 UNIT_NORM = Normalization(1 / 255, (0.0,), (1.0,))  # pixels in [0, 1], as torchvision's ToTensor leaves them
@@ -70,6 +71,28 @@ def _cifar(cls: Callable, name: str, norm: Normalization, root: Path, download: 
         _store(train.data.transpose(0, 3, 1, 2), np.asarray(train.targets), norm),
         _store(test.data.transpose(0, 3, 1, 2), np.asarray(test.targets), norm),
     )
+
+
+def random_images(
+    classes: int = 100,
+    shape: tuple[int, int, int] = (3, 32, 32),
+    train_size: int = 50_000,
+    test_size: int = 10_000,
+    seed: int = 0,
+) -> tuple[TensorStore, TensorStore]:
+    """Uniform noise of a dataset's shape (uint8, ``train_size`` / ``test_size`` images, labels cycling through
+    ``classes``), normalized like CIFAR: for timing runs where the real data is not at hand. Nothing to learn."""
+    for name, value in (("classes", classes), ("train_size", train_size), ("test_size", test_size)):
+        count(name, value, 1, 1 << 26)
+    if len(shape) != 3 or not all(isinstance(d, int) and d >= 1 for d in shape):
+        raise OptionError("shape", list(shape), "must be [channels, height, width]")
+    rng = np.random.default_rng(seed)
+    norm = Normalization(1 / 255, (0.5,) * shape[0], (0.25,) * shape[0])
+    split = [
+        _store(rng.integers(0, 256, size=(size, *shape), dtype=np.uint8), np.arange(size) % classes, norm)
+        for size in (train_size, test_size)
+    ]
+    return split[0], split[1]
 
 
 def _store(images: np.ndarray, labels: np.ndarray, norm: Normalization) -> TensorStore:

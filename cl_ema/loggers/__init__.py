@@ -9,12 +9,13 @@ the run. Logging must never stop training: a logger that fails warns once and go
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from cl_ema.errors import warn
+from cl_ema.errors import UserError, warn
 from cl_ema.metrics import SETTINGS, STEP, continual_key, per_task, task_key
 from cl_ema.results import Results
 
@@ -81,16 +82,39 @@ def warn_disabled(name: str, err: BaseException) -> None:
 
 
 class Loggers:
-    """Calls every logger; one that raises is reported once and dropped, the others go on."""
+    """Calls every logger; one that raises is reported once and dropped, the others go on.
+
+    That net hides a logger's bugs too, so the tests take it away (``STRICT = True``): there a
+    failing logger fails the test.
+    """
+
+    STRICT = bool(os.environ.get("CL_EMA_STRICT_LOGGERS"))
 
     def __init__(self, loggers: dict[str, Logger]) -> None:
         self.loggers = dict(loggers)
+
+    @classmethod
+    def start(cls, factories: dict[str, Callable[[], Logger]]) -> Loggers:
+        """Each logger built by its factory; one that cannot start is a warning (a UserError stops the run)."""
+        loggers = {}
+        for name, make in factories.items():
+            try:
+                loggers[name] = make()
+            except UserError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a logger must never stop training
+                if cls.STRICT:
+                    raise
+                warn_disabled(name, err)
+        return cls(loggers)
 
     def _each(self, method: str, *args: Any) -> None:
         for name, logger in list(self.loggers.items()):
             try:
                 getattr(logger, method)(*args)
             except Exception as err:  # noqa: BLE001 - logging must never stop training
+                if self.STRICT:
+                    raise
                 warn_disabled(name, err)
                 del self.loggers[name]
 

@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cl_ema.config import positive
 from cl_ema.loggers import RunInfo, eval_log, task_log
 from cl_ema.metrics import CONTINUAL, SETTINGS, STEP, TRAIN_STEP, final_key
+from cl_ema.options import positive
 from cl_ema.results import Results
 
 Mode = Literal["auto", "online", "offline", "disabled"]
@@ -26,7 +26,7 @@ Mode = Literal["auto", "online", "offline", "disabled"]
 def final_summary(results: Results) -> dict[str, float]:
     """The run summary: every metric after the last task, per track and setting."""
     last = results.tasks_done - 1
-    ema_tracks = [t for t in results.tracks if t.startswith("ema")]
+    ema_tracks = [t for t in results.tracks if results.meta["track_info"][t]["rule"] == "ema"]
     aliases = {ema_tracks[0]: "ema"} if len(ema_tracks) == 1 else {}
     summary: dict[str, float] = {}
     for track in results.tracks:
@@ -76,7 +76,7 @@ class WandbLogger:
     ) -> None:
         import wandb
 
-        positive("logger.wandb.init_timeout", init_timeout)
+        positive("init_timeout", init_timeout)
         os.environ.setdefault("WANDB_SILENT", "true")  # cl_ema prints its own tables and warnings
         self.wandb = wandb
         self.out_dir = run.out_dir

@@ -15,10 +15,10 @@ strictly higher), and the loss gains
 on top of the cross-entropy of the whole batch (current and replayed samples). The replay itself
 is the ``replay`` plugin of the strategy (Mammoth's reservoir buffer in CLS-ER's protocols).
 
-Both EMAs live in one ``cl_ema.ema.EMA`` (one flat buffer, its fused update: a step that updates
-one of them updates only that one). The coin flips come from the plugin's own generator, seeded by
-``seed`` and saved in checkpoints. Evaluation tracks: ``ema_plastic`` and ``ema_stable`` (the one
-CLS-ER reports).
+Both EMAs live in one ``cl_ema.ema.WeightAverages``, each with CLS-ER's rule (``StochasticEMARule``;
+one flat buffer, its fused update: a step that updates one of them updates only that one). The
+coin flips come from the plugin's own generator, seeded by ``seed`` and saved in checkpoints.
+Evaluation tracks: ``ema_plastic`` and ``ema_stable`` (the one CLS-ER reports).
 
 Differences from the authors' code, none of which matters for networks without BatchNorm (the
 MNIST MLPs of the published tables): their EMA models keep BatchNorm statistics of their own,
@@ -30,6 +30,7 @@ whole batch (the same outputs without BatchNorm).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,80 +38,88 @@ import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
-from cl_ema.config import CLSERConfig
-from cl_ema.ema import EMA
-from cl_ema.errors import UserError
-from cl_ema.evaluation import Track
+from cl_ema.ema import StochasticEMARule, WeightAverages
+from cl_ema.options import at_least, fraction
+from cl_ema.plugins import DeviceTemplate, Track
 
 TEACHERS = ("plastic", "stable")
 
 
+@dataclass(eq=False)
 class CLSERPlugin(SupervisedPlugin, supports_distributed=True):
-    """CLS-ER's plastic and stable EMA teachers (``config``: the ``cls_er`` section)."""
+    """CLS-ER's plastic and stable EMA teachers; needs cl_ema's template (the replayed part of each batch)."""
 
-    def __init__(self, config: CLSERConfig | None = None, seed: int = 0) -> None:
+    reg_weight: float = 0.1  # λ of the consistency loss
+    plastic_decay: float = 0.999
+    plastic_update_prob: float = 0.9
+    stable_decay: float = 0.999
+    stable_update_prob: float = 0.7
+    seed: int = 0  # of the coin flips (the run's seed)
+
+    def __post_init__(self) -> None:
         super().__init__()
-        self.config = config or CLSERConfig()
-        self.decays = [getattr(self.config, f"{name}_decay") for name in TEACHERS]
-        self.update_probs = [getattr(self.config, f"{name}_update_prob") for name in TEACHERS]
-        self.ema: EMA | None = None
-        self.global_step = 0
-        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: no device sync per step
+        at_least("reg_weight", self.reg_weight, 0.0, float("inf"))
+        for name in TEACHERS:
+            fraction(f"{name}_decay", getattr(self, f"{name}_decay"))
+            fraction(f"{name}_update_prob", getattr(self, f"{name}_update_prob"))
+        self.generator = torch.Generator().manual_seed(self.seed)  # on the CPU: no device sync per step
+        self.ema: WeightAverages | None = None
         self._teacher_logits: Tensor | None = None
 
     def attach(self, model: nn.Module) -> None:
         if self.ema is None or self.ema.model is not model:
-            self.ema = EMA(model, self.decays)
+            rules = [StochasticEMARule(getattr(self, f"{name}_decay"), getattr(self, f"{name}_update_prob"),
+                                       self.generator) for name in TEACHERS]  # fmt: skip
+            self.ema = WeightAverages(model, rules)
             self.ema.register()
 
+    def _engine(self) -> WeightAverages:
+        if self.ema is None:
+            raise RuntimeError("CLSERPlugin: attach(model) first")
+        return self.ema
+
     def tracks(self) -> list[Track]:
+        engine = self._engine()
         return [
-            Track(
-                f"ema_{name}", lambda k=k: self.ema.swapped(k), decay, 1 / (prob * (1 - decay)) if decay < 1 else None
-            )
-            for k, (name, decay, prob) in enumerate(zip(TEACHERS, self.decays, self.update_probs))
+            Track(f"ema_{name}", lambda k=k: engine.swapped(k), "stochastic_ema", rule.decay, rule.horizon)
+            for k, (name, rule) in enumerate(zip(TEACHERS, engine.rules))
+            if isinstance(rule, StochasticEMARule)
         ]
 
     def before_forward(self, strategy, **kwargs) -> None:
         # the teachers run before the live forward pass: swapping their weights in afterwards would
         # modify tensors the backward pass needs
+        if not isinstance(strategy, DeviceTemplate):
+            raise TypeError("CLSERPlugin needs cl_ema's training template (it reads the replayed part of each batch)")
         replayed = strategy.mb_replayed
         self._teacher_logits = None
-        if replayed == 0 or self.config.reg_weight == 0:
+        if replayed == 0 or self.reg_weight == 0:
             return
+        engine = self._engine()
         inputs, labels = strategy.mb_x[-replayed:], strategy.mb_y[-replayed:]
         logits = []
         with torch.no_grad(), strategy.autocast():
             for k in range(len(TEACHERS)):
-                with self.ema.swapped(k):
-                    logits.append(self.ema.model(inputs).float())
+                with engine.swapped(k):
+                    logits.append(engine.model(inputs).float())
         self._teacher_logits = choose_teacher(*logits, labels)
 
     def before_backward(self, strategy, **kwargs) -> None:
         if self._teacher_logits is None:
             return
         live = strategy.mb_output[-len(self._teacher_logits) :].float()
-        strategy.loss += self.config.reg_weight * F.mse_loss(live, self._teacher_logits)
+        strategy.loss += self.reg_weight * F.mse_loss(live, self._teacher_logits)
 
     def after_update(self, strategy, **kwargs) -> None:
-        self.global_step += 1
-        warm = 1.0 - 1.0 / (self.global_step + 1)
-        draws = torch.rand(len(TEACHERS), generator=self.generator).tolist()
-        self.ema.update(
-            [
-                min(warm, decay) if draw < prob else 1.0
-                for decay, prob, draw in zip(self.decays, self.update_probs, draws)
-            ]
-        )
+        self._engine().update()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema.state_dict(), "global_step": self.global_step, "generator": self.generator.get_state()}
+        return {"ema": self._engine().state_dict(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state.get("global_step"), int) or state["global_step"] < 0:
-            raise UserError(f"checkpoint CLS-ER step count {state.get('global_step')!r} is not a count")
-        self.ema.load_state_dict(state["ema"])
-        self.global_step = state["global_step"]
+        if not isinstance(state.get("ema"), dict) or not isinstance(state.get("generator"), torch.Tensor):
+            raise ValueError("the CLS-ER state lacks its averages or its generator")
+        self._engine().load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
 
 

@@ -16,13 +16,13 @@ from typing import Any
 from avalanche.training.plugins import LwFPlugin as AvalancheLwFPlugin
 from torch import nn
 
-from cl_ema.config import at_least, positive
+from cl_ema.options import at_least, positive
 
 
 class LwFPlugin(AvalancheLwFPlugin):
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0) -> None:
-        at_least("strategy.plugins.lwf.alpha", alpha, 0.0, math.inf)
-        positive("strategy.plugins.lwf.temperature", temperature)  # the logits are divided by it
+        at_least("alpha", alpha, 0.0, math.inf)
+        positive("temperature", temperature)  # the logits are divided by it
         super().__init__(alpha=alpha, temperature=temperature)
         self._model: nn.Module | None = None
 
@@ -38,6 +38,8 @@ class LwFPlugin(AvalancheLwFPlugin):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not (isinstance(state.get("expcount"), int) and isinstance(state.get("prev_classes_by_task"), dict)):
+            raise ValueError("the LwF state lacks its task count or previous classes")
         lwf = self.lwf
         lwf.prev_model = None
         if state["prev_model"] is not None:

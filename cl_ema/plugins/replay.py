@@ -25,18 +25,30 @@ from avalanche.training.plugins import ReplayPlugin as AvalancheReplayPlugin
 from avalanche.training.storage_policy import ClassBalancedBuffer, ReservoirSamplingBuffer
 from torch import Tensor
 
-from cl_ema.config import ReplayConfig, ReplayPolicy
 from cl_ema.data import experience_indices, index_dataset
 from cl_ema.data.loader import DeviceBatches, IndexBatch, IndexBatches
-from cl_ema.errors import UserError
+from cl_ema.options import Choice, choice, count
 
 
-def replay(config: ReplayConfig | None = None, seed: int = 0) -> SupervisedPlugin:
-    """The replay plugin of ``config.policy`` (the ``replay`` section)."""
-    config = config or ReplayConfig()
-    if config.policy == ReplayPolicy.reservoir:
-        return ReservoirReplayPlugin(config.mem_size, config.batch_size_mem, seed)
-    return ClassBalancedReplayPlugin(config.mem_size, config.batch_size_mem)
+class ReplayPolicy(Choice):
+    class_balanced = "class_balanced"  # Avalanche's ClassBalancedBuffer, updated after each task
+    reservoir = "reservoir"  # Mammoth's ER: reservoir sampling over the stream, updated every step
+
+
+def replay(
+    mem_size: int = 200,
+    batch_size_mem: int | None = None,
+    policy: ReplayPolicy = ReplayPolicy.class_balanced,
+    seed: int = 0,
+) -> SupervisedPlugin:
+    """The replay plugin of ``policy``: a memory of ``mem_size`` samples, ``batch_size_mem`` replayed
+    per step (None: as many as the training batch); ``seed`` (the run's) seeds the reservoir's draws."""
+    count("mem_size", mem_size, 1, 1 << 28)
+    if batch_size_mem is not None:
+        count("batch_size_mem", batch_size_mem, 1, 1 << 24)
+    if choice("policy", policy, ReplayPolicy) == ReplayPolicy.reservoir:
+        return ReservoirReplayPlugin(mem_size, batch_size_mem, seed)
+    return ClassBalancedReplayPlugin(mem_size, batch_size_mem)
 
 
 class ClassBalancedReplayPlugin(AvalancheReplayPlugin):
@@ -65,12 +77,16 @@ class ClassBalancedReplayPlugin(AvalancheReplayPlugin):
         return {"groups": groups, "seen_classes": sorted(policy.seen_classes)}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state.get("groups"), list) or not isinstance(state.get("seen_classes"), list):
+            raise ValueError("the replay memory lacks its class groups")
         policy = self.storage_policy
         groups = {}
         for entry in state["groups"]:
+            if not isinstance(entry, dict) or not {"key", "max_size", "index", "targets", "weights"} <= entry.keys():
+                raise ValueError("a class group of the replay memory is incomplete")
             index, targets, weights = entry["index"], entry["targets"], entry["weights"]
             if not (len(index) == len(targets) == len(weights) <= entry["max_size"] <= self.mem_size):
-                raise UserError(f"checkpoint replay memory of class {entry['key']} is inconsistent")
+                raise ValueError(f"the replay memory of class {entry['key']} is inconsistent")
             group = ReservoirSamplingBuffer(entry["max_size"])
             group.buffer = index_dataset(index, targets)
             group._buffer_weights = weights
@@ -144,16 +160,16 @@ class StreamReservoir:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not {"size", "num_seen", "index", "labels", "generator", "device"} <= state.keys():
+            raise ValueError("the replay memory's state is incomplete")
         if state["size"] != self.size or not isinstance(state["num_seen"], int) or state["num_seen"] < 0:
-            raise UserError(
-                f"checkpoint replay memory of size {state['size']} does not fit replay.mem_size={self.size}"
-            )
+            raise ValueError(f"a replay memory of size {state['size']} does not fit replay.mem_size={self.size}")
         self.num_seen = state["num_seen"]
         if state["index"] is None:
             self.index = self.labels = self._generator = None
             return
         if state["index"].shape != (self.size,) or state["labels"].shape != (self.size,):
-            raise UserError("checkpoint replay memory has the wrong shape")
+            raise ValueError("the replay memory has the wrong shape")
         device = torch.device(state["device"])
         self.index, self.labels = state["index"].to(device), state["labels"].to(device)
         self._generator = torch.Generator(device=device)
