@@ -7,7 +7,7 @@ from typing import TextIO
 
 import numpy as np
 
-from cl_ema.metrics import METRICS, STABILITY_METRICS, TASK_IL_ACC
+from cl_ema.metrics import ACC, METRICS, STABILITY_METRICS, TASK_IL_ACC
 from cl_ema.results import Results
 
 
@@ -24,7 +24,7 @@ class Console:
         width = max(len(t) for t in results.tracks) + 2
         self.print(f"\ntask {task + 1}/{results.num_tasks} (classes {classes}): {steps} optimizer steps")
         head = "".join(f"{'T' + str(j + 1):>7}" for j in range(task + 1))
-        self.print(f"{'class-IL %':<{width}}{head}{METRICS[0].label:>8}{TASK_IL_ACC.label:>10}")
+        self.print(f"{'class-IL %':<{width}}{head}{ACC.label:>8}{TASK_IL_ACC.label:>10}")
         for track in results.tracks:
             row = results.row(track, task)[: task + 1]
             cells = "".join(f"{100 * a:7.1f}" for a in row)

@@ -391,6 +391,27 @@ class WeightAverages:
         self._check_model()
         return [group.live.to(torch.float32, copy=True) for group in self.groups]
 
+    def shadow_rows(self, index: int) -> list[Tensor]:
+        """Shadow ``index`` per group: views to read or to update in place (a rule kept by its owner)."""
+        return [group.shadow[index] for group in self.groups]
+
+    @torch.no_grad()
+    def flat(self, value: Callable[[Tensor], Tensor | None]) -> list[Tensor]:
+        """``value(t)`` of each averaged tensor ``t`` (e.g. its gradient), laid out like the shadows (fp32;
+        zeros where it is None)."""
+        self._check_model()
+        flats, tensors = [], iter(self._tensors)
+        for group in self.groups:
+            flat, offset = torch.zeros_like(group.shadow[0]), 0
+            for _ in group.names:
+                tensor = next(tensors)
+                got = value(tensor)
+                if got is not None:  # into the tensor's place and layout in the flat buffer
+                    _dense_view(flat[offset : offset + tensor.numel()], tensor).copy_(got)
+                offset += tensor.numel()
+            flats.append(flat)
+        return flats
+
     # ------------------------------------------------------------------ swapping
     @contextmanager
     def swapped_to(self, compute: Compute) -> Iterator[None]:

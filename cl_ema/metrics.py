@@ -24,6 +24,8 @@ their keys, labels and titles from here. Logged keys, against the step ``task`` 
     final/<track>/task_il/<metric>          the same, task-IL
     final/ema/<metric>                      with a single EMA track: that track again, so a decay
                                             sweep optimizes one metric name whatever the decay
+    final/<track>/diff_live/<metric>        the track's metric minus the live weights' (task-IL:
+                                            final/<track>/task_il/diff_live/<metric>)
     continual/<track>/acc_task_<j>          continual evaluation, against the step ``train_step``
     final/<track>/continual/<metric>        every metric in STABILITY_METRICS
 """
@@ -48,9 +50,11 @@ class Metric:
     title: str  # long name, for plots and reports
 
 
+ACC = Metric("avg_acc", "ACC", "average accuracy")
+FORGETTING = Metric("avg_forgetting", "forget", "average forgetting")
 METRICS = (
-    Metric("avg_acc", "ACC", "average accuracy"),
-    Metric("avg_forgetting", "forget", "average forgetting"),
+    ACC,
+    FORGETTING,
     Metric("max_forgetting", "max-fgt", "max forgetting"),
     Metric("bwt", "BWT", "backward transfer"),
     Metric("learning_acc", "LA", "learning accuracy"),
@@ -63,6 +67,9 @@ STABILITY_METRICS = (
     Metric("stability_gap", "gap", "stability gap"),
 )
 TASK_IL_ACC = Metric("avg_acc", "TIL-ACC", "task-IL average accuracy")
+# what tables compare tracks by: (metric, setting)
+HEADLINE = ((ACC, "class_il"), (FORGETTING, "class_il"), (TASK_IL_ACC, "task_il"))
+DIFF = "diff_live"  # W&B summary: final/<track>/diff_live/<metric>, the track's metric minus live's
 
 
 def task_key(track: str, setting: str, name: str) -> str:

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cl_ema.plugins import LIVE  # noqa: E402
+
 
 def heatmaps_png(matrices: dict[str, np.ndarray], title: str = "") -> bytes:
     """One annotated heatmap per track of R[i, j] (rows: trained through task i), as PNG."""
@@ -91,7 +93,7 @@ def continual_png(curves: dict, title: str = "") -> bytes:
                     [100 * y for y in ys],
                     label=name,
                     color=f"C{index}",
-                    linestyle="--" if name == "live" else "-",
+                    linestyle="--" if name == LIVE else "-",
                     linewidth=1.2,
                 )
         for start in starts:

@@ -26,7 +26,8 @@ import numpy as np
 from cl_ema.config import setting
 from cl_ema.errors import UserError
 from cl_ema.files import atomic_write
-from cl_ema.metrics import METRICS, SETTINGS, STABILITY_METRICS, TASK_IL_ACC
+from cl_ema.metrics import ACC, FORGETTING, HEADLINE, METRICS, SETTINGS, STABILITY_METRICS, TASK_IL_ACC, Metric
+from cl_ema.plugins import LIVE
 
 
 @dataclass
@@ -157,6 +158,59 @@ def mean_std(values: list[float | None]) -> tuple[float, float, int]:
     return float(np.mean(present)), float(np.std(present, ddof=1)) if len(present) > 1 else 0.0, len(present)
 
 
+def paired_interval(differences: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of paired differences and its Student-t confidence interval over them (scipy): the effect of a
+    track against ``live``, which shares its training run, seed by seed. One difference: no interval."""
+    from scipy import stats
+
+    mean = float(np.mean(differences))
+    if len(differences) < 2:
+        return mean, math.nan, math.nan
+    if float(np.std(differences)) == 0.0:  # every seed gives the same difference: no spread to widen it
+        return mean, mean, mean
+    low, high = stats.ttest_1samp(differences, 0.0).confidence_interval(level)
+    return mean, float(low), float(high)
+
+
+def metric_of(entry: dict[str, Any], metric: Metric, setting_name: str) -> float | None:
+    """One track's final value of ``metric`` in ``setting`` from its results.json entry."""
+    values = entry if setting_name == "class_il" else entry.get(setting_name, {})
+    return values.get(metric.key)
+
+
+def _difference_cell(differences: list[float]) -> str:
+    if not differences:
+        return "–"
+    mean, low, high = paired_interval(differences)
+    if math.isnan(low):
+        return f"{100 * mean:+.2f}"
+    excludes_zero = low > 0 or high < 0
+    return f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]" + (" *" if excludes_zero else "")
+
+
+def paired_rows(settings: list[Setting]) -> list[str]:
+    """Per setting and track, each headline metric's mean difference to live with its 95 % interval."""
+    rows = []
+    for setting_ in settings:
+        if LIVE not in setting_.tracks:
+            continue
+        for track in setting_.tracks:
+            if track == LIVE:
+                continue
+            cells = []
+            for metric, setting_name in HEADLINE:
+                differences = []
+                for run in setting_.runs:
+                    mine = metric_of(run.data["tracks"][track], metric, setting_name)
+                    live = metric_of(run.data["tracks"][LIVE], metric, setting_name)
+                    if mine is not None and live is not None:
+                        differences.append(mine - live)
+                cells.append(_difference_cell(differences))
+            rows.append(f"| {setting_.experiment} | {setting_.strategy} | {setting_.label} | {track} | "
+                        f"{len(setting_.runs)} | " + " | ".join(cells) + " |")  # fmt: skip
+    return rows
+
+
 def _cell(values: list[float | None]) -> str:
     mean, std, n = mean_std(values)
     if n == 0:
@@ -205,6 +259,22 @@ def markdown(settings: list[Setting], skipped: list[tuple[Path, str]], root: Pat
             "|---|---|---|---|---|" + "---|" * len(STABILITY_METRICS),
             *stability_rows,
         ]
+    paired = paired_rows(settings)
+    if paired:
+        lines += [
+            "",
+            "## Effect of each track against live (paired over seeds)",
+            "",
+            "Every track of a run is evaluated on the same training run as `live`, so its effect is the "
+            "difference to `live` seed by seed: its mean and 95 % Student-t confidence interval over seeds, in "
+            "percentage points; `*` where the interval excludes 0.",
+            "",
+            "| experiment | strategy | setting | track | seeds | "
+            + " | ".join(f"Δ{m.label}" for m, _ in HEADLINE)
+            + " |",
+            "|---|---|---|---|---|" + "---|" * len(HEADLINE),
+            *paired,
+        ]
     if skipped:
         lines += ["", "## Runs not included", "", "| results file | why |", "|---|---|"]
         lines += [f"| {path.relative_to(root)} | {why} |" for path, why in skipped]
@@ -215,7 +285,7 @@ def horizons_figure(settings: list[Setting]):
     """Final ACC and forgetting against the EMA horizon, per experiment/strategy; live as a dashed line."""
     import matplotlib.pyplot as plt
 
-    shown = METRICS[:2]  # average accuracy, average forgetting
+    shown = (ACC, FORGETTING)
     curves: dict[str, dict[str, list[tuple[float, list[float | None]]]]] = defaultdict(lambda: defaultdict(list))
     live: dict[str, dict[str, list[float | None]]] = defaultdict(lambda: defaultdict(list))
     for setting_ in settings:
@@ -225,7 +295,7 @@ def horizons_figure(settings: list[Setting]):
                 for run in setting_.runs:
                     value = run.data["tracks"][track].get(metric.key)
                     horizon = run.horizon(track)
-                    if track == "live":
+                    if track == LIVE:
                         live[name][metric.key].append(value)
                     elif horizon is not None:
                         curves[name][metric.key].append((horizon, [value]))
@@ -266,7 +336,7 @@ def over_tasks_figure(setting_: Setting):
             curves.append([np.mean(matrix[i, : i + 1]) for i in range(len(matrix))])
         mean, std = np.mean(curves, axis=0), np.std(curves, axis=0)
         tasks = np.arange(1, len(mean) + 1)
-        ax.plot(tasks, 100 * mean, marker="o", label=track, linestyle="--" if track == "live" else "-")
+        ax.plot(tasks, 100 * mean, marker="o", label=track, linestyle="--" if track == LIVE else "-")
         ax.fill_between(tasks, 100 * (mean - std), 100 * (mean + std), alpha=0.15)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole tasks
     ax.set_xlabel("tasks trained")

@@ -108,6 +108,15 @@ class DeviceDataTemplate(SupervisedTemplate):
             # DDP averages gradients over processes: scale the local sum so the average is the global mean
             return F.cross_entropy(logits, self.mb_y, reduction="sum") * (self.world_size / self.mb_global_size)
 
+    def training_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """One more pass over the current experience's batches as training sees them: inputs (augmented)
+        and labels, this process's share of each; it draws from the generators training draws from."""
+        for mbatch in self.dataloader:
+            index, labels, _ = mbatch
+            if self.world_size > 1:
+                (index, labels), _ = self._share([index, labels], getattr(mbatch, "replayed", 0))
+            yield self.inputs(index), labels
+
     def input_batches(self) -> Callable[[], Iterator[Tensor]]:
         """Replays the current experience's batches (replay memory included), unaugmented.
 

@@ -32,9 +32,13 @@ def test_the_readme_documents_every_experiment_strategy_and_protocol():
 
 
 def strategy_plugins(strategy: str) -> list[str]:
-    """The plugin configs a strategy file places, in its order (its defaults list)."""
+    """The plugin configs a strategy file places, in its order (its defaults list: `/plugin@<name>: config`
+    entries, or another strategy's name)."""
     entries = yaml.safe_load((CONF / "strategy" / f"{strategy}.yaml").read_text()) or {}
-    return [next(iter(entry)).split("@")[1] for entry in entries.get("defaults", [])]  # {"/plugin@<name>": config}
+    names = []
+    for entry in entries.get("defaults", []):
+        names += strategy_plugins(entry) if isinstance(entry, str) else [next(iter(entry)).split("@")[1]]
+    return names
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -55,12 +59,18 @@ def test_every_experiment_and_strategy_composes_and_builds_its_plugins(experimen
 
 def plugin_parameters(target: str) -> dict[str, object]:
     """The options a plugin's class or factory declares, with their defaults (the run's context left out)."""
+    import dataclasses
     import inspect
 
     from hydra.utils import get_object
 
-    parameters = inspect.signature(get_object(target)).parameters
-    return {n: p.default for n, p in parameters.items() if n not in ("seed", "first_task_steps")}
+    code = get_object(target)
+    if dataclasses.is_dataclass(code):
+        declared = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(code)}  # fmt: skip
+    else:
+        declared = {n: p.default for n, p in inspect.signature(code).parameters.items()}
+    return {n: default for n, default in declared.items() if n not in ("seed", "first_task_steps")}
 
 
 @pytest.mark.parametrize("plugin", options("plugin"))
@@ -70,7 +80,8 @@ def test_every_plugin_config_mirrors_the_options_its_code_declares(plugin):
     declared = plugin_parameters(node.pop("_target_"))
     assert node.keys() == declared.keys()
     for name, default in declared.items():
-        assert node[name] == (default.value if hasattr(default, "value") else default), name
+        plain = [getattr(d, "value", d) for d in default] if isinstance(default, list) else default
+        assert node[name] == getattr(plain, "value", plain), name
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -286,7 +297,7 @@ def test_bad_value_of_a_target_is_refused_where_it_is_used(override, expected):
     [
         ("ema.decay=1.5", "error: ema.decay=1.5: must be a number in [0, 1]"),
         ("strategy=replay replay.mem_size=-3", "error: replay.mem_size=-3: must be >= 1"),
-        ("strategy=foo", "error: In 'config': Could not find 'strategy/foo' Available options in 'strategy': cls_er"),
+        ("strategy=foo", "error: In 'config': Could not find 'strategy/foo' Available options in 'strategy': averages"),
         ("train.epochs=0", "error: train.epochs=0: must be >= 1"),
         ("train.batch_size=abc", "train.batch_size: Value 'abc' of type 'str' could not be converted to Integer"),
         ("experiment=nope", "error: In 'config': Could not find 'experiment/nope'"),

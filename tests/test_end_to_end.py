@@ -208,6 +208,12 @@ def test_wandb_offline_run_holds_what_was_logged(tmp_path):
     assert last["live/class_il/forgetting_task_1"] == pytest.approx(results.forgetting("live", 4)[0])
     assert logged.summary["final/ema_0.99/avg_acc"] == pytest.approx(results.metrics("ema_0.99", 4)["avg_acc"])
     assert logged.summary["final/ema/avg_acc"] == logged.summary["final/ema_0.99/avg_acc"]  # for decay sweeps
+    ema, live = results.metrics("ema_0.99", 4), results.metrics("live", 4)
+    assert logged.summary["final/ema_0.99/diff_live/avg_acc"] == pytest.approx(ema["avg_acc"] - live["avg_acc"])
+    assert logged.summary["final/ema_0.99/task_il/diff_live/avg_acc"] == pytest.approx(
+        results.metrics("ema_0.99", 4, "task_il")["avg_acc"] - results.metrics("live", 4, "task_il")["avg_acc"]
+    )
+    assert "final/live/diff_live/avg_acc" not in logged.summary
     assert logged.summary["final/live/task_il/avg_acc"] == pytest.approx(
         results.metrics("live", 4, "task_il")["avg_acc"]
     )

@@ -94,6 +94,9 @@ class _Strategy(SimpleNamespace):
     def input_batches(self):
         raise NotImplementedError
 
+    def training_batches(self):
+        raise NotImplementedError
+
 
 def test_consistency_loss_uses_the_replayed_samples_only():
     torch.manual_seed(0)
@@ -107,7 +110,7 @@ def test_consistency_loss_uses_the_replayed_samples_only():
     plugin.before_forward(strategy)
     strategy.mb_output = model(inputs)
     plugin.before_backward(strategy)
-    with plugin.ema.swapped(0):
+    with plugin.engine.swapped(0):
         teacher = model(inputs[-2:])
     expected = 2.0 * ((strategy.mb_output[-2:] - teacher) ** 2).mean()
     torch.testing.assert_close(strategy.loss, expected)
@@ -125,7 +128,7 @@ def test_consistency_loss_uses_the_replayed_samples_only():
 def clser_decays(plugin: CLSERPlugin, steps: int) -> np.ndarray:
     """The decay each of CLS-ER's EMAs uses at each step (1: not updated), as its engine asks its rules."""
     plugin.attach(nn.Linear(2, 2))
-    return np.array([[1 - rule.next_weight(step) for rule in plugin.ema.rules] for step in range(1, steps + 1)])
+    return np.array([[1 - rule.next_weight(step) for rule in plugin.engine.rules] for step in range(1, steps + 1)])
 
 
 def test_each_ema_is_updated_with_its_probability_and_clsers_decay_ramp():

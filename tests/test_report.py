@@ -48,13 +48,16 @@ def test_report_tables_and_plots(multirun, tmp_path):
     (root / "broken" / "results.json").write_text("{not json")
 
     report = write_report(root, tmp_path / "report").read_text()
-    rows = [line for line in report.splitlines() if line.startswith("| split_digits")]
+    main, paired = report.split("## Effect of each track against live")
+    rows = [line for line in main.splitlines() if line.startswith("| split_digits")]
     # ema: 2 settings (decays) × 2 tracks; plain: 1 setting × 1 track
     assert len(rows) == 5, report
     ema_rows = [r for r in rows if "| ema |" in r and "ema_0.9 |" in r]
     assert len(ema_rows) == 1 and "ema.decay=0.9" in ema_rows[0] and "| 2 |" in ema_rows[0]
     assert " ± " in ema_rows[0]
     assert "interrupted/results.json | running after 2/5 tasks" in report
+    differences = [line for line in paired.splitlines() if line.startswith("| split_digits | ema |")]
+    assert len(differences) == 2 and all(line.count(" [") == 3 for line in differences), paired  # ΔACC, Δforget, ΔTIL
     assert "broken/results.json | unreadable" in report
     for png in ("decay_vs_metrics.png",):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
@@ -160,3 +163,17 @@ def test_plots_read_at_a_glance(multirun):
     assert fig.get_supxlabel().startswith("EMA horizon")
     assert [ax.get_xscale() for ax in fig.axes] == ["log", "log"]
     plt.close("all")
+
+
+def test_the_paired_interval_is_students_t_over_the_seeds_differences():
+    from cl_ema.report import paired_interval
+
+    differences = [0.031, 0.052, 0.018, 0.044, 0.027]
+    mean = sum(differences) / 5
+    sd = (sum((d - mean) ** 2 for d in differences) / 4) ** 0.5
+    half = 2.7764451051977987 * sd / 5**0.5  # t(0.975, 4 degrees of freedom), from a table
+    got = paired_interval(differences)
+    assert got == pytest.approx((mean, mean - half, mean + half), rel=1e-9)
+    assert paired_interval([0.02, 0.02]) == (0.02, 0.02, 0.02)  # no spread
+    one = paired_interval([0.03])
+    assert one[0] == 0.03 and one[1] != one[1]  # one seed: no interval (nan)

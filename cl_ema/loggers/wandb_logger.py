@@ -16,15 +16,17 @@ from typing import Any, Literal
 import numpy as np
 
 from cl_ema.loggers import RunInfo, eval_log, task_log
-from cl_ema.metrics import CONTINUAL, SETTINGS, STEP, TRAIN_STEP, final_key
+from cl_ema.metrics import CONTINUAL, DIFF, SETTINGS, STEP, TRAIN_STEP, final_key
 from cl_ema.options import positive
+from cl_ema.plugins import LIVE
 from cl_ema.results import Results
 
 Mode = Literal["auto", "online", "offline", "disabled"]
 
 
 def final_summary(results: Results) -> dict[str, float]:
-    """The run summary: every metric after the last task, per track and setting."""
+    """The run summary: every metric after the last task, per track and setting, and each track's
+    difference to the live weights (``final/<track>/diff_live/<metric>``)."""
     last = results.tasks_done - 1
     ema_tracks = [t for t in results.tracks if results.meta["track_info"][t]["rule"] == "ema"]
     aliases = {ema_tracks[0]: "ema"} if len(ema_tracks) == 1 else {}
@@ -32,9 +34,13 @@ def final_summary(results: Results) -> dict[str, float]:
     for track in results.tracks:
         for label in filter(None, (track, aliases.get(track))):
             for setting in SETTINGS:
+                live = results.metrics(LIVE, last, setting)
                 for name, value in results.metrics(track, last, setting).items():
-                    if value is not None:
-                        summary[final_key(label, name, setting)] = value
+                    if value is None:
+                        continue
+                    summary[final_key(label, name, setting)] = value
+                    if track != LIVE and live[name] is not None:
+                        summary[final_key(label, f"{DIFF}/{name}", setting)] = value - live[name]
             for name, value in results.stability.get(track, {}).items():
                 if isinstance(value, float):
                     summary[final_key(label, f"{CONTINUAL}/{name}")] = value

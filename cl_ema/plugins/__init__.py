@@ -120,6 +120,10 @@ class DeviceTemplate(Protocol):
         """The current experience's training batches, unaugmented, drawing no random numbers."""
         ...
 
+    def training_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """One more pass over the current experience's batches as training sees them: (inputs, labels)."""
+        ...
+
 
 def autocast(strategy: Any) -> AbstractContextManager[None]:
     """The strategy's forward-pass precision (a stock strategy: none)."""

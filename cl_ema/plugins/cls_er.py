@@ -35,18 +35,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from avalanche.core import SupervisedPlugin
-from torch import Tensor, nn
+from torch import Tensor
 
-from cl_ema.ema import StochasticEMARule, WeightAverages
+from cl_ema.ema import Rule, StochasticEMARule
 from cl_ema.options import at_least, fraction
 from cl_ema.plugins import DeviceTemplate, Track
+from cl_ema.plugins.averaging import AveragingPlugin
 
 TEACHERS = ("plastic", "stable")
 
 
 @dataclass(eq=False)
-class CLSERPlugin(SupervisedPlugin, supports_distributed=True):
+class CLSERPlugin(AveragingPlugin, supports_distributed=True):
     """CLS-ER's plastic and stable EMA teachers; needs cl_ema's template (the replayed part of each batch)."""
 
     reg_weight: float = 0.1  # λ of the consistency loss
@@ -63,23 +63,14 @@ class CLSERPlugin(SupervisedPlugin, supports_distributed=True):
             fraction(f"{name}_decay", getattr(self, f"{name}_decay"))
             fraction(f"{name}_update_prob", getattr(self, f"{name}_update_prob"))
         self.generator = torch.Generator().manual_seed(self.seed)  # on the CPU: no device sync per step
-        self.ema: WeightAverages | None = None
         self._teacher_logits: Tensor | None = None
 
-    def attach(self, model: nn.Module) -> None:
-        if self.ema is None or self.ema.model is not model:
-            rules = [StochasticEMARule(getattr(self, f"{name}_decay"), getattr(self, f"{name}_update_prob"),
-                                       self.generator) for name in TEACHERS]  # fmt: skip
-            self.ema = WeightAverages(model, rules)
-            self.ema.register()
-
-    def _engine(self) -> WeightAverages:
-        if self.ema is None:
-            raise RuntimeError("CLSERPlugin: attach(model) first")
-        return self.ema
+    def engine_rules(self) -> list[Rule]:
+        return [StochasticEMARule(getattr(self, f"{name}_decay"), getattr(self, f"{name}_update_prob"), self.generator)
+                for name in TEACHERS]  # fmt: skip
 
     def tracks(self) -> list[Track]:
-        engine = self._engine()
+        engine = self.engine
         return [
             Track(f"ema_{name}", lambda k=k: engine.swapped(k), "stochastic_ema", rule.decay, rule.horizon)
             for k, (name, rule) in enumerate(zip(TEACHERS, engine.rules))
@@ -95,7 +86,7 @@ class CLSERPlugin(SupervisedPlugin, supports_distributed=True):
         self._teacher_logits = None
         if replayed == 0 or self.reg_weight == 0:
             return
-        engine = self._engine()
+        engine = self.engine
         inputs, labels = strategy.mb_x[-replayed:], strategy.mb_y[-replayed:]
         logits = []
         with torch.no_grad(), strategy.autocast():
@@ -111,15 +102,15 @@ class CLSERPlugin(SupervisedPlugin, supports_distributed=True):
         strategy.loss += self.reg_weight * F.mse_loss(live, self._teacher_logits)
 
     def after_update(self, strategy, **kwargs) -> None:
-        self._engine().update()
+        self.engine.update()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self._engine().state_dict(), "generator": self.generator.get_state()}
+        return {"ema": self.engine.state_dict(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state.get("ema"), dict) or not isinstance(state.get("generator"), torch.Tensor):
             raise ValueError("the CLS-ER state lacks its averages or its generator")
-        self._engine().load_state_dict(state["ema"])
+        self.engine.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
 
 

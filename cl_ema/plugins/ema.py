@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
-from avalanche.core import SupervisedPlugin
-from torch import Tensor, nn
+from torch import Tensor
 
-from cl_ema.ema import EMA, EMAOptions, decay_for_horizon, recompute_bn
+from cl_ema.ema import EMAOptions, EMARule, Rule, decay_for_horizon, recompute_bn
 from cl_ema.options import Choice, OptionError, choice, count, fraction, fractions, positive, positives
 from cl_ema.plugins import Track, ema_name, unaugmented_batches
+from cl_ema.plugins.averaging import AveragingPlugin
 
 
 class Sync(Choice):
@@ -23,7 +23,7 @@ class Sync(Choice):
 
 
 @dataclass(eq=False)
-class EMAPlugin(EMAOptions, SupervisedPlugin, supports_distributed=True):
+class EMAPlugin(EMAOptions, AveragingPlugin, supports_distributed=True):
     """EMA shadows of the model, one per decay; the engine's options (``EMAOptions``) and these:
 
     ``decay`` (one shadow), or ``decays`` (several), or ``horizons`` (in units of the first task's
@@ -33,9 +33,10 @@ class EMAPlugin(EMAOptions, SupervisedPlugin, supports_distributed=True):
     load the (single) shadow into the live model after each task, which changes training.
     ``first_task_steps`` is ``S``, which a cl_ema run gives the plugin itself.
 
-    Lifecycle: ``attach(model)`` registers the shadows (before training, from the initial weights);
-    ``after_update`` updates them after every optimizer step. With ``sync="none"`` training is never
-    changed, and every process of a data-parallel run keeps identical shadows without communicating.
+    Lifecycle: ``attach(model)`` registers the shadows (before training, from the initial weights;
+    in a stock strategy at ``before_training``); ``after_update`` updates them after every step.
+    With ``sync="none"`` training is never changed, and every process of a data-parallel run keeps
+    identical shadows without communicating.
     """
 
     decay: float = 0.999
@@ -48,7 +49,7 @@ class EMAPlugin(EMAOptions, SupervisedPlugin, supports_distributed=True):
 
     def __post_init__(self) -> None:
         EMAOptions.__post_init__(self)
-        SupervisedPlugin.__init__(self)
+        AveragingPlugin.__init__(self)
         self.sync = choice("sync", self.sync, Sync)
         if self.decays is not None and self.horizons is not None:
             raise OptionError("horizons", self.horizons, "give decays or horizons, not both")
@@ -64,7 +65,6 @@ class EMAPlugin(EMAOptions, SupervisedPlugin, supports_distributed=True):
             count("first_task_steps", self.first_task_steps)
         if self.sync == Sync.task_end and len(self.horizons or self.decays or [self.decay]) > 1:
             raise OptionError("sync", str(self.sync), "changes training, so it takes one decay, not several")
-        self.ema: EMA | None = None
         self.horizon_tasks: list[float | None] = []  # per shadow, its horizon in tasks (when given so)
         self._bn_batches: Callable[[], Iterator[Tensor]] | None = None
 
@@ -92,50 +92,33 @@ class EMAPlugin(EMAOptions, SupervisedPlugin, supports_distributed=True):
         except OptionError:
             raise OptionError("horizons", self.horizons, f"each must span one update ({steps} steps a task)") from None
 
-    def attach(self, model: nn.Module) -> None:
-        if self.ema is None or self.ema.model is not model:
-            self.ema = EMA(model, self.resolved_decays(), self.engine_options())
-            self.ema.register()
-
-    def before_training(self, strategy, **kwargs) -> None:
-        if self.ema is None:  # a stock Avalanche strategy: the model is on its device by now
-            self.attach(strategy.model)
+    def engine_rules(self) -> list[Rule]:
+        options = self.engine_options()
+        return [EMARule(decay, options) for decay in self.resolved_decays()]
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         self._bn_batches = None  # evaluations during training use the averaged statistics
 
     def after_update(self, strategy, **kwargs) -> None:
-        self._engine.update()
+        self.engine.update()
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         if self.recompute_bn:
             self._bn_batches = unaugmented_batches(strategy)
         if self.sync == Sync.task_end:
-            self._engine.copy_to_live(0)
-
-    @property
-    def _engine(self) -> EMA:
-        if self.ema is None:
-            raise RuntimeError("EMAPlugin: attach(model) first (a stock strategy does it in before_training)")
-        return self.ema
+            self.engine.copy_to_live(0)
 
     def tracks(self) -> list[Track]:
-        engine = self._engine
         return [
             Track(ema_name(rule.decay, horizon=h, schedule=str(self.schedule)), lambda k=k: self._swapped(k), "ema",
                   rule.decay, rule.horizon)
-            for k, (rule, h) in enumerate(zip(engine.rules, self.horizon_tasks))
+            for k, (rule, h) in enumerate(zip(self.engine.rules, self.horizon_tasks))
+            if isinstance(rule, EMARule)
         ]  # fmt: skip
 
     @contextmanager
     def _swapped(self, index: int) -> Iterator[None]:
-        with self._engine.swapped(index):
+        with self.engine.swapped(index):
             if self._bn_batches is not None:
-                recompute_bn(self._engine.model, self._bn_batches())
+                recompute_bn(self.engine.model, self._bn_batches())
             yield
-
-    def state_dict(self) -> dict:
-        return self._engine.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self._engine.load_state_dict(state)
