@@ -3,21 +3,21 @@
     python benchmarks/paper_tables.py --data-root DIR [--seeds 5] [--out paper_tables]
 
 ``DIR`` holds MNIST in torchvision's layout (``DIR/MNIST/raw``). For each experiment
-(``seq_mnist``, ``perm_mnist``) and seed it runs, in this process:
+(``seq_mnist``, ``perm_mnist``, ``rot_mnist``) and seed it runs, in this process:
 
-- ``strategy=ema`` on the experiment's own protocol (Mammoth's best arguments for SGD): its
-  ``live`` track is plain fine-tuning, its EMA tracks are evaluation-only EMAs of it (they never
-  change training, so one run gives both);
-- ``strategy=ema_replay best_args=<experiment>/er_<200|500>``: ``live`` is Mammoth's ER, the EMA
-  tracks evaluation-only EMAs of it;
+- ``strategy=ema`` on the experiment's own protocol (Mammoth's best arguments for SGD);
+- ``strategy=ema_replay best_args=<experiment>/er_<200|500>`` (Mammoth's ER);
+- ``strategy=ema_der`` / ``ema_derpp`` with ``best_args=<experiment>/der_<200|500>`` / ``derpp_…``;
 - ``strategy=cls_er best_args=<experiment>/clser_<200|500>``: CLS-ER, reported with its stable
-  EMA as its authors do.
+  EMA as its authors do, and its live weights.
 
-It prints (and writes to ``<out>/paper_tables.md``) mean ± sample std over seeds, in %, with the
-published value beside each cell and a mark where ours is more than 2 std away from it; then the
-wall time of each run and CLS-ER's training time per step against replay's under the same
-protocol. Every run's folder (results.json, matrices) stays under ``<out>`` for
-``python -m cl_ema.report``.
+Each run's ``live`` track is the published method; its EMA track (``ema.horizons=[1]``: a horizon of
+one task) is an evaluation-only EMA of that same trajectory, so it is reported with its paired
+difference to ``live`` (mean and 95 % Student-t interval over seeds). It prints (and writes to
+``<out>/paper_tables.md``) mean ± sample std over seeds, in %, with the published value beside each
+cell and a mark where ours is more than 2 std away from it; then the wall time of each run and the
+time per step of DER++ and CLS-ER against ER's under the same protocol. Every run's folder stays
+under ``<out>`` for ``python -m cl_ema.report``.
 """
 
 from __future__ import annotations
@@ -33,44 +33,46 @@ import torch
 
 from cl_ema.config import check, compose
 from cl_ema.console import Console
+from cl_ema.plugins import LIVE
+from cl_ema.report import paired_interval
 from cl_ema.runner import run
 
 # Published: Mammoth's README (Buzzega et al. 2020; aimagelab/mammoth, first commit's table) and
-# CLS-ER's README (NeurAI-Lab/CLS-ER). seq-MNIST class-IL, seq-MNIST task-IL, perm-MNIST domain-IL.
+# CLS-ER's README (NeurAI-Lab/CLS-ER), per column below.
+COLUMNS = (("seq_mnist", "class_il"), ("seq_mnist", "task_il"), ("perm_mnist", "class_il"), ("rot_mnist", "class_il"))
 PUBLISHED = {
-    "plain": (19.60, 94.94, 40.70),  # Mammoth's SGD
-    "replay 200": (80.43, 97.86, 72.37),
-    "replay 500": (86.12, 99.04, 80.60),
-    "cls_er 200": (89.54, 97.97, None),
-    "cls_er 500": (92.05, 98.95, None),
+    "SGD": (19.60, 94.94, 40.70, 67.66),
+    "ER 200": (80.43, 97.86, 72.37, 85.01),
+    "ER 500": (86.12, 99.04, 80.60, 88.91),
+    "DER 200": (84.55, 98.80, 81.74, 90.04),
+    "DER 500": (90.54, 98.84, 87.29, 92.24),
+    "DER++ 200": (85.61, 98.76, 83.58, 90.43),
+    "DER++ 500": (91.00, 98.94, 88.21, 92.77),
+    "CLS-ER 200": (89.54, 97.97, None, None),
+    "CLS-ER 500": (92.05, 98.95, None, None),
 }
-# evaluation-only EMAs: a short horizon (100 steps) and about one task (seq: 1,000 of ~1,200; perm: 500 of 469)
-EMA_DECAYS = {"seq_mnist": (0.99, 0.999), "perm_mnist": (0.99, 0.998)}
-COLUMNS = (("seq_mnist", "class_il"), ("seq_mnist", "task_il"), ("perm_mnist", "class_il"))
-ROWS = (
-    "plain", "ema (short)", "ema (task)", "replay 200", "replay 500", "ema_replay 200 (short)", "ema_replay 200 (task)",
-    "ema_replay 500 (short)", "ema_replay 500 (task)", "cls_er 200", "cls_er 500", "cls_er 200 (live)",
-    "cls_er 500 (live)",
-)  # fmt: skip
+EXPERIMENTS = tuple(dict.fromkeys(e for e, _ in COLUMNS))
+EMA = "ema.horizons=[1]"  # the evaluation-only EMA of every trajectory: a horizon of one task
 
 
 @dataclass
 class Job:
     name: str
     overrides: list[str]
-    rows: dict[str, str]  # table row → track of this run
+    method: str  # the table's row of the run's live track (its EMA's row is "<method> + EMA")
+    ema_track: bool = True
 
 
 def jobs(experiment: str) -> list[Job]:
-    short, task = EMA_DECAYS[experiment]
-    decays = f"ema.decays=[{short},{task}]"
-    ema_rows = {"short": f"ema_{short}", "task": f"ema_{task}"}
-    out = [Job("sgd", ["strategy=ema", decays], {"plain": "live", **{f"ema ({k})": t for k, t in ema_rows.items()}})]
+    out = [Job("sgd", ["strategy=ema", EMA], "SGD")]
+    for method, strategy, files in (("ER", "ema_replay", "er"), ("DER", "ema_der", "der"),
+                                    ("DER++", "ema_derpp", "derpp")):  # fmt: skip
+        for buffer in (200, 500):
+            protocol = f"best_args={experiment}/{files}_{buffer}"
+            out.append(Job(f"{files}_{buffer}", [f"strategy={strategy}", protocol, EMA], f"{method} {buffer}"))
     for buffer in (200, 500):
-        rows = {f"replay {buffer}": "live", **{f"ema_replay {buffer} ({k})": t for k, t in ema_rows.items()}}
-        out.append(Job(f"er_{buffer}", ["strategy=ema_replay", f"best_args={experiment}/er_{buffer}", decays], rows))
-        out.append(Job(f"clser_{buffer}", ["strategy=cls_er", f"best_args={experiment}/clser_{buffer}"],
-                       {f"cls_er {buffer}": "ema_stable", f"cls_er {buffer} (live)": "live"}))  # fmt: skip
+        overrides = ["strategy=cls_er", f"best_args={experiment}/clser_{buffer}"]
+        out.append(Job(f"clser_{buffer}", overrides, f"CLS-ER {buffer}", ema_track=False))
     return out
 
 
@@ -83,13 +85,23 @@ def run_one(out: Path, experiment: str, seed: int, job: Job, data_root: Path):
     return results, time.perf_counter() - started
 
 
-def cell(values: list[float], published: float | None) -> str:
+def cell(values: list[float], published: float | None = None, differences: list[float] | None = None) -> str:
+    """mean ± std in %, the published value beside it (†: more than 2 std away), or the paired difference."""
     mean, std = 100 * np.mean(values), 100 * np.std(values, ddof=1) if len(values) > 1 else 0.0
     text = f"{mean:.2f} ± {std:.2f}"
+    if differences is not None:
+        diff, low, high = (100 * v for v in paired_interval(differences))
+        mark = " *" if low > 0 or high < 0 else ""
+        return text + (f", Δ {diff:+.2f}" if low != low else f", Δ {diff:+.2f} [{low:+.2f}, {high:+.2f}]{mark}")
     if published is None:
-        return text + " (–)"
+        return text
     far = abs(mean - published) > 2 * std
     return text + f" ({published:.2f}{' †' if far else ''})"
+
+
+def ema_track(results) -> str:
+    (track,) = [t for t in results.tracks if results.meta["track_info"][t]["rule"] == "ema"]
+    return track
 
 
 def main() -> None:
@@ -97,10 +109,10 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, required=True, help="folder holding MNIST/raw")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("paper_tables"))
-    parser.add_argument("--experiments", nargs="+", default=list(EMA_DECAYS), choices=list(EMA_DECAYS))
-    parser.add_argument("--timing-rounds", type=int, default=3, help="rounds of the CLS-ER vs replay step timing")
+    parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
+    parser.add_argument("--timing-rounds", type=int, default=3, help="rounds of the time-per-step comparison")
     args = parser.parse_args()
-    values: dict[tuple[str, str, str], list[float]] = {}
+    values: dict[tuple[str, str, str], list[float]] = {}  # (row, experiment, setting) → accuracy per seed
     times: dict[tuple[str, str], list[float]] = {}
     started = time.perf_counter()
     for experiment in args.experiments:
@@ -109,27 +121,43 @@ def main() -> None:
                 results, wall = run_one(args.out, experiment, seed, job, args.data_root)
                 times.setdefault((experiment, job.name), []).append(wall)
                 last = results.tasks_done - 1
-                for row, track in job.rows.items():
+                rows = {job.method: LIVE}
+                if job.method.startswith("CLS-ER"):
+                    rows = {job.method: "ema_stable", f"{job.method} (its live weights)": LIVE}
+                elif job.ema_track:
+                    rows[f"{job.method} + EMA"] = ema_track(results)
+                for row, track in rows.items():
                     for setting in ("class_il", "task_il"):
                         acc = results.metrics(track, last, setting)["avg_acc"]
                         values.setdefault((row, experiment, setting), []).append(acc)
                 print(f"{experiment} {job.name} seed {seed}: {wall:.1f} s, "
-                      + ", ".join(f"{row} {100 * values[row, experiment, 'class_il'][-1]:.2f}" for row in job.rows),
+                      + ", ".join(f"{row} {100 * values[row, experiment, 'class_il'][-1]:.2f}" for row in rows),
                       flush=True)  # fmt: skip
     total = time.perf_counter() - started
     lines = [
-        f"mean ± std over {args.seeds} seeds, in % (published value in parentheses; † more than 2 std away)",
+        f"mean ± std over {args.seeds} seeds, in % (published value in parentheses; † more than 2 std away). "
+        "`+ EMA`: the evaluation-only EMA of the row above (horizon one task), with its paired difference Δ "
+        "to it and the 95 % interval (`*`: excludes 0)",
         "",
-        "| method | seq-MNIST class-IL | seq-MNIST task-IL | perm-MNIST domain-IL |",
-        "|---|---|---|---|",
+        "| method | seq-MNIST class-IL | seq-MNIST task-IL | perm-MNIST domain-IL | rot-MNIST domain-IL |",
+        "|---|---|---|---|---|",
     ]
-    for row in ROWS:
-        published = PUBLISHED.get(row, (None, None, None))
-        cells = [cell(values[row, e, s], p) if (row, e, s) in values else "–" for (e, s), p in zip(COLUMNS, published)]
+    for row in dict.fromkeys(r for r, _, _ in values):
+        cells = []
+        for (experiment, setting), published in zip(COLUMNS, PUBLISHED.get(row, (None,) * len(COLUMNS))):
+            if (row, experiment, setting) not in values:
+                cells.append("–")
+            elif row.endswith(" + EMA"):
+                base = values[row.removesuffix(" + EMA"), experiment, setting]
+                mine = values[row, experiment, setting]
+                cells.append(cell(mine, differences=[a - b for a, b in zip(mine, base)]))
+            else:
+                cells.append(cell(values[row, experiment, setting], published))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines += ["", "| run | seq-MNIST s / run | perm-MNIST s / run |", "|---|---|---|"]
+    lines += ["", "| run | " + " | ".join(f"{e} s / run" for e in EXPERIMENTS) + " |",
+              "|---|" + "---|" * len(EXPERIMENTS)]  # fmt: skip
     for name in dict.fromkeys(n for (_, n) in times):
-        cells = (f"{np.mean(times[e, name]):.1f}" if (e, name) in times else "–" for e in EMA_DECAYS)
+        cells = [f"{np.mean(times[e, name]):.1f}" if (e, name) in times else "–" for e in EXPERIMENTS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append(f"\nall {len([t for v in times.values() for t in v])} runs: {total / 60:.1f} min "
                  f"({torch.get_num_threads()} CPU threads)")  # fmt: skip
@@ -141,21 +169,28 @@ def main() -> None:
 
 
 def step_costs(args) -> str:
-    """CLS-ER's training time per step against replay's, same protocol and seed, measured in turns."""
+    """DER++'s and CLS-ER's training time per step against ER's, under the same protocol and seed, measured
+    in turns: ER replays ``batch_size_mem`` samples in one pass, DER++ passes two such batches separately."""
     out = []
-    for buffer in (200, 500):
-        per_step: dict[str, list[float]] = {"replay": [], "cls_er": []}
-        for _ in range(args.timing_rounds):
-            for strategy in per_step:
-                # replay under CLS-ER's protocol, for the time per step alone
-                job = Job(strategy, [f"strategy={strategy}", f"best_args=seq_mnist/clser_{buffer}",
-                                     "best_args.strategies=[cls_er,replay]"], {})  # fmt: skip
-                results, _ = run_one(args.out / "timing", "seq_mnist", 0, job, args.data_root)
-                per_step[strategy].append(1000 * results.meta["train_s"] / sum(results.meta["steps_per_task"]))
-        if args.timing_rounds:
-            replay, cls_er = (float(np.median(v)) for v in per_step.values())
-            out.append(f"seq-MNIST, CLS-ER's protocol with buffer {buffer}: replay {replay:.2f} ms/step, cls_er "
-                       f"{cls_er:.2f} ms/step ({cls_er / replay:.2f}x; median of {args.timing_rounds})")  # fmt: skip
+    for method, files in (("derpp", "derpp"), ("cls_er", "clser")):
+        for buffer in (200, 500):
+            # ER under the other method's protocol (same batch, memory, replayed batch), for the time per step
+            protocol = [f"best_args=seq_mnist/{files}_{buffer}", f"best_args.strategies=[{method},replay]"]
+            replayed = "der.batch_size_mem" if method == "derpp" else "replay.batch_size_mem"
+            cfg = compose("experiment=seq_mnist", f"strategy={method}", *protocol)
+            er = ["replay.policy=reservoir", f"replay.mem_size={buffer}",
+                  f"replay.batch_size_mem={cfg[replayed.split('.')[0]].batch_size_mem}"]  # fmt: skip
+            per_step: dict[str, list[float]] = {"replay": [], method: []}
+            for _ in range(args.timing_rounds):
+                for strategy in per_step:
+                    extra = er if strategy == "replay" else []
+                    job = Job(strategy, [f"strategy={strategy}", *protocol, *extra], method, ema_track=False)
+                    results, _ = run_one(args.out / "timing", "seq_mnist", 0, job, args.data_root)
+                    per_step[strategy].append(1000 * results.meta["train_s"] / sum(results.meta["steps_per_task"]))
+            if args.timing_rounds:
+                replay, other = (float(np.median(v)) for v in per_step.values())
+                out.append(f"seq-MNIST, {method}'s protocol with buffer {buffer}: ER {replay:.2f} ms/step, {method} "
+                           f"{other:.2f} ms/step ({other / replay:.2f}x; median of {args.timing_rounds})")  # fmt: skip
     return "\n".join(out)
 
 

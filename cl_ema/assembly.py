@@ -117,6 +117,10 @@ def assemble(
     stream = build_stream(cfg.data, seed=cfg.seed, device=device)
     first_task = len(stream.benchmark.train_stream[0].dataset)
     plugins = build_plugins(cfg, first_task_steps=steps_per_task(cfg, first_task) or None)
+    for name, plugin in plugins.items():
+        if processes.world_size > 1 and not getattr(plugin, "supports_distributed", False):
+            raise UserError(f"{name}: {type(plugin).__name__} does not support data parallel training (run it in one "
+                            "process)")  # fmt: skip
     seed_everything(cfg.seed)  # model init does not depend on how the data was loaded
     model = build_model(cfg.model, stream.spec)
     # layout and device are final before an average links the weights into its flat buffer

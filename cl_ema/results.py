@@ -148,17 +148,22 @@ def _is_numbers(values: Any, length: int) -> bool:
     )
 
 
-def save_outputs(results: Results, out_dir: Path, curves: dict[str, Curve] | None = None) -> None:
-    """results.json, one CSV per track and setting, the heatmaps, and continual-evaluation curves."""
+def save_outputs(results: Results, out_dir: Path, curves: dict[str, Curve] | None = None, final: bool = True) -> None:
+    """results.json and the continual-evaluation curves; at the end of the run (``final``) also one CSV per
+    track and setting and the figures, which only repeat results.json (rendering twenty tracks' heatmaps
+    after every task would cost more than evaluating them)."""
+    atomic_write(out_dir / "results.json", json.dumps(results.to_dict(), indent=2) + "\n")
+    if curves:
+        atomic_write(out_dir / "continual_eval.json", json.dumps({t: c.to_dict() for t, c in curves.items()}) + "\n")
+    if not final:
+        return
     from cl_ema.plots import continual_png, heatmaps_png
 
-    atomic_write(out_dir / "results.json", json.dumps(results.to_dict(), indent=2) + "\n")
     for (track, setting), matrix in results.matrices.items():
         atomic_write(out_dir / "matrices" / f"{track}.{setting}.csv", matrix_csv(matrix))
     matrices = {t: results.matrices[t, "class_il"] for t in results.tracks}
     atomic_write(out_dir / "acc_matrix.png", heatmaps_png(matrices, "class-IL accuracy"))
     if curves:
-        atomic_write(out_dir / "continual_eval.json", json.dumps({t: c.to_dict() for t, c in curves.items()}) + "\n")
         atomic_write(out_dir / "continual_eval.png", continual_png(curves, "accuracy on each task during training"))
 
 

@@ -84,7 +84,7 @@ def train_all_tasks(run: Run, console: Console) -> None:
                     )
             results.tasks_done = task + 1
             results.meta["elapsed_s"] = round(time.perf_counter() - started, 2)
-            save(run, with_checkpoint=cfg.checkpoint)
+            save(run, with_checkpoint=cfg.checkpoint, final=False)
             console.task(results, task, results.meta["steps_per_task"][-1], stream.task_classes[task])
             if run.continual:  # the task's continual evaluations, once they are in a checkpoint
                 for point in run.continual.points(logged):
@@ -102,17 +102,18 @@ def train_all_tasks(run: Run, console: Console) -> None:
     finally:
         if results.tasks_done:
             with contextlib.suppress(UserError):  # if the disk is what failed, the error being raised says so
-                save(run, with_checkpoint=False)  # the status; the checkpoint of the last task stays
+                save(run, with_checkpoint=False, final=True)  # the status; the checkpoint of the last task stays
 
 
-def save(run: Run, with_checkpoint: bool) -> None:
-    """Result files (and the checkpoint) of the tasks done; only the main process writes."""
+def save(run: Run, with_checkpoint: bool, final: bool) -> None:
+    """Result files (and the checkpoint) of the tasks done, the figures at the end (``final``); only the
+    main process writes."""
     if not run.processes.main:
         return
     continual = run.continual
     if continual:
         run.results.stability = {name: stability_metrics(curve) for name, curve in continual.curves.items()}
-    save_outputs(run.results, run.out_dir, continual.curves if continual else None)
+    save_outputs(run.results, run.out_dir, continual.curves if continual else None, final)
     if with_checkpoint:
         checkpoint.save(run.out_dir / LAST_CHECKPOINT, run.state_dict())
 

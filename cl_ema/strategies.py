@@ -20,6 +20,7 @@ from cl_ema.building import build
 from cl_ema.config import autocast_dtype, plugin_nodes
 from cl_ema.data import TaskStream
 from cl_ema.errors import UserError
+from cl_ema.options import OptionError
 from cl_ema.plugins import Attaches, HasTracks, Stateful, Track, live_track
 from cl_ema.plugins.training import FiniteLossPlugin, LRStepsPlugin, ProgressBarPlugin
 from cl_ema.template import DeviceDataTemplate
@@ -50,6 +51,8 @@ def attach(plugins: dict[str, SupervisedPlugin], model: nn.Module) -> list[Track
         if isinstance(plugin, Attaches):
             try:
                 plugin.attach(model)
+            except OptionError as err:  # an option only the model or the stream can check (a horizon's steps)
+                raise UserError(str(err.renamed(name))) from None
             except MemoryError as err:  # the averages' shadows do not fit
                 raise UserError(f"{name}: {err}") from None
         if isinstance(plugin, HasTracks):

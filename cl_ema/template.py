@@ -58,6 +58,7 @@ class DeviceDataTemplate(SupervisedTemplate):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.world_size = world_size
         self.mb_replayed = 0
+        self.mb_index = torch.empty(0, dtype=torch.long)  # the mini-batch's sample indices (this process's)
         self.mb_global_size = 0
 
     def _before_training_exp(self, **kwargs) -> None:
@@ -73,6 +74,7 @@ class DeviceDataTemplate(SupervisedTemplate):
         if self.world_size > 1:
             (index, labels, tasks), replayed = self._share([index, labels, tasks], replayed)
         self.mbatch = [self.inputs(index), labels, tasks]
+        self.mb_index = index
         self.mb_replayed = replayed
 
     def inputs(self, index: Tensor, augment: bool = True) -> Tensor:

@@ -116,6 +116,7 @@ def fake_template(batches):
 
     class Template(SimpleNamespace):
         mb_replayed = 0
+        mb_index = torch.empty(0, dtype=torch.long)
 
         def autocast(self):
             return torch.autocast("cpu", enabled=False)

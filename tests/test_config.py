@@ -121,11 +121,19 @@ def test_published_protocols_set_what_their_method_reads(protocol):
     experiment, method = protocol.split("/")
     scope = compose_config(f"best_args={protocol}").best_args
     assert scope.experiment == experiment
-    assert list(scope.strategies) == (["cls_er"] if method.startswith("clser") else ["replay", "ema_replay"])
+    name, buffer = method.split("_")
+    tuned = {
+        "clser": ["cls_er"],
+        "er": ["replay", "ema_replay"],
+        "der": ["der", "ema_der"],
+        "derpp": ["derpp", "ema_derpp"],
+    }
+    assert list(scope.strategies) == tuned[name]
     for strategy in scope.strategies:
         cfg = compose_config(f"experiment={experiment}", f"strategy={strategy}", f"best_args={protocol}")
         check(cfg)
-        assert cfg.replay.policy == "reservoir" and cfg.replay.mem_size == int(method.split("_")[1])
+        memory = cfg.der if name.startswith("der") else cfg.replay
+        assert memory.mem_size == int(buffer) and (name.startswith("der") or cfg.replay.policy == "reservoir")
         assert cfg.train.epochs == 1 and cfg.model._target_ == "cl_ema.models.MLP" and cfg.model.hidden == 100
 
 

@@ -78,6 +78,30 @@ def test_cifar_loads_from_torchvision_layout(tmp_path, skip_cifar_md5, num_class
     assert s.augment is not None
 
 
+def test_rotated_mnist_is_torchvisions_rotate_of_each_image_by_its_tasks_angle(tmp_path):
+    """Mammoth's rot-mnist: each task's images (train and test) are torchvision's rotate of the
+    originals, as Mammoth applies it to PIL images, by that task's angle drawn from the seed."""
+    from PIL import Image
+    from torchvision.transforms.functional import rotate
+
+    from cl_ema.data.stream import task_angles
+
+    write_mnist(tmp_path)
+    original = stream("mnist", root=tmp_path)
+    rotated = stream("mnist", root=tmp_path, scenario="rotated", n_tasks=4, seed=3)
+    angles = task_angles(4, 3)
+    assert angles == task_angles(4, 3) != task_angles(4, 4)  # from the seed
+    assert all(0 <= a < 180 for a in angles) and len(set(angles)) == 4
+    assert rotated.task_classes == [list(range(10))] * 4 and len(rotated.train) == 4 * 50
+    for task, angle in enumerate(angles):
+        for store, base, i in ((rotated.train, original.train, 11), (rotated.test, original.test, 3)):
+            image = base.inputs[i, 0].numpy()
+            expected = np.array(rotate(Image.fromarray(image), angle))  # Mammoth: PIL image, defaults
+            got = store.raw(torch.tensor([task * base.num_base + i]))[0, 0].numpy()
+            assert (got == expected).mean() >= 0.99, (task, angle)  # nearest neighbour: rounding at most
+            assert not np.array_equal(got, image) or angle == 0
+
+
 def test_mnist_split_and_permuted(tmp_path):
     files = write_mnist(tmp_path)
     split = stream("mnist", root=tmp_path)
@@ -89,9 +113,9 @@ def test_mnist_split_and_permuted(tmp_path):
     assert torch.equal(x0, split.train.inputs[7:8])  # task 0 is unpermuted
     mammoth = stream("mnist", root=tmp_path, scenario="permuted", n_tasks=3, permute_first_task=True)
     assert not torch.equal(mammoth.train.raw(torch.tensor([7])), x0)  # Mammoth permutes every task
-    assert not torch.equal(mammoth.train.permutations[0], torch.arange(784))
+    assert not torch.equal(mammoth.train.pixel_maps[0], torch.arange(784))
     x1 = permuted.train.raw(torch.tensor([50 + 7]))
-    perm = permuted.train.permutations[1]
+    perm = permuted.train.pixel_maps[1]
     assert not torch.equal(x1, x0)
     assert torch.equal(x1.flatten(), x0.flatten()[perm])
     assert torch.equal(permuted.train.targets_at(torch.tensor([57])), split.train.base_targets[7:8])

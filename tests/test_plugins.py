@@ -85,6 +85,8 @@ def test_the_teacher_of_each_sample_is_the_ema_model_more_confident_in_its_label
 class _Strategy(SimpleNamespace):
     """What CLS-ER reads of cl_ema's template (cl_ema.plugins.DeviceTemplate), and no more."""
 
+    mb_index = torch.empty(0, dtype=torch.long)
+
     def autocast(self):
         return torch.autocast("cpu", enabled=False)
 
@@ -171,8 +173,9 @@ def _digits_mlp():
         ["strategy=cls_er", "replay.policy=reservoir", "replay.mem_size=40", "cls_er.reg_weight=0.5"],
         ["strategy=ema_lwf", "ema.decays=[0.9,0.99]"],
         ["strategy=ema_replay", "replay.policy=reservoir", "eval.every_n_steps=20"],
+        ["strategy=ema_derpp", "der.mem_size=40"],
     ],
-    ids=["cls_er", "ema_lwf", "reservoir+continual"],
+    ids=["cls_er", "ema_lwf", "reservoir+continual", "derpp"],
 )
 def test_a_run_stopped_mid_task_and_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch, overrides):
     resumed, whole = stop_and_resume(tmp_path, monkeypatch, *overrides, "train.epochs=2")
@@ -232,3 +235,78 @@ def test_a_slow_backbone_trains_through_avalanches_optimizer_updates(tmp_path):
                                 "train.lr_milestones=[1]", "checkpoint=true")  # fmt: skip
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["optimizer"]
     assert [g["lr"] for g in state["param_groups"]] == pytest.approx([0.05 * 0.01 * 0.1, 0.05 * 0.1])
+
+
+# ---------------------------------------------------------------------------- DER and DER++
+class _DERTemplate(_Strategy):
+    """What DER reads of cl_ema's template: the batch's indices and the inputs of memory samples."""
+
+    def inputs(self, index, augment=True):
+        return self.store[index]
+
+
+def test_der_and_derpp_losses_against_hand_computation():
+    from cl_ema.plugins.der import DERPlugin
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    store = torch.randn(20, 3)  # the stored samples, by index
+    plugin = DERPlugin(mem_size=8, batch_size_mem=3, alpha=0.7, beta=0.3, seed=1)
+    index, labels = torch.arange(6), torch.tensor([0, 1, 2, 3, 0, 1])
+    old_logits = torch.randn(6, 4)
+    plugin.memory.add(index, labels, old_logits)
+    strategy = _DERTemplate(model=model, store=store, loss=torch.zeros(()), train_mb_size=10, device="cpu",
+                            mb_replayed=0, mb_index=index, mb_x=store[index])  # fmt: skip
+    twin = DERPlugin(mem_size=8, batch_size_mem=3, alpha=0.7, beta=0.3, seed=1)
+    twin.memory.add(index, labels, old_logits)  # the same memory and generator: the same draws
+    first, second = twin.memory.slots(3, "cpu"), twin.memory.slots(3, "cpu")
+    plugin.before_backward(strategy)
+    stored = twin.memory
+    expected = 0.7 * ((model(store[stored.index[first]]) - stored.logits[first]) ** 2).mean()
+    expected = expected + 0.3 * nn.functional.cross_entropy(model(store[stored.index[second]]), stored.labels[second])
+    torch.testing.assert_close(strategy.loss, expected)
+    empty = DERPlugin(mem_size=8, alpha=0.7, beta=0.3)
+    strategy.loss = torch.zeros(())
+    empty.before_backward(strategy)
+    assert strategy.loss == 0  # the first step: nothing in memory yet
+
+
+def test_ders_two_buffer_batches_are_drawn_independently():
+    """Two independent draws of 10 of 50 entries share 2 on average (10·10/50); the same draw would share 10."""
+    memory = StreamReservoir(50, seed=4)
+    memory.add(torch.arange(50), torch.zeros(50, dtype=torch.long), torch.zeros(50, 2))
+    overlaps = []
+    for _ in range(2000):
+        a, b = memory.slots(10, torch.device("cpu")), memory.slots(10, torch.device("cpu"))
+        overlaps.append(len(set(a.tolist()) & set(b.tolist())))
+    assert abs(np.mean(overlaps) - 2.0) < 0.1  # hypergeometric: std of the mean of 2000 draws ≈ 0.027
+
+
+def test_der_keeps_the_logits_of_the_step_a_sample_entered_the_memory_with(tmp_path, monkeypatch):
+    from cl_ema.plugins.der import DERPlugin
+
+    seen = {}
+    original = DERPlugin.after_training_iteration
+
+    def spy(self, strategy, **kwargs):
+        for i, logits in zip(strategy.mb_index.tolist(), strategy.mb_output.detach()):
+            seen[i] = logits.clone()  # one epoch: each sample passes once
+        original(self, strategy, **kwargs)
+        spy.plugin = self
+
+    monkeypatch.setattr(DERPlugin, "after_training_iteration", spy)
+    run_experiment(tmp_path, "strategy=derpp", "train.epochs=1", "der.mem_size=60")
+    memory = spy.plugin.memory
+    assert memory.filled == 60 and memory.num_seen == 1347
+    for index, logits in zip(memory.index.tolist(), memory.logits):
+        assert torch.equal(logits, seen[index])
+
+
+def test_der_runs_and_ema_der_evaluates_the_same_trajectory(tmp_path):
+    derpp, _ = run_experiment(tmp_path / "derpp", "strategy=derpp")
+    ema_derpp, _ = run_experiment(tmp_path / "ema", "strategy=ema_derpp")
+    plain, _ = run_experiment(tmp_path / "plain", "strategy=plain")
+    for setting in ("class_il", "task_il"):
+        assert np.array_equal(derpp.matrices["live", setting], ema_derpp.matrices["live", setting])
+    assert derpp.metrics("live", 4)["avg_acc"] > plain.metrics("live", 4)["avg_acc"] + 0.5  # 0.91 against 0.20
+    assert ema_derpp.tracks == ["live", "ema_0.99"]

@@ -26,8 +26,10 @@ class Normalization:
 class TensorStore:
     """One split of a dataset on a device: ``inputs[i]`` is sample ``i`` (uint8 or float).
 
-    With ``permutations`` (P, D) the store is virtual and holds P·N samples: index ``p·N + i``
-    is sample ``i`` with its flattened pixels permuted by ``permutations[p]`` (permuted MNIST).
+    With ``pixel_maps`` (P, D), D the pixels of a sample, the store is virtual and holds P·N
+    samples: index ``p·N + i`` is sample ``i`` with pixel ``d`` of its flattened image taken from
+    pixel ``pixel_maps[p, d]`` of the stored one, or 0 where that is ``D``: a permutation (permuted
+    MNIST) or a rotation (rotated MNIST), applied in the gather.
     """
 
     def __init__(
@@ -35,13 +37,15 @@ class TensorStore:
         inputs: Tensor,
         targets: Tensor,
         norm: Normalization,
-        permutations: Tensor | None = None,
+        pixel_maps: Tensor | None = None,
     ) -> None:
         if inputs.dim() != 4:
             raise ValueError(f"inputs must be (N, C, H, W), got {tuple(inputs.shape)}")
         self.inputs = inputs
         self.base_targets = targets
-        self.permutations = permutations
+        self.pixel_maps = pixel_maps
+        # a map that fills some pixels with 0 (a rotation's corners) gathers from the image and a 0 after it
+        self._fills = pixel_maps is not None and bool((pixel_maps == pixel_maps.shape[1]).any())
         self.norm = norm
         channels = inputs.shape[1]
         self._mean = torch.tensor(norm.mean, dtype=torch.float32, device=inputs.device).view(1, channels, 1, 1)
@@ -57,35 +61,37 @@ class TensorStore:
         return self.inputs.shape[0]
 
     def __len__(self) -> int:
-        copies = 1 if self.permutations is None else self.permutations.shape[0]
+        copies = 1 if self.pixel_maps is None else self.pixel_maps.shape[0]
         return copies * self.num_base
 
     @property
     def targets(self) -> Tensor:
         """Labels of all (virtual) samples, on the CPU, for building Avalanche datasets."""
-        copies = 1 if self.permutations is None else self.permutations.shape[0]
+        copies = 1 if self.pixel_maps is None else self.pixel_maps.shape[0]
         return self.base_targets.cpu().repeat(copies)
 
     def to(self, device: torch.device) -> TensorStore:
-        perms = None if self.permutations is None else self.permutations.to(device)
-        return TensorStore(self.inputs.to(device), self.base_targets.to(device), self.norm, perms)
+        maps = None if self.pixel_maps is None else self.pixel_maps.to(device)
+        return TensorStore(self.inputs.to(device), self.base_targets.to(device), self.norm, maps)
 
-    def permuted(self, permutations: Tensor) -> TensorStore:
-        """The same samples, once per permutation of the flattened pixels."""
-        return TensorStore(self.inputs, self.base_targets, self.norm, permutations)
+    def remapped(self, pixel_maps: Tensor) -> TensorStore:
+        """The same samples, once per pixel map (see the class docstring)."""
+        return TensorStore(self.inputs, self.base_targets, self.norm, pixel_maps)
 
     def targets_at(self, index: Tensor) -> Tensor:
         """Labels of the samples at ``index``, on the device."""
         return self.base_targets[index.to(self.device) % self.num_base]
 
     def raw(self, index: Tensor) -> Tensor:
-        """Samples at ``index`` as stored (uint8 or float), permutation applied."""
+        """Samples at ``index`` as stored (uint8 or float), their pixel map applied."""
         index = index.to(self.device)
-        if self.permutations is None:
+        if self.pixel_maps is None:
             return self.inputs[index]
         base = self.inputs[index % self.num_base]
-        perm = self.permutations[index // self.num_base]
-        return base.flatten(1).gather(1, perm).view_as(base)
+        pixels = base.flatten(1)
+        if self._fills:
+            pixels = torch.cat([pixels, pixels.new_zeros(len(pixels), 1)], 1)
+        return pixels.gather(1, self.pixel_maps[index // self.num_base]).view_as(base)
 
     def normalize(self, raw: Tensor) -> Tensor:
         return (raw.float() * self._scale - self._mean) / self._std

@@ -97,10 +97,14 @@ def stream_from_stores(
         )
     else:
         if class_order is not None:
-            raise UserError("data.class_order: not used by the permuted scenario (every task has all classes)")
+            raise UserError(f"data.class_order: not used by the {scenario} scenario (every task has all classes)")
         order = list(range(num_classes))
-        perms = _permutations(n_tasks, int(np.prod(train.inputs.shape[1:])), seed, permute_first_task)
-        train, test = train.permuted(perms), test.permuted(perms)
+        shape = tuple(train.inputs.shape[1:])
+        if scenario == Scenario.permuted:
+            maps = _permutations(n_tasks, int(np.prod(shape)), seed, permute_first_task)
+        else:
+            maps = rotation_maps(task_angles(n_tasks, seed), shape)  # type: ignore[arg-type]
+        train, test = train.remapped(maps), test.remapped(maps)
         benchmark = with_classes_timeline(
             benchmark_from_datasets(
                 train=[_index_dataset(train, task) for task in range(n_tasks)],
@@ -156,8 +160,31 @@ def _permutations(n_tasks: int, size: int, seed: int, permute_first: bool) -> Te
     return torch.as_tensor(np.stack(perms), dtype=torch.long)
 
 
+def task_angles(n_tasks: int, seed: int) -> list[float]:
+    """Each task's rotation in degrees, uniform in [0, 180) and drawn from ``seed`` (Mammoth's rot-mnist
+    draws one per task from NumPy's unseeded global generator)."""
+    return [float(a) for a in np.random.RandomState(seed).uniform(0.0, 180.0, n_tasks)]
+
+
+def rotation_maps(angles: list[float], shape: tuple[int, int, int]) -> Tensor:
+    """Pixel maps (``TensorStore``) that rotate (C, H, W) images by each angle, counter-clockwise about
+    the centre, nearest neighbour, corners filled with 0: torchvision's ``rotate`` with its defaults,
+    which Mammoth applies (found by rotating an image of pixel numbers, exact up to 2²⁴ pixels)."""
+    from torchvision.transforms.functional import InterpolationMode, rotate
+
+    channels, height, width = shape
+    plane = height * width
+    numbers = torch.arange(1, plane + 1, dtype=torch.float32).view(1, height, width)
+    maps = []
+    for angle in angles:
+        source = rotate(numbers, angle, interpolation=InterpolationMode.NEAREST, fill=0).flatten().long() - 1
+        per_channel = [torch.where(source < 0, channels * plane, source + c * plane) for c in range(channels)]
+        maps.append(torch.cat(per_channel))
+    return torch.stack(maps)
+
+
 def _index_dataset(store: TensorStore, copy: int | None = None):
-    """Avalanche dataset of indices into ``store`` (one permuted copy, or all)."""
+    """Avalanche dataset of indices into ``store`` (one remapped copy, or all)."""
     if copy is None:
         index = torch.arange(len(store))
     else:

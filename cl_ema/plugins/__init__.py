@@ -107,6 +107,7 @@ class DeviceTemplate(Protocol):
     """What cl_ema's training template (``cl_ema.template.DeviceDataTemplate``) adds to Avalanche's strategy."""
 
     mb_replayed: int  # the mini-batch's last ``mb_replayed`` samples come from a replay memory
+    mb_index: Tensor  # the mini-batch's sample indices (the stored, unaugmented samples)
 
     def autocast(self) -> AbstractContextManager[None]:
         """The forward pass's precision (bf16 autocast, or nothing)."""

@@ -96,11 +96,12 @@ class ClassBalancedReplayPlugin(AvalancheReplayPlugin):
 
 
 class StreamReservoir:
-    """A reservoir sample of a stream of (sample index, label) pairs, on the training device.
+    """A reservoir sample of a stream of (sample index, label[, logits]) on the training device.
 
     ``add`` is Vitter's algorithm R over a batch at once; within a batch a slot drawn twice keeps
     the later sample, as adding the samples one by one would. Random numbers come from the
-    reservoir's own generator (seeded, saved in checkpoints), never from the training run's.
+    reservoir's own generator (seeded, saved in checkpoints), never from the training run's. With
+    ``logits`` (DER) each entry also keeps the model's outputs of the step it entered in.
     """
 
     def __init__(self, size: int, seed: int = 0) -> None:
@@ -109,23 +110,31 @@ class StreamReservoir:
         self.num_seen = 0
         self.index: Tensor | None = None
         self.labels: Tensor | None = None
+        self.logits: Tensor | None = None
         self._generator: torch.Generator | None = None
 
     @property
     def filled(self) -> int:
         return min(self.num_seen, self.size)
 
-    def _ensure(self, device: torch.device) -> torch.Generator:
-        if self.index is None:
-            self.index = torch.full((self.size,), -1, dtype=torch.long, device=device)
-            self.labels = torch.full((self.size,), -1, dtype=torch.long, device=device)
+    def _ensure(self, device: torch.device, logits: int = 0) -> torch.Generator:
+        try:
+            if self.index is None:
+                self.index = torch.full((self.size,), -1, dtype=torch.long, device=device)
+                self.labels = torch.full((self.size,), -1, dtype=torch.long, device=device)
+            if logits and self.logits is None:
+                self.logits = torch.zeros(self.size, logits, device=device)
+        except RuntimeError as err:  # the allocator's refusal
+            if "alloc" not in str(err).lower() and "out of memory" not in str(err).lower():
+                raise
+            raise MemoryError(f"a replay memory of {self.size:,} samples does not fit on {device}") from None
         if self._generator is None:
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
 
     @torch.no_grad()
-    def add(self, index: Tensor, labels: Tensor) -> None:
-        generator = self._ensure(index.device)
+    def add(self, index: Tensor, labels: Tensor, logits: Tensor | None = None) -> None:
+        generator = self._ensure(index.device, 0 if logits is None else logits.shape[1])
         n = len(index)
         seen = self.num_seen + torch.arange(n, device=index.device, dtype=torch.float64)  # samples before each
         draw = (torch.rand(n, generator=generator, device=index.device, dtype=torch.float64) * (seen + 1)).long()
@@ -138,15 +147,23 @@ class StreamReservoir:
         taken = winner >= 0
         self.index[taken] = index[winner[taken]]
         self.labels[taken] = labels[winner[taken]]
+        if logits is not None and self.logits is not None:
+            self.logits[taken] = logits[winner[taken]].to(self.logits.dtype)
         self.num_seen += n
 
-    def sample(self, count: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``min(count, filled)`` entries, uniformly without replacement."""
+    def slots(self, count: int, device: torch.device) -> Tensor:
+        """``min(count, filled)`` slots, uniformly without replacement (each draw independent of the last)."""
         if self.filled == 0:
-            empty = torch.empty(0, dtype=torch.long, device=device)
-            return empty, empty
+            return torch.empty(0, dtype=torch.long, device=device)
         generator = self._ensure(device)
-        pick = torch.randperm(self.filled, generator=generator, device=device)[: min(count, self.filled)]
+        return torch.randperm(self.filled, generator=generator, device=device)[: min(count, self.filled)]
+
+    def sample(self, count: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The sample indices and labels of ``min(count, filled)`` entries, uniformly without replacement."""
+        pick = self.slots(count, device)
+        if not len(pick):
+            return pick, pick
+        assert self.index is not None and self.labels is not None
         return self.index[pick], self.labels[pick]
 
     def state_dict(self) -> dict[str, Any]:
@@ -155,23 +172,32 @@ class StreamReservoir:
             "num_seen": self.num_seen,
             "index": None if self.index is None else self.index.cpu(),
             "labels": None if self.labels is None else self.labels.cpu(),
+            "logits": None if self.logits is None else self.logits.cpu(),
             "generator": None if self._generator is None else self._generator.get_state(),
             "device": None if self.index is None else str(self.index.device),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not {"size", "num_seen", "index", "labels", "generator", "device"} <= state.keys():
+        if not {"size", "num_seen", "index", "labels", "logits", "generator", "device"} <= state.keys():
             raise ValueError("the replay memory's state is incomplete")
         if state["size"] != self.size or not isinstance(state["num_seen"], int) or state["num_seen"] < 0:
             raise ValueError(f"a replay memory of size {state['size']} does not fit replay.mem_size={self.size}")
         self.num_seen = state["num_seen"]
         if state["index"] is None:
-            self.index = self.labels = self._generator = None
+            self.index = self.labels = self.logits = self._generator = None
             return
-        if state["index"].shape != (self.size,) or state["labels"].shape != (self.size,):
+        logits = state["logits"]
+        if (
+            state["index"].shape != (self.size,)
+            or state["labels"].shape != (self.size,)
+            or not (logits is None or (isinstance(logits, Tensor) and logits.dim() == 2 and len(logits) == self.size))
+        ):
             raise ValueError("the replay memory has the wrong shape")
+        if logits is not None and not bool(torch.isfinite(logits).all()):
+            raise ValueError("the replay memory's logits hold NaN or infinite values")
         device = torch.device(state["device"])
         self.index, self.labels = state["index"].to(device), state["labels"].to(device)
+        self.logits = None if logits is None else logits.to(device)
         self._generator = torch.Generator(device=device)
         self._generator.set_state(state["generator"])
 
