@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from cl_ema.config import CONFIG_DIR, check, plugin_nodes, record_choices, register_schema, unused_overrides
+from cl_ema.environment import is_main
 from cl_ema.errors import Interrupted, Refused, UserError, warn
 from cl_ema.plugins import LIVE
 from cl_ema.rundirs import release
@@ -43,7 +44,9 @@ def _run(cfg: DictConfig) -> float | None:
 
         results = run(cfg, Path(hydra_cfg.runtime.output_dir))
         return results.metrics(LIVE, results.tasks_done - 1)["avg_acc"]  # the objective for sweepers
-    except (UserError, OSError, OverflowError) as err:
+    except Exception as err:
+        if not user_error(err):
+            raise  # a bug: its traceback, in a single run and in a multirun alike
         message = describe(err)
         if hydra_cfg.mode != RunMode.MULTIRUN:
             release(Path(hydra_cfg.runtime.output_dir))  # refused before writing: leave no empty run folder
@@ -63,6 +66,14 @@ RENAMED = {
 }
 
 
+def user_error(err: BaseException) -> bool:
+    """Whether the user can act on ``err`` (bad input, a file, a resource): one line, exit 2. Anything
+    else is a bug, shown with its traceback (exit 1)."""
+    if isinstance(err, (UserError, HydraException, OmegaConfBaseException, OverflowError, MemoryError)):
+        return True  # (Hydra's MissingConfigException is an OSError too)
+    return isinstance(err, OSError) and err.filename is not None  # an OSError without a file: not the user's
+
+
 def describe(err: BaseException) -> str:
     """One line for an error a user can act on."""
     if isinstance(err, (HydraException, OmegaConfBaseException)):
@@ -73,6 +84,8 @@ def describe(err: BaseException) -> str:
         return str(err)
     if isinstance(err, OverflowError):
         return f"a value is too large for the computation ({err})"
+    if isinstance(err, MemoryError):
+        return f"not enough memory: {err}" if str(err) else "not enough memory"
     if isinstance(err, OSError):
         return f"{err.filename}: {err.strerror or type(err).__name__}"
     return one_line(err)
@@ -81,7 +94,7 @@ def describe(err: BaseException) -> str:
 def _fail(message: str, status: int = 2, said_by_main: bool = True) -> NoReturn:
     """``error: <message>``, exit ``status``. Under torchrun every process meets the same bad input
     (``said_by_main``): the main one says it, once; a file error may be a single process's own."""
-    if not said_by_main or int(os.environ.get("RANK", "0")) == 0:
+    if not said_by_main or is_main(strict=False):
         print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)
 
@@ -128,9 +141,8 @@ def main() -> None:
         interrupted(err)
     except Refused as err:
         _fail(str(err))
-    except (HydraException, OmegaConfBaseException, UserError, OSError, OverflowError) as err:
-        ours = isinstance(err, (HydraException, OmegaConfBaseException, UserError, OverflowError))
-        if user_wants_traceback or not (ours or err.filename is not None):  # an OSError without a file: a bug
+    except Exception as err:
+        if user_wants_traceback or not user_error(err):
             raise
         _fail(describe(err), said_by_main=not isinstance(err, OSError))
     summary = SWEEP.summary()

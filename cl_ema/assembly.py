@@ -41,7 +41,7 @@ from cl_ema.config import setting_id, to_container
 from cl_ema.continual_eval import ContinualEvalPlugin
 from cl_ema.data import TaskStream, build_stream
 from cl_ema.distributed import Processes
-from cl_ema.errors import UserError, warn
+from cl_ema.errors import UserError, first_line, warn
 from cl_ema.evaluation import evaluate
 from cl_ema.loggers import Loggers, RunInfo
 from cl_ema.models import build_model
@@ -198,7 +198,9 @@ def restore(
     try:
         model.load_state_dict(state["model"])  # copies in place: the averages' views stay valid
     except RuntimeError as err:  # missing, unexpected or misshapen tensors
-        raise UserError(f"{path}: the model's weights do not fit this model ({_first_line(err)})") from None
+        raise UserError(
+            f"{path}: the model's weights do not fit this model ({first_line(err, past_headings=True)})"
+        ) from None
     # Avalanche resets the optimizer on its first experience; do it now, then load the state
     strategy.make_optimizer(reset_optimizer_state=True)
     try:
@@ -215,22 +217,14 @@ def restore(
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
     except ValueError as err:  # the optimizer's or the results' own checks
-        raise UserError(f"{path}: does not fit this run ({_first_line(err)})") from None
+        raise UserError(f"{path}: does not fit this run ({first_line(err)})") from None
     strategy.clock.train_iterations = state["train_iterations"]
     try:
         checkpoint.set_rng_state(state["rng"])
         if stream.augment:
             stream.augment.set_state(state["rng"]["augment"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:  # the generators' own checks of their states
-        raise UserError(f"{path}: its random generator states are not readable ({_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    """The error's first informative line (torch's load_state_dict puts a heading line first)."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    while len(lines) > 1 and lines[0].endswith(":"):
-        lines.pop(0)
-    return lines[0][:300] if lines else type(err).__name__
+        raise UserError(f"{path}: its random generator states are not readable ({first_line(err)})") from None
 
 
 def build_loggers(

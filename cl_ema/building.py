@@ -25,7 +25,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cl_ema.errors import UserError
+from cl_ema.errors import UserError, first_line
 from cl_ema.options import OptionError
 
 _RESERVED = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
@@ -75,7 +75,7 @@ def _locate(path: Any, key: str) -> Callable:
     try:
         target = get_object(str(path))
     except Exception as err:  # noqa: BLE001 - import errors of any kind
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        detail = first_line(err)
         raise UserError(f"{key}._target_={path}: cannot import it ({detail})") from None
     if not callable(target):
         raise UserError(f"{key}._target_={path}: not a class or function")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cl_ema.config import LAST_CHECKPOINT, result_keys
-from cl_ema.errors import UserError, warn
+from cl_ema.errors import UserError, first_line, warn
 from cl_ema.files import atomic_write
 
 FORMAT = "cl_ema-checkpoint-3"
@@ -76,8 +76,9 @@ def load(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickle with code in it, not a torch file, …
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a readable cl_ema checkpoint (truncated or foreign file: {first[:200]})") from err
+        raise UserError(
+            f"{path}: not a readable cl_ema checkpoint (truncated or foreign file: {first_line(err)})"
+        ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise UserError(f"{path}: not a cl_ema checkpoint of this version (format {found!r}, expected {FORMAT})")

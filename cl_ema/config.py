@@ -142,9 +142,13 @@ class Config:
     # a run directory to continue, true: the newest run of this configuration, false/null: no resume
     resume: str | None = field(default=None, metadata=NEUTRAL)
     deterministic: bool = field(default=False, metadata=NEUTRAL)  # torch deterministic algorithms (CUDA)
+    # torch's CPU threads (null: OMP_NUM_THREADS, else the usable CPUs over the processes sharing them)
+    threads: int | None = field(default=None, metadata=NEUTRAL)
 
     def __post_init__(self) -> None:
         count("seed", self.seed, 0, SEED_LIMIT - 1)
+        if self.threads is not None:
+            count("threads", self.threads, 1, 4096)
 
 
 SCHEMA_KEYS = frozenset(f.name for f in dataclasses.fields(Config))

@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from cl_ema.errors import UserError
+from cl_ema.environment import local_rank, rank, world_size
+from cl_ema.errors import UserError, first_line
 
 T = TypeVar("T")
 
@@ -46,12 +47,15 @@ def from_environment() -> Processes:
 
         if submitit.JobEnvironment().num_tasks > 1:  # MASTER_ADDR/PORT, RANK, LOCAL_RANK, WORLD_SIZE
             TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    try:
-        return Processes(
-            int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    processes = Processes(rank(), local_rank(), world_size())
+    if processes.world_size > 1 and not os.environ.get("MASTER_ADDR"):
+        raise UserError(
+            f"WORLD_SIZE={processes.world_size} without MASTER_ADDR: start the processes with torchrun "
+            "(or a SLURM job of several tasks through hydra/launcher=slurm)"
         )
-    except ValueError as err:
-        raise UserError(f"RANK / LOCAL_RANK / WORLD_SIZE must be integers ({err})") from None
+    if processes.rank >= processes.world_size:
+        raise UserError(f"RANK={processes.rank}: must be below WORLD_SIZE={processes.world_size}")
+    return processes
 
 
 def start(processes: Processes, device: torch.device) -> torch.device:
@@ -72,20 +76,27 @@ def start(processes: Processes, device: torch.device) -> torch.device:
 
 
 def from_main(compute: Callable[[], T]) -> T:
-    """``compute()`` on the main process, its result on every process (a UserError there is raised
-    everywhere, so that no process waits for one that has stopped)."""
+    """``compute()`` on the main process, its result on every process. Whatever it raises there is
+    raised everywhere (a UserError as itself, anything else as a RuntimeError naming it), so that no
+    process waits for one that has stopped."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return compute()
     message: list[Any] = [None]
+    raised: BaseException | None = None
     if dist.get_rank() == 0:
         try:
             message = [("value", compute())]
-        except UserError as err:
-            message = [("error", str(err))]
+        except BaseException as err:  # noqa: BLE001 - told to the others, then raised here as it was
+            raised = err
+            message = [("user" if isinstance(err, UserError) else "bug", first_line(err, with_type=True))]
     dist.broadcast_object_list(message, src=0)
+    if raised is not None:
+        raise raised
     kind, payload = message[0]
-    if kind == "error":
-        raise UserError(payload)
+    if kind == "user":
+        raise UserError(payload.removeprefix("UserError: "))
+    if kind == "bug":
+        raise RuntimeError(f"the main process failed: {payload}")
     return payload
 
 

@@ -3,6 +3,19 @@
 import sys
 
 
+def first_line(err: BaseException, with_type: bool = False, past_headings: bool = False) -> str:
+    """The first line of an exception's message, for one-line reports; ``past_headings``: the first
+    informative one, past heading lines ending in ':' (torch's load_state_dict writes one);
+    ``with_type``: prefixed by the exception's class name."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    while past_headings and len(lines) > 1 and lines[0].endswith(":"):
+        lines.pop(0)
+    text = lines[0][:300] if lines else ""
+    if with_type:
+        return f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text or type(err).__name__
+
+
 def warn(message: str) -> None:
     """``warning: <message>`` on one line of stderr: something went wrong and the run goes on."""
     print(f"warning: {message}", file=sys.stderr, flush=True)

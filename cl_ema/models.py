@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from cl_ema.building import build
 from cl_ema.data import DataSpec
-from cl_ema.errors import UserError
+from cl_ema.errors import UserError, first_line
 from cl_ema.options import at_least, count, positive
 
 
@@ -265,9 +265,9 @@ def _timm_model(arch: str, pretrained: bool, num_classes: int) -> nn.Module:
         repo = (config.hf_hub_id if config is not None else None) or f"timm/{arch}"
         where = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
         raise UserError(
-            f"model.pretrained=true: cannot load timm's {arch} weights ({_first_line(err)}); put model.safetensors "
-            f"from https://huggingface.co/{repo} into {where}/snapshots/<revision>/ (on a machine with network: "
-            f"hf download {repo}, with HF_HUB_CACHE pointing there)"
+            f"model.pretrained=true: cannot load timm's {arch} weights ({first_line(err, with_type=True)}); put "
+            f"model.safetensors from https://huggingface.co/{repo} into {where}/snapshots/<revision>/ (on a machine "
+            f"with network: hf download {repo}, with HF_HUB_CACHE pointing there)"
         ) from None
     finally:
         hub_log.setLevel(level)
@@ -299,7 +299,7 @@ def _torchvision_model(arch: str, weights) -> nn.Module:
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise UserError(
             f"model.pretrained={weights.name}: cannot load torchvision's {arch} weights ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); download {weights.url} to {cache}"
+            f"{first_line(err)}); download {weights.url} to {cache}"
         ) from err
 
 
@@ -327,7 +327,7 @@ def build_model(node: DictConfig, spec: DataSpec) -> nn.Module:
         if not isinstance(err, MemoryError) and "alloc" not in str(err).lower():
             raise
         raise UserError(
-            f"model: {_size(options, spec)}, more than this machine's memory holds ({_first_line(err)})"
+            f"model: {_size(options, spec)}, more than this machine's memory holds ({first_line(err, with_type=True)})"
         ) from err
     if node.get("weights"):
         load_weights(model, Path(node.weights))
@@ -339,11 +339,6 @@ def _size(options: dict, spec: DataSpec) -> str:
     with torch.device("meta"):
         count = sum(p.numel() for p in build(options, "model", spec=spec).parameters())
     return f"{options['_target_']} with these options has {count:,} parameters ({4 * count / 2**30:.1f} GiB in fp32)"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
@@ -359,5 +354,5 @@ def load_weights(model: nn.Module, path: Path) -> None:
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
-        first = str(err).strip().splitlines()[0]
+        first = first_line(err, past_headings=True)
         raise UserError(f"model.weights={path}: does not fit model {type(model).__name__} ({first})") from err

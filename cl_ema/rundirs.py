@@ -29,7 +29,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
 from cl_ema.config import LAST_CHECKPOINT, resume_request
-from cl_ema.errors import Refused, UserError
+from cl_ema.environment import is_main
+from cl_ema.errors import Refused, UserError, first_line
 
 MARKER = ".cl_ema_run"
 _RUN_FILES = (MARKER, "results.json", str(LAST_CHECKPOINT), ".hydra", "config.yaml")
@@ -107,8 +108,7 @@ def _refuse_on_error(claim_in: Any, config: DictConfig) -> None:
     except UserError as err:
         raise Refused(str(err)) from None
     except Exception as err:  # noqa: BLE001 - anything else: refuse rather than share a folder
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise Refused(f"cannot claim the run folder ({type(err).__name__}: {detail})") from err
+        raise Refused(f"cannot claim the run folder ({first_line(err, with_type=True)})") from err
 
 
 class RunDirectories(Callback):
@@ -121,7 +121,7 @@ class RunDirectories(Callback):
         _refuse_on_error(self._claim_sweep, config)
 
     def _claim_run(self, config: DictConfig) -> None:
-        if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only the main process writes
+        if not is_main():  # torchrun: only the main process writes
             scratch = tempfile.mkdtemp(prefix="cl_ema_rank_")
             atexit.register(shutil.rmtree, scratch, True)
             with read_write(config.hydra), open_dict(config.hydra):

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cl_ema import checkpoint, distributed
@@ -14,6 +15,7 @@ from cl_ema.assembly import Run, assemble, steps_per_task
 from cl_ema.config import LAST_CHECKPOINT, resolve_device, resume_request, to_container
 from cl_ema.console import Console
 from cl_ema.continual_eval import stability_metrics
+from cl_ema.environment import torch_threads
 from cl_ema.errors import Interrupted, UserError
 from cl_ema.evaluation import evaluate
 from cl_ema.files import atomic_write
@@ -24,6 +26,7 @@ def run(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> Resul
     """Run the configured experiment, writing results into ``out_dir``; return the results."""
     processes = distributed.from_environment()
     console = console or Console(None if processes.main else open(os.devnull, "w"))  # noqa: SIM115
+    torch.set_num_threads(torch_threads(cfg.threads))
     device = distributed.start(processes, resolve_device(cfg.device))
     try:
         out_dir, state = resume_point(cfg, out_dir)

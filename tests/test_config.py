@@ -181,7 +181,7 @@ def test_data_root_comes_from_the_environment(monkeypatch, tmp_path):
 
 def test_keys_that_do_not_change_results_are_declared_once_and_read_by_all():
     assert set(NEUTRAL_KEYS) == {"resume", "device", "data.root", "data.download", "logger", "checkpoint",
-                                 "deterministic"}  # fmt: skip
+                                 "deterministic", "threads"}  # fmt: skip
     base = to_container(compose_config("strategy=ema", "ema.decay=0.9"))
     same = to_container(compose_config("strategy=ema", "ema.decay=0.9", "seed=3", "device=cpu", "logger=none",
                                        "resume=true", "checkpoint=false", "data.root=/x"))  # fmt: skip

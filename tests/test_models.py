@@ -76,7 +76,7 @@ def test_weights_from_a_state_dict_or_a_checkpoint(tmp_path):
     [
         (None, "no such file"),
         (b"not a checkpoint", "not a readable torch checkpoint"),
-        ("other", r"does not fit model MLP \(Error\(s\) in loading state_dict"),
+        ("other", r"does not fit model MLP \(size mismatch for features.1.weight"),
     ],
 )
 def test_bad_weights_are_one_clear_error(tmp_path, content, expected):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cl_ema.data.storage import Normalization, TensorStore
-from cl_ema.errors import UserError
+from cl_ema.errors import UserError, first_line
 from cl_ema.options import OptionError, count
 
 MNIST_NORM = Normalization(1 / 255, (0.1307,), (0.3081,))
@@ -105,7 +105,7 @@ def _torchvision(cls: Callable, name: str, root: Path, download: bool, *, train:
     try:
         return cls(root=str(root), train=train, download=download)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         if not download and "not found" in str(err).lower():
             raise UserError(
                 f"{name} {split} set not found in {root} and data.download=false: "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from cl_ema.errors import UserError, warn
+from cl_ema.errors import UserError, first_line, warn
 from cl_ema.metrics import SETTINGS, STEP, continual_key, per_task, task_key
 from cl_ema.results import Results
 
@@ -77,8 +77,7 @@ def eval_log(accuracies: Mapping[str, list[float]]) -> dict[str, float]:
 
 def warn_disabled(name: str, err: BaseException) -> None:
     """The one warning a failing logger gets (training goes on without it)."""
-    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    warn(f"logger {name} disabled ({type(err).__name__}: {detail}); local outputs are still written")
+    warn(f"logger {name} disabled ({first_line(err, with_type=True)}); local outputs are still written")
 
 
 class Loggers:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cl_ema.errors import first_line
 from cl_ema.loggers import RunInfo, eval_log, task_log
 from cl_ema.metrics import CONTINUAL, DIFF, SETTINGS, STEP, TRAIN_STEP, final_key
 from cl_ema.options import positive
@@ -103,7 +104,7 @@ class WandbLogger:
                 settings=wandb.Settings(quiet=True, silent=True, init_timeout=init_timeout),
             )
         except Exception as err:
-            raise RuntimeError(str(err).strip().splitlines()[0] if str(err).strip() else repr(err)) from None
+            raise RuntimeError(first_line(err)) from None
         self.run.define_metric(STEP)
         self.run.define_metric(TRAIN_STEP)
         for track in run.tracks:  # per-prefix step metrics: continual evaluation uses its own step
