@@ -4,7 +4,7 @@ PYTHON ?= python3
 UV := .tools/bin/uv
 VENV := .venv/bin
 
-.PHONY: setup run test test-all lint bench clean
+.PHONY: setup run test test-all lint bench bench-gpu clean
 
 setup: .venv/.synced
 
@@ -19,18 +19,25 @@ setup: .venv/.synced
 run: setup  ## the default experiment: split digits, live vs EMA
 	$(VENV)/python -m cl_ema $(ARGS)
 
+PYTEST := $(VENV)/python -m pytest -q -n auto --dist loadfile --durations=15
+
 test: setup  ## the test suite without the tests that start fresh Python processes (CPU), a worker per core
-	$(VENV)/python -m pytest -q -n auto --dist loadfile -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 test-all: setup  ## every test (what CI runs): torchrun, submitit, signals, concurrent runs too
-	$(VENV)/python -m pytest -q -n auto --dist loadfile $(ARGS)
+	$(PYTEST) $(ARGS)
 
-lint: setup
+lint: setup  ## ruff (lint and format) and mypy (types), as CI runs them
 	$(VENV)/ruff check cl_ema tests benchmarks
 	$(VENV)/ruff format --check cl_ema tests benchmarks
+	$(VENV)/mypy
 
 bench: setup  ## EMA update speed (see README, "Benchmarks")
 	$(VENV)/python benchmarks/ema_update.py $(ARGS)
 
-clean:
-	rm -rf .venv .tools outputs multirun wandb
+clean:  ## the environment and caches; never results (outputs/, multirun/, wandb/ stay)
+	rm -rf .venv .tools .pytest_cache .ruff_cache .mypy_cache dist build
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+bench-gpu: setup  ## every GPU measurement of the README in one go (< 8 min on a CUDA machine)
+	bash benchmarks/gpu.sh

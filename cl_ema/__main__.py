@@ -101,16 +101,18 @@ def _fail(message: str, status: int = 2, said_by_main: bool = True) -> NoReturn:
 
 def one_line(err: BaseException) -> str:
     """A Hydra / OmegaConf error and its cause on one line, without their diagnostic dumps."""
-    parts = []
-    while err is not None and len(parts) < 3:
-        if isinstance(err, OmegaConfBaseException) and getattr(err, "msg", None):
-            key = getattr(err, "full_key", None)
-            msg = err.msg.splitlines()[0]  # later lines repeat full_key / object types
-            parts.append(f"{key}: {msg}" if key else msg)
+    parts: list[str] = []
+    cause: BaseException | None = err
+    while cause is not None and len(parts) < 3:
+        message = getattr(cause, "msg", None) if isinstance(cause, OmegaConfBaseException) else None
+        if message:
+            key = getattr(cause, "full_key", None)
+            line = message.splitlines()[0]  # later lines repeat full_key / object types
+            parts.append(f"{key}: {line}" if key else line)
         else:
             # Hydra appends the config search path; the options before it are what matters.
-            parts.append(str(err).split("Config search path")[0])
-        err = err.__cause__
+            parts.append(str(cause).split("Config search path")[0])
+        cause = cause.__cause__
     return "; ".join(" ".join(p.split()).rstrip(".") for p in parts if p.strip())
 
 

@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,9 @@ def assemble(
     seed_everything(cfg.seed)  # model init does not depend on how the data was loaded
     model = build_model(cfg.model, stream.spec)
     # layout and device are final before an average links the weights into its flat buffer
-    model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
+    model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
     tracks = attach(plugins, model)
     if cfg.train.compile:
         compile_in_place(model)
@@ -239,9 +242,9 @@ def build_loggers(
     saved = (state or {}).get("loggers", {})
     return Loggers.start(
         {
-            name: lambda node=node, name=name: build(node, f"logger.{name}", run=info, resumed=saved.get(name))
+            name: partial(build, node, f"logger.{name}", run=info, resumed=saved.get(name))
             for name, node in cfg.logger.items()
-        }  # fmt: skip
+        }
     )
 
 

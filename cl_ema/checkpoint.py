@@ -41,7 +41,8 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
 
 def rng_state(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """States of Python's, NumPy's and torch's (CPU and CUDA) generators."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    assert isinstance(keys, np.ndarray)
     state = {
         "python": random.getstate(),
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,

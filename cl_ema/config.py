@@ -42,7 +42,7 @@ SEED_LIMIT = 2**32  # numpy's RandomState takes seeds below 2³²
 
 
 class Scenario(Choice):
-    split = "split"  # class-incremental: the classes are dealt out to the tasks
+    split = "split"  # type: ignore[assignment]  # class-incremental: the classes are dealt out to the tasks
     permuted = "permuted"  # every task has all classes, its own pixel permutation (domain-incremental)
     rotated = "rotated"  # every task has all classes, rotated by its own angle (domain-incremental)
 
@@ -301,7 +301,7 @@ def _unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> Iterator[
         if key not in hints:
             # at the top level, sections outside the schema are plugin nodes, or options of plugins not in this run
             if prefix or not isinstance(node[key], DictConfig):
-                yield f"{prefix}{key}"
+                yield f"{prefix}{key!s}"
         elif dataclasses.is_dataclass(hints[key]):
             yield from _unknown_keys(node[key], hints[key], f"{prefix}{key}.")
 

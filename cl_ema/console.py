@@ -5,8 +5,6 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-import numpy as np
-
 from cl_ema.metrics import ACC, METRICS, STABILITY_METRICS, TASK_IL_ACC
 from cl_ema.results import Results
 
@@ -28,8 +26,9 @@ class Console:
         for track in results.tracks:
             row = results.row(track, task)[: task + 1]
             cells = "".join(f"{100 * a:7.1f}" for a in row)
+            acc = results.metrics(track, task)[ACC.key]
             til = results.metrics(track, task, "task_il")[TASK_IL_ACC.key]
-            self.print(f"{track:<{width}}{cells}{100 * np.mean(row):8.1f}{100 * til:10.1f}")
+            self.print(f"{track:<{width}}{cells}{_cell(acc, 8, 1)}{_cell(til, 10, 1)}")
 
     def final(self, results: Results) -> None:
         last = results.tasks_done - 1
@@ -49,5 +48,5 @@ class Console:
                 self.print(f"{track:<{width}}" + "".join(_cell(values[m.key], 15) for m in STABILITY_METRICS))
 
 
-def _cell(value: float | None, width: int) -> str:
-    return f"{'-':>{width}}" if value is None else f"{100 * value:{width}.2f}"
+def _cell(value: float | None, width: int, digits: int = 2) -> str:
+    return f"{'-':>{width}}" if value is None else f"{100 * value:{width}.{digits}f}"

@@ -592,7 +592,7 @@ def _flat_alias(tensors: list[Tensor]) -> Tensor | None:
         if not same or tensor.storage_offset() != offset or not _is_dense(tensor):
             return None
         offset += tensor.numel()
-    return first.new_empty(0).set_(storage, start, (offset - start,))
+    return first.new_empty(0).set_(storage, start, (offset - start,))  # type: ignore[call-overload]
 
 
 def _is_dense(tensor: Tensor) -> bool:

@@ -68,4 +68,4 @@ def ties_merge(positive: Tensor, negative: Tensor, positives: Tensor, negatives:
 
 def election(positive: list[Tensor], negative: list[Tensor]) -> Tensor:
     """The sign TIES gives entries whose own sum is 0: that of the sum of every entry's elected sign."""
-    return torch.sign(sum(torch.sign(p + n).sum() for p, n in zip(positive, negative)))
+    return torch.sign(torch.stack([torch.sign(p + n).sum() for p, n in zip(positive, negative)]).sum())

@@ -135,6 +135,9 @@ class InputAdapter(nn.Module):
     Its constants are not state: non-persistent buffers, identical under any weight averaging.
     """
 
+    _scale: Tensor
+    _shift: Tensor
+
     def __init__(self, spec: DataSpec, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.size = size
@@ -234,14 +237,14 @@ class TimmClassifier(PretrainedClassifier):
     ) -> None:
         super().__init__()
         self.backbone = _timm_model(arch, pretrained, spec.num_classes)
-        config = self.backbone.pretrained_cfg
+        config: dict = self.backbone.pretrained_cfg  # type: ignore[assignment]
         size = input_size or config["input_size"][-1]
         mean, std = (config["mean"], config["std"]) if pretrained else (spec.norm.mean, spec.norm.std)
         self.adapter = InputAdapter(spec, size, mean, std)
         self._set_lr_scale(backbone_lr_scale)
 
     def head(self) -> nn.Module:
-        return self.backbone.get_classifier()
+        return self.backbone.get_classifier()  # type: ignore[operator]
 
 
 def _timm_model(arch: str, pretrained: bool, num_classes: int) -> nn.Module:
@@ -319,8 +322,10 @@ def build_model(node: DictConfig, spec: DataSpec) -> nn.Module:
     """The ``model`` section's model for ``spec`` (from its ``_target_``), starting from ``model.weights``."""
     for name in node:
         if OmegaConf.is_missing(node, name):
-            raise UserError(f"model.{name}: needs a value (set model.{name}=…)")
-    options = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "weights"}
+            raise UserError(f"model.{name!s}: needs a value (set model.{name!s}=…)")
+    container = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(container, dict)
+    options = {str(k): v for k, v in container.items() if k != "weights"}
     try:
         model = build(options, "model", spec=spec)
     except (RuntimeError, MemoryError) as err:  # the allocator's refusal

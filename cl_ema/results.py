@@ -98,7 +98,7 @@ class Results:
         tracks, done = saved.get("tracks"), saved.get("tasks_done")
         if not isinstance(tracks, dict) or list(tracks) != self.tracks or saved.get("num_tasks") != self.num_tasks:
             raise ValueError(f"tracks {list(tracks or [])} / {saved.get('num_tasks')} tasks do not match this run")
-        if not _is_count(done) or not 1 <= done <= self.num_tasks:
+        if not isinstance(done, int) or not _is_count(done) or not 1 <= done <= self.num_tasks:
             raise ValueError(f"tasks_done={done!r} is not a task count of this run")
         matrices = {}
         for track, entry in tracks.items():

@@ -80,8 +80,9 @@ def build_optimizer(node: DictConfig, model: nn.Module) -> torch.optim.Optimizer
     parameters; a model with ``param_groups(lr)`` (e.g. a slower backbone) gives its own groups."""
     make = build(node, "optimizer")
     params: Any = [p for p in model.parameters() if p.requires_grad]
-    if hasattr(model, "param_groups"):
-        params = model.param_groups(make.keywords.get("lr"))
+    param_groups = getattr(model, "param_groups", None)
+    if callable(param_groups):
+        params = param_groups(make.keywords.get("lr"))
     try:
         return make(params)
     except (ValueError, IndexError, TypeError) as err:  # torch.optim checks its own values (lr, betas, …)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,8 @@ class DeviceDataTemplate(SupervisedTemplate):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.world_size = world_size
         self.mb_replayed = 0
+        self.dataloader: Any = None  # Avalanche's loader of the experience, then IndexBatches over it
+        self.mbatch: Any = None
         self.mb_index = torch.empty(0, dtype=torch.long)  # the mini-batch's sample indices (this process's)
         self.mb_global_size = 0
 

@@ -7,6 +7,7 @@ import io
 import runpy
 import sys
 
+import pytest
 from helpers import ROOT
 
 
@@ -67,3 +68,18 @@ def test_paper_tables_script_on_generated_mnist(tmp_path):
     assert "| DER++ 500 |" in table and "(91.00" in table and "| DER 200 + EMA |" in table and ", Δ " in table
     assert "derpp's protocol with buffer 200: ER" in table and "cls_er's protocol with buffer 500" in table
     assert len(list((tmp_path / "out" / "seq_mnist").glob("*/seed1/results.json"))) == 9
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_check_runs_its_path_tiny_on_the_cpu(tmp_path):
+    """benchmarks/gpu.sh: on a CUDA machine every GPU measurement at once; here the same path, tiny."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "OUT": str(tmp_path), "PY": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout.split("| measurement | value |")[1]
+    for row in ("EMA update: flat lerp_ (floor)", "throughput (a) cl_ema + EMA", "(extrapolated)"):
+        assert row in table, row

@@ -64,7 +64,9 @@ def load_cifar100(root: Path, download: bool) -> tuple[TensorStore, TensorStore]
     return _cifar(CIFAR100, "CIFAR-100", CIFAR100_NORM, root, download)
 
 
-def _cifar(cls: Callable, name: str, norm: Normalization, root: Path, download: bool) -> tuple[TensorStore, ...]:
+def _cifar(
+    cls: Callable, name: str, norm: Normalization, root: Path, download: bool
+) -> tuple[TensorStore, TensorStore]:
     train, test = (_torchvision(cls, name, root, download, train=flag) for flag in (True, False))
     # torchvision keeps CIFAR as (N, 32, 32, 3) uint8; the models want channels first.
     return (

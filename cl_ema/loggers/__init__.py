@@ -57,16 +57,16 @@ class Logger(Protocol):
 
 def task_log(results: Results, task: int) -> dict[str, float]:
     """Everything logged after training ``task`` (0-based), by metric name (``cl_ema.metrics``)."""
-    row: dict[str, float] = {STEP: task + 1}
+    row: dict[str, float] = {STEP: float(task + 1)}
     for track in results.tracks:
         for setting in SETTINGS:
             for j, acc in enumerate(results.row(track, task, setting)[: task + 1]):
                 row[task_key(track, setting, per_task("acc", j))] = acc
             for j, value in enumerate(results.forgetting(track, task, setting)):
                 row[task_key(track, setting, per_task("forgetting", j))] = value
-            for name, value in results.metrics(track, task, setting).items():
-                if value is not None:
-                    row[task_key(track, setting, name)] = value
+            for name, metric in results.metrics(track, task, setting).items():
+                if metric is not None:
+                    row[task_key(track, setting, name)] = metric
     return row
 
 

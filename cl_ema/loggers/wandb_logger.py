@@ -40,8 +40,9 @@ def final_summary(results: Results) -> dict[str, float]:
                     if value is None:
                         continue
                     summary[final_key(label, name, setting)] = value
-                    if track != LIVE and live[name] is not None:
-                        summary[final_key(label, f"{DIFF}/{name}", setting)] = value - live[name]
+                    reference = live[name]
+                    if track != LIVE and reference is not None:
+                        summary[final_key(label, f"{DIFF}/{name}", setting)] = value - reference
             for name, value in results.stability.get(track, {}).items():
                 if isinstance(value, float):
                     summary[final_key(label, f"{CONTINUAL}/{name}")] = value
@@ -97,7 +98,7 @@ class WandbLogger:
                 name=run.name,
                 config={**run.config, "world_size": run.world_size},
                 dir=str(run.out_dir),
-                mode=resolve_mode(mode),
+                mode=resolve_mode(mode),  # type: ignore[arg-type]
                 reinit="finish_previous",  # one run per job under Hydra multirun
                 id=run_id,
                 resume="allow" if run_id else None,

@@ -126,6 +126,12 @@ class DeviceTemplate(Protocol):
         ...
 
 
+def needs_template(strategy: Any, why: str) -> None:
+    """A TypeError unless ``strategy`` is cl_ema's template (``why``: what the plugin needs of it)."""
+    if not isinstance(strategy, DeviceTemplate):
+        raise TypeError(f"{why}: it needs cl_ema's training template (cl_ema.template.DeviceDataTemplate)")
+
+
 def autocast(strategy: Any) -> AbstractContextManager[None]:
     """The strategy's forward-pass precision (a stock strategy: none)."""
     return strategy.autocast() if isinstance(strategy, DeviceTemplate) else nullcontext()

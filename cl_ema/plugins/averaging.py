@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from avalanche.core import SupervisedPlugin
@@ -22,7 +23,7 @@ from cl_ema.options import Choice, choice, choices, count, fraction, fractions, 
 from cl_ema.plugins import Track, number
 
 
-class AveragingPlugin(SupervisedPlugin, supports_distributed=True):
+class AveragingPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """What the averaging plugins share: an engine (``WeightAverages``) over the model, one shadow per
     rule of ``engine_rules()``, made by ``attach`` (in a stock strategy, in ``before_training``)."""
 
@@ -66,7 +67,7 @@ class Scope(Choice):
 
 
 @dataclass(eq=False)
-class MeanPlugin(AveragingPlugin, supports_distributed=True):
+class MeanPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """Means of the iterates (one per optimizer step, or every ``update_every``): one track for each
     of ``weightings`` × ``scopes``: ``swa`` (uniform over the stream: SWA, torch's AveragedModel),
     ``swa_task`` (uniform over the current task), ``swa_linear``, ``swa_quadratic`` (online_ema's
@@ -101,7 +102,7 @@ class MeanPlugin(AveragingPlugin, supports_distributed=True):
         engine = self.engine
         return [
             Track("swa" + ("" if w == Weighting.uniform else f"_{w}") + ("_task" if s == Scope.task else ""),
-                  lambda k=k: engine.swapped(k), "swa")
+                  partial(engine.swapped, k), "swa")
             for k, (w, s) in enumerate(self.means)
         ]  # fmt: skip
 
@@ -112,7 +113,7 @@ class Anchor(Choice):
 
 
 @dataclass(eq=False)
-class InterpolationPlugin(AveragingPlugin, supports_distributed=True):
+class InterpolationPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """WiSE-FT's interpolation ``(1 − α) · θ_anchor + α · θ`` for each anchor and each α in ``alphas``:
     tracks ``wise_init_<α>`` and ``wise_prev_task_<α>`` (the evaluation-only counterpart of CoMA)."""
 
@@ -135,7 +136,7 @@ class InterpolationPlugin(AveragingPlugin, supports_distributed=True):
 
     def tracks(self) -> list[Track]:
         return [
-            Track(f"wise_{anchor}_{number(alpha)}", lambda k=k, a=alpha: self._interpolated(k, a), "wise")
+            Track(f"wise_{anchor}_{number(alpha)}", partial(self._interpolated, k, alpha), "wise")
             for k, anchor in enumerate(self.anchors)
             for alpha in self.alphas
         ]
@@ -151,7 +152,7 @@ class Merge(Choice):
 
 
 @dataclass(eq=False)
-class MergePlugin(AveragingPlugin, supports_distributed=True):
+class MergePlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """Merges of the task vectors ``τ_i = θ_i − θ_0`` at the end of each task (``cl_ema.merging``):
     tracks ``merge_mean``, ``magmax`` (scale ``magmax_scale``, MagMax's 0.5) and ``ties`` (the
     ``ties_keep`` fraction of each τ kept, scale ``ties_scale``: MagMax's run of TIES, 0.2 and 0.55).
@@ -201,13 +202,13 @@ class MergePlugin(AveragingPlugin, supports_distributed=True):
                 magmax_step(largest, vector)
         if Merge.ties in self.merges:
             rows = [self._rows(name) for name in self.ROWS[Merge.ties]]
-            for *sums, trimmed in zip(*rows, trim(vectors, self.ties_keep)):
-                ties_step(*sums, trimmed)
+            for positive, negative, positives, negatives, trimmed in zip(*rows, trim(vectors, self.ties_keep)):
+                ties_step(positive, negative, positives, negatives, trimmed)
         self.tasks += 1
 
     def tracks(self) -> list[Track]:
         names = {Merge.mean: "merge_mean", Merge.magmax: "magmax", Merge.ties: "ties"}
-        return [Track(names[merge], lambda m=merge: self._merged(m), str(merge)) for merge in self.merges]
+        return [Track(names[merge], partial(self._merged, merge), str(merge)) for merge in self.merges]
 
     def _merged(self, merge: Merge) -> AbstractContextManager[None]:
         start, r = self.row["start"], self.row
@@ -217,9 +218,9 @@ class MergePlugin(AveragingPlugin, supports_distributed=True):
         if merge == Merge.magmax:
             return self.engine.swapped_to(lambda s, live: s[start] + self.magmax_scale * s[r["largest"]])
         majority = election(self._rows("positive"), self._rows("negative"))
-        ties = [r[name] for name in self.ROWS[Merge.ties]]
+        p, n, cp, cn = (r[name] for name in self.ROWS[Merge.ties])
         return self.engine.swapped_to(
-            lambda s, live: s[start] + self.ties_scale * ties_merge(*(s[k] for k in ties), majority)
+            lambda s, live: s[start] + self.ties_scale * ties_merge(s[p], s[n], s[cp], s[cn], majority)
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -229,5 +230,5 @@ class MergePlugin(AveragingPlugin, supports_distributed=True):
         tasks = state.get("tasks")
         if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 0:
             raise ValueError(f"the merges' task count {tasks!r} is not a count")
-        self.engine.load_state_dict(state.get("averages"))
+        self.engine.load_state_dict(state.get("averages") or {})
         self.tasks = tasks

@@ -31,6 +31,7 @@ whole batch (the same outputs without BatchNorm).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,14 +40,14 @@ from torch import Tensor
 
 from cl_ema.ema import Rule, StochasticEMARule
 from cl_ema.options import at_least, fraction
-from cl_ema.plugins import DeviceTemplate, Track
+from cl_ema.plugins import Track, needs_template
 from cl_ema.plugins.averaging import AveragingPlugin
 
 TEACHERS = ("plastic", "stable")
 
 
 @dataclass(eq=False)
-class CLSERPlugin(AveragingPlugin, supports_distributed=True):
+class CLSERPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """CLS-ER's plastic and stable EMA teachers; needs cl_ema's template (the replayed part of each batch)."""
 
     reg_weight: float = 0.1  # λ of the consistency loss
@@ -72,7 +73,7 @@ class CLSERPlugin(AveragingPlugin, supports_distributed=True):
     def tracks(self) -> list[Track]:
         engine = self.engine
         return [
-            Track(f"ema_{name}", lambda k=k: engine.swapped(k), "stochastic_ema", rule.decay, rule.horizon)
+            Track(f"ema_{name}", partial(engine.swapped, k), "stochastic_ema", rule.decay, rule.horizon)
             for k, (name, rule) in enumerate(zip(TEACHERS, engine.rules))
             if isinstance(rule, StochasticEMARule)
         ]
@@ -80,8 +81,7 @@ class CLSERPlugin(AveragingPlugin, supports_distributed=True):
     def before_forward(self, strategy, **kwargs) -> None:
         # the teachers run before the live forward pass: swapping their weights in afterwards would
         # modify tensors the backward pass needs
-        if not isinstance(strategy, DeviceTemplate):
-            raise TypeError("CLSERPlugin needs cl_ema's training template (it reads the replayed part of each batch)")
+        needs_template(strategy, "CLSERPlugin reads the replayed part of each batch")
         replayed = strategy.mb_replayed
         self._teacher_logits = None
         if replayed == 0 or self.reg_weight == 0:
@@ -93,7 +93,7 @@ class CLSERPlugin(AveragingPlugin, supports_distributed=True):
             for k in range(len(TEACHERS)):
                 with engine.swapped(k):
                     logits.append(engine.model(inputs).float())
-        self._teacher_logits = choose_teacher(*logits, labels)
+        self._teacher_logits = choose_teacher(logits[0], logits[1], labels)
 
     def before_backward(self, strategy, **kwargs) -> None:
         if self._teacher_logits is None:

@@ -31,14 +31,14 @@ from torch import Tensor, nn
 
 from cl_ema.ema import Buffers, Frozen, Rule
 from cl_ema.options import choice, fraction, positive
-from cl_ema.plugins import DeviceTemplate, autocast
+from cl_ema.plugins import autocast, needs_template
 from cl_ema.plugins.averaging import AveragingPlugin
 
 MERGED, FISHER = 0, 1  # shadow rows: θ*_{t−1}, and F_{t−1} for CoFiMA
 
 
 @dataclass(eq=False)
-class CoMAPlugin(AveragingPlugin, supports_distributed=True):
+class CoMAPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """CoMA (``fisher=false``) or CoFiMA (``fisher=true``); ``weight``: λ, the new task's share."""
 
     weight: float = 0.5
@@ -98,8 +98,7 @@ class CoMAPlugin(AveragingPlugin, supports_distributed=True):
     @torch.enable_grad()
     def _fisher(self, strategy) -> list[Tensor]:
         """The diagonal Fisher of the live weights on this task's training batches (their getFisherDiagonal)."""
-        if not isinstance(strategy, DeviceTemplate):
-            raise TypeError("CoFiMA's Fisher needs cl_ema's training template (its batches of this task)")
+        needs_template(strategy, "CoFiMA's Fisher is estimated on the task's training batches")
         model, engine = strategy.model, self.engine
         total = [torch.zeros_like(row) for row in engine.shadow_rows(MERGED)]
         batches = 0
@@ -122,7 +121,7 @@ class CoMAPlugin(AveragingPlugin, supports_distributed=True):
         tasks, seen = state.get("tasks"), state.get("seen_classes")
         if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 0 or not isinstance(seen, list):
             raise ValueError("the merge's task count or seen classes are not readable")
-        self.engine.load_state_dict(state.get("averages"))
+        self.engine.load_state_dict(state.get("averages") or {})
         self.tasks, self.seen_classes = tasks, {int(c) for c in seen}
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 
 from cl_ema.options import at_least, count
-from cl_ema.plugins import DeviceTemplate, autocast
+from cl_ema.plugins import autocast, needs_template
 from cl_ema.plugins.replay import StreamReservoir
 
 
@@ -50,20 +50,22 @@ class DERPlugin(SupervisedPlugin):
         self.memory = StreamReservoir(self.mem_size, self.seed)
 
     def before_backward(self, strategy, **kwargs) -> None:
-        if not isinstance(strategy, DeviceTemplate):
-            raise TypeError("DERPlugin needs cl_ema's training template (it stores the batches' sample indices)")
-        if self.memory.filled == 0:
+        needs_template(strategy, "DERPlugin stores the batches' sample indices")
+        memory = self.memory
+        if memory.filled == 0:
             return
+        assert memory.index is not None and memory.labels is not None and memory.logits is not None
         size = self.batch_size_mem or strategy.train_mb_size
-        slots = self.memory.slots(size, strategy.device)
-        strategy.loss += self.alpha * F.mse_loss(self._outputs(strategy, slots), self.memory.logits[slots])
+        slots = memory.slots(size, strategy.device)
+        strategy.loss += self.alpha * F.mse_loss(self._outputs(strategy, memory.index[slots]), memory.logits[slots])
         if self.beta:
-            slots = self.memory.slots(size, strategy.device)  # a second, independent draw
-            strategy.loss += self.beta * F.cross_entropy(self._outputs(strategy, slots), self.memory.labels[slots])
+            slots = memory.slots(size, strategy.device)  # a second, independent draw
+            outputs = self._outputs(strategy, memory.index[slots])
+            strategy.loss += self.beta * F.cross_entropy(outputs, memory.labels[slots])
 
-    def _outputs(self, strategy: Any, slots: torch.Tensor) -> torch.Tensor:
+    def _outputs(self, strategy: Any, index: torch.Tensor) -> torch.Tensor:
         with autocast(strategy):
-            return strategy.model(strategy.inputs(self.memory.index[slots])).float()
+            return strategy.model(strategy.inputs(index)).float()
 
     def after_training_iteration(self, strategy, **kwargs) -> None:
         self.memory.add(strategy.mb_index, strategy.mb_y, strategy.mb_output.detach().float())

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from functools import partial
 
 from torch import Tensor
 
@@ -23,7 +24,7 @@ class Sync(Choice):
 
 
 @dataclass(eq=False)
-class EMAPlugin(EMAOptions, AveragingPlugin, supports_distributed=True):
+class EMAPlugin(EMAOptions, AveragingPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """EMA shadows of the model, one per decay; the engine's options (``EMAOptions``) and these:
 
     ``decay`` (one shadow), or ``decays`` (several), or ``horizons`` (in units of the first task's
@@ -110,7 +111,7 @@ class EMAPlugin(EMAOptions, AveragingPlugin, supports_distributed=True):
 
     def tracks(self) -> list[Track]:
         return [
-            Track(ema_name(rule.decay, horizon=h, schedule=str(self.schedule)), lambda k=k: self._swapped(k), "ema",
+            Track(ema_name(rule.decay, horizon=h, schedule=str(self.schedule)), partial(self._swapped, k), "ema",
                   rule.decay, rule.horizon)
             for k, (rule, h) in enumerate(zip(self.engine.rules, self.horizon_tasks))
             if isinstance(rule, EMARule)

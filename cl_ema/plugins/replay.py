@@ -145,6 +145,7 @@ class StreamReservoir:
         winner = torch.full((self.size,), -1, dtype=torch.long, device=index.device)
         winner.scatter_reduce_(0, slot, position, reduce="amax")
         taken = winner >= 0
+        assert self.index is not None and self.labels is not None
         self.index[taken] = index[winner[taken]]
         self.labels[taken] = labels[winner[taken]]
         if logits is not None and self.logits is not None:
@@ -233,7 +234,7 @@ class ReplayedBatches(DeviceBatches):
             )
 
 
-class ReservoirReplayPlugin(SupervisedPlugin, supports_distributed=True):
+class ReservoirReplayPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """Mammoth's experience replay: a reservoir over the stream, replayed from the second step on."""
 
     def __init__(self, mem_size: int = 200, batch_size_mem: int | None = None, seed: int = 0) -> None:
@@ -249,7 +250,8 @@ class ReservoirReplayPlugin(SupervisedPlugin, supports_distributed=True):
         strategy.dataloader = self._batches
 
     def after_training_iteration(self, strategy, **kwargs) -> None:
-        batch = self._batches.last  # the whole global batch, so every process keeps the same memory
+        batch = self._batches.last if self._batches else None  # the whole global batch: every process alike
+        assert batch is not None, "after_training_iteration before the experience's first batch"
         self.memory.add(batch[0], batch[1])
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from avalanche.core import SupervisedPlugin
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from cl_ema.errors import UserError
 
 
-class FiniteLossPlugin(SupervisedPlugin, supports_distributed=True):
+class FiniteLossPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """Stops the run when the loss becomes NaN or infinite, naming the task and step.
 
     The first non-finite step is tracked on the device (no synchronization per step) and read
@@ -22,8 +23,8 @@ class FiniteLossPlugin(SupervisedPlugin, supports_distributed=True):
     def __init__(self, check_every: int = 1) -> None:
         super().__init__()
         self.check_every = check_every
-        self._step: Tensor | None = None
-        self._first_bad: Tensor | None = None
+        self._step = torch.zeros((), dtype=torch.long)
+        self._first_bad = torch.full((), -1, dtype=torch.long)
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         device = strategy.device
@@ -51,7 +52,7 @@ class FiniteLossPlugin(SupervisedPlugin, supports_distributed=True):
             )
 
 
-class LRStepsPlugin(SupervisedPlugin, supports_distributed=True):
+class LRStepsPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """Multiplies every learning rate by ``gamma`` after each epoch in ``milestones`` of a task.
 
     Each task starts again from the learning rates the optimizer was built with, as a MultiStepLR
@@ -79,7 +80,7 @@ class LRStepsPlugin(SupervisedPlugin, supports_distributed=True):
                 group["lr"] *= self.gamma
 
 
-class ProgressBarPlugin(SupervisedPlugin, supports_distributed=True):
+class ProgressBarPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """One tqdm bar per training epoch, with the running loss (read every ``refresh`` steps)."""
 
     stateless = True
@@ -88,7 +89,7 @@ class ProgressBarPlugin(SupervisedPlugin, supports_distributed=True):
         super().__init__()
         self.refresh = refresh
         self.enabled = enabled
-        self._bar: tqdm | None = None
+        self._bar: Any = None  # tqdm's bar of the epoch
 
     def before_training_epoch(self, strategy, **kwargs) -> None:
         exp = strategy.experience.current_experience
