@@ -140,7 +140,12 @@ def resume_from(request: Path | bool, out_dir: Path, config: dict) -> tuple[Path
         key=lambda p: (p / LAST_CHECKPOINT).stat().st_mtime,
         reverse=True,
     )
+    from cl_ema.rundirs import still_running
+
     for run_dir in candidates:
+        if still_running(run_dir) is not None:
+            warn(f"resume=true: skipping {run_dir} (its run is still training)")
+            continue
         try:
             state = load(run_dir / LAST_CHECKPOINT)
         except UserError as err:

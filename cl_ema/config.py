@@ -67,7 +67,7 @@ class DataConfig:
     class_order: list[int] | None = None  # split: None draws a permutation from `seed`
     permute_first_task: bool = False  # permuted: False keeps task 1 unpermuted (van de Ven), Mammoth permutes all
     augment: bool = False  # random crop (pad 4) + horizontal flip, on the device
-    root: str | None = field(default=None, metadata=NEUTRAL)  # None: $CL_EMA_DATA, else the user cache dir
+    root: str | None = None  # None: $CL_EMA_DATA, else the user cache dir (another folder may hold other data)
     download: bool = field(default=True, metadata=NEUTRAL)
 
     def __post_init__(self) -> None:
@@ -265,7 +265,11 @@ def check(cfg: DictConfig) -> Config:
         )
     resume = resume_request(cfg.resume)
     if isinstance(resume, Path) and not (resume / LAST_CHECKPOINT).is_file():
-        raise UserError(f"resume={cfg.resume}: no {LAST_CHECKPOINT} in that directory")
+        from cl_ema.rundirs import restartable
+
+        if not restartable(resume):
+            raise UserError(f"resume={cfg.resume}: no {LAST_CHECKPOINT} in that directory (and no run of cl_ema "
+                            "that finished no task, which would start again there)")  # fmt: skip
     resolve_device(cfg.device)  # it imports torch
     from cl_ema.strategies import build_plugins  # last: it imports the plugins' code (Avalanche)
 

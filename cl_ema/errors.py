@@ -30,18 +30,29 @@ class UserError(Exception):
 
 
 class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt, which it stands beside
-    """The run was stopped by a signal (SIGINT / SIGTERM). A BaseException, as KeyboardInterrupt is,
+    """The run was stopped by a signal (SIGINT, SIGTERM, SIGHUP, SIGUSR1/2). A BaseException, as KeyboardInterrupt is,
     so that no ``except Exception`` on the way (Hydra's, a logger's) takes it for a failure."""
 
-    def __init__(self, signal_name: str, run_dir: str | None = None, tasks_done: int | None = None) -> None:
+    def __init__(
+        self,
+        signal_name: str,
+        run_dir: str | None = None,
+        tasks_done: int = 0,
+        resumable: bool = False,
+        completed: bool = False,
+    ) -> None:
         super().__init__(signal_name)
         self.signal_name = signal_name
         self.run_dir = run_dir
         self.tasks_done = tasks_done
+        self.resumable = resumable  # a checkpoint of its last finished task is there
+        self.completed = completed  # stopped after its last task, while the loggers finished
 
     @property
     def exit_status(self) -> int:
-        return 130 if self.signal_name == "SIGINT" else 143  # 128 + the signal number
+        import signal
+
+        return 128 + int(getattr(signal, self.signal_name, signal.SIGTERM))  # the shell's convention
 
 
 class Refused(BaseException):  # noqa: N818

@@ -26,7 +26,7 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-_CAUSES = {
+WRITE_CAUSES = {
     errno.ENOSPC: "no space left on the device",
     errno.EDQUOT: "disk quota exceeded",
     errno.EFBIG: "file too large (a file-size limit, e.g. ulimit -f)",
@@ -41,7 +41,7 @@ _CAUSES = {
 def write_error(err: OSError, path: Path | str | None = None) -> UserError:
     """One line naming the file and the cause of a failed write."""
     where = path if path is not None else (err.filename or "a file")
-    cause = _CAUSES.get(err.errno or -1, err.strerror or type(err).__name__)
+    cause = WRITE_CAUSES.get(err.errno or -1, err.strerror or type(err).__name__)
     return UserError(f"cannot write {where}: {cause}; files written before are kept")
 
 

@@ -42,7 +42,9 @@ class Run:
 
     @property
     def setting(self) -> tuple[tuple[str, str], ...]:
-        return (("tracks", json.dumps(self.tracks)), *sorted(setting(self.data.get("config", {})).items()))
+        """Runs average over seeds when they agree on this: tracks, task count and every result key."""
+        shape = (("tracks", json.dumps(self.tracks)), ("num_tasks", json.dumps(self.data["num_tasks"])))
+        return (*shape, *sorted(setting(self.data.get("config", {})).items()))
 
     def horizon(self, track: str) -> float | None:
         """Optimizer steps an EMA track averages over (from its record, or its name for older runs)."""
@@ -68,25 +70,50 @@ class Setting:
         return self.runs[0].tracks
 
 
+def _number(value: Any, low: float = -1.0, high: float = 1.0) -> bool:
+    """A finite number in [low, high]: accuracies and their differences (forgetting, BWT, FWT) lie in [-1, 1]."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (low <= value <= high)
+    )
+
+
 def check_shape(data: Any) -> None:
-    """Raise ValueError unless ``data`` is shaped like a cl_ema results.json."""
+    """Raise ValueError unless ``data`` is shaped like a cl_ema results.json, its values in their ranges."""
     if not isinstance(data, dict) or not isinstance(data.get("tracks"), dict) or not data["tracks"]:
         raise ValueError("no tracks")
     num_tasks, done = data.get("num_tasks"), data.get("tasks_done")
     if not (isinstance(num_tasks, int) and isinstance(done, int) and 0 <= done <= num_tasks):
         raise ValueError("task counts")
+    if data.get("status") == "completed" and done != num_tasks:
+        raise ValueError(f"completed after {done} of {num_tasks} tasks")
     if not isinstance(data.get("config", {}), dict):
         raise ValueError("config")
-    for entry in data["tracks"].values():
+    for track, entry in data["tracks"].items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"track {track}")
         for setting_name in SETTINGS:
             values = entry if setting_name == "class_il" else entry.get(setting_name)
-            matrix = np.array((values or {}).get("acc_matrix"), dtype=float)
-            if matrix.shape != (num_tasks, num_tasks):
-                raise ValueError("accuracy matrix")
+            if not isinstance(values, dict):
+                raise ValueError(f"{track} {setting_name}")
+            matrix = np.array(values.get("acc_matrix"), dtype=float)
+            if matrix.shape != (num_tasks, num_tasks) or not ((matrix[:done] >= 0) & (matrix[:done] <= 1)).all():
+                raise ValueError(f"{track} accuracy matrix (shape {matrix.shape}, or values outside [0, 1])")
             for metric in METRICS:
                 value = values.get(metric.key)
-                if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
-                    raise ValueError(f"{metric.key}={value!r}")
+                if value is not None and not _number(value):
+                    raise ValueError(f"{track} {metric.key}={value!r}")
+        stability = entry.get("stability", {})
+        if not isinstance(stability, dict) or not all(
+            stability.get(m.key) is None or _number(stability.get(m.key)) for m in STABILITY_METRICS
+        ):
+            raise ValueError(f"{track} stability")
+    for track, info in (data.get("track_info") or {}).items():
+        horizon = info.get("horizon") if isinstance(info, dict) else "?"
+        if horizon is not None and not _number(horizon, 0.0, math.inf):
+            raise ValueError(f"{track} horizon={horizon!r}")
     if not isinstance(data.get("seed", 0), int):
         raise ValueError("seed")
 
@@ -100,6 +127,9 @@ def collect(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         raise UserError(f"{root}: no results.json below this directory (point at an outputs/ or multirun/ folder)")
     completed, skipped = [], []
     for path in files:
+        if not path.is_file():  # a folder, a FIFO (reading it would wait forever), a device
+            skipped.append((path, "unreadable (not a regular file)"))
+            continue
         try:
             data, mtime = json.loads(path.read_text()), path.stat().st_mtime
             check_shape(data)
@@ -391,8 +421,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("root", type=Path, help="a run, outputs/ or multirun/ directory")
     parser.add_argument("--out", type=Path, help="where to write report.md and plots (default: <root>/report)")
     args = parser.parse_args(argv)
+    out = args.out or args.root / "report"
     try:
-        path = write_report(args.root, args.out or args.root / "report")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out}: is a file, not a folder")
+        path = write_report(args.root, out)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -152,7 +152,8 @@ def save_outputs(results: Results, out_dir: Path, curves: dict[str, Curve] | Non
     """results.json and the continual-evaluation curves; at the end of the run (``final``) also one CSV per
     track and setting and the figures, which only repeat results.json (rendering twenty tracks' heatmaps
     after every task would cost more than evaluating them)."""
-    atomic_write(out_dir / "results.json", json.dumps(results.to_dict(), indent=2) + "\n")
+    # strict JSON: no NaN or Infinity, which strict parsers refuse
+    atomic_write(out_dir / "results.json", json.dumps(results.to_dict(), indent=2, allow_nan=False) + "\n")
     if curves:
         atomic_write(out_dir / "continual_eval.json", json.dumps({t: c.to_dict() for t, c in curves.items()}) + "\n")
     if not final:

@@ -11,15 +11,22 @@ A Hydra callback, run before Hydra creates the run folder or writes its ``.hydra
 - under ``torchrun`` only the main process claims and writes; the others run in a temporary
   folder that nothing is written to and that is removed when they end;
 - a run refused before it wrote anything of its own (a value only its code can check, such as a
-  model that does not fit the data) gives back what the claim made: ``release``.
+  model that does not fit the data) gives back what the claim made: ``release``;
+- the marker names its owner (process and host; for a multirun job, its sweep and number): a job
+  requeued after preemption or a time limit, or a sweep resumed with ``resume=true``, finds its
+  own folder and continues there (``claim_job``); a job whose folder another job of the sweep owns
+  (``hydra.sweep.subdir`` giving two jobs one folder) is refused and the other job's files are
+  kept; ``resume=`` refuses a folder whose run is still training on this host.
 """
 
 from __future__ import annotations
 
 import atexit
 import copy
+import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
 
 from cl_ema.config import LAST_CHECKPOINT, resume_request
 from cl_ema.environment import is_main
@@ -42,8 +50,66 @@ def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in _RUN_FILES)
 
 
-def claim(folder: Path, *, given: bool, key: str) -> Path:
+def me(**job: Any) -> dict[str, Any]:
+    """This process as a folder's owner: process, host, and (multirun) the job's sweep and number."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), **job}
+
+
+def owner(folder: Path) -> dict[str, Any]:
+    """Who claimed ``folder`` (empty: nobody, or a marker of an earlier version)."""
+    try:
+        data = json.loads((folder / MARKER).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def still_running(folder: Path) -> int | None:
+    """The process of this host that owns ``folder`` and is still alive (None: none that we can see)."""
+    found = owner(folder)
+    pid = found.get("pid")
+    if found.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return pid
+    return pid
+
+
+def take_over(folder: Path, **job: Any) -> None:
+    """Make this process the owner of ``folder`` (a run it resumes); refused while the owner still runs."""
+    pid = still_running(folder)
+    if pid is not None:
+        raise UserError(
+            f"{folder}: its run is still training (process {pid} on this host); wait for it to end or stop it "
+            "before resuming it, so that two runs never write into one folder"
+        )
+    _write_owner(folder, {**owner(folder), **job, **me()})
+
+
+def _write_owner(folder: Path, who: dict[str, Any]) -> None:
+    from cl_ema.files import atomic_write
+
+    atomic_write(folder / MARKER, json.dumps(who) + "\n")
+
+
+def _check_folder(folder: Path, key: str) -> None:
+    text = str(folder)
+    if not text or text == ".":
+        raise UserError(f"{key} is empty: give the folder the run writes to")
+    if folder.is_symlink() and not folder.exists():
+        raise UserError(f"{key}={folder}: a broken symbolic link (to {os.readlink(folder)})")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{key}={folder}: not a folder")
+
+
+def claim(folder: Path, *, given: bool, key: str, **job: Any) -> Path:
     """``folder``, or the first free ``folder_N`` if the default pattern collides, claimed for this run."""
+    folder = folder.expanduser()
+    _check_folder(folder, key)
     for attempt in range(10_000):
         candidate = folder if attempt == 0 else folder.with_name(f"{folder.name}_{attempt}")
         if holds_run(candidate):
@@ -56,16 +122,66 @@ def claim(folder: Path, *, given: bool, key: str) -> Path:
         missing = [p for p in (candidate, *candidate.parents) if not p.exists()]
         try:
             candidate.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(candidate / MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            descriptor = os.open(candidate / MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:  # another run claimed it between our check and our claim
             if given:
                 raise UserError(f"{key}={folder}: another run is writing into that folder") from None
             continue
         except OSError as err:
             raise UserError(f"cannot create the run folder {candidate}: {err.strerror}") from err
+        with os.fdopen(descriptor, "w") as marker:
+            marker.write(json.dumps(me(**job)) + "\n")
         _MADE[candidate.resolve()] = missing[-1].resolve() if missing else None
         return candidate
     raise UserError(f"{key}={folder}: no free folder name")
+
+
+def claim_job(folder: Path, sweep: str, job: int) -> bool:
+    """Claim a multirun job's folder (Hydra has made it); True if it was this job's already: a job
+    requeued after preemption or a time limit, or a sweep resumed with ``resume=true``.
+
+    A folder another job of the sweep owns is refused, its Hydra files (just overwritten by this
+    job's) put back as that job wrote them."""
+    identity = {"sweep": str(Path(sweep).resolve()), "job": job}
+    hydra = {name: _read(folder / ".hydra" / name) for name in _HYDRA_FILES}
+    try:
+        descriptor = os.open(folder / MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        found = owner(folder)
+        if {k: found.get(k) for k in identity} == identity:
+            take_over(folder, **identity)
+            return True
+        for name, text in (found.get("hydra") or {}).items():
+            if name in _HYDRA_FILES and isinstance(text, str):
+                (folder / ".hydra" / name).write_text(text)
+        raise UserError(
+            f"job #{job}: its folder {folder} holds job #{found.get('job', '?')}'s run: give each job a folder "
+            "of its own (hydra.sweep.subdir, e.g. its default ${hydra.job.num}_${hydra.job.override_dirname})"
+        ) from None
+    with os.fdopen(descriptor, "w") as marker:
+        marker.write(json.dumps(me(**identity, hydra=hydra)) + "\n")
+    return False
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def restartable(folder: Path) -> bool:
+    """A folder holding a run that finished no task (no checkpoint, no finished task in results.json):
+    ``resume=`` on it starts that run again there, as nothing of it could be continued."""
+    if (folder / str(LAST_CHECKPOINT)).exists():
+        return False
+    try:
+        done = json.loads((folder / "results.json").read_text()).get("tasks_done", 0)
+    except FileNotFoundError:
+        return holds_run(folder)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return done == 0
 
 
 def release(folder: Path) -> None:
@@ -107,8 +223,30 @@ def _refuse_on_error(claim_in: Any, config: DictConfig) -> None:
         claim_in(config)
     except UserError as err:
         raise Refused(str(err)) from None
+    except OmegaConfBaseException as err:  # an interpolation of the config (seed=${oc.env:NOPE}): name its key
+        from cl_ema.cli import one_line
+
+        raise Refused(one_line(err)) from None
+    except FileNotFoundError as err:  # no temporary folder can be written (an import needs one)
+        from cl_ema.cli import describe, user_error
+
+        if user_error(err):
+            raise Refused(describe(err)) from None
+        raise
     except Exception as err:  # noqa: BLE001 - anything else: refuse rather than share a folder
         raise Refused(f"cannot claim the run folder ({first_line(err, with_type=True)})") from err
+
+
+def _jobs_at_once(config: DictConfig) -> int:
+    """How many jobs of this sweep run at once on one machine: the local launchers' (submitit_local runs
+    up to ``array_parallelism`` processes; Hydra's basic launcher one after the other)."""
+    launcher = str(config.hydra.launcher.get("_target_", ""))
+    if "LocalLauncher" not in launcher:
+        return 1
+    from cl_ema.sweep import grid
+
+    jobs = len(grid([str(o) for o in config.hydra.overrides.task]) or [None])
+    return max(1, min(jobs, int(config.hydra.launcher.get("array_parallelism") or jobs)))
 
 
 class RunDirectories(Callback):
@@ -135,21 +273,34 @@ class RunDirectories(Callback):
             del task_cfg["hydra"]
         record_choices(task_cfg, config.hydra.runtime.choices)
         check(task_cfg)  # a bad value is refused before any folder is made
-        folder = Path(str(config.hydra.run.dir))
+        folder = Path(str(config.hydra.run.dir)).expanduser()
         resumed = resume_request(config.resume)
         if isinstance(resumed, Path) and resumed.resolve() == folder.resolve():
-            return  # resume=<this folder>: continue the run in it
+            take_over(folder)  # resume=<this folder>: continue the run in it, if it is not still running
+            with read_write(config.hydra):
+                config.hydra.run.dir = str(folder)
+            return
         claimed = claim(folder, given=_overridden(config, "hydra.run.dir"), key="hydra.run.dir")
         with read_write(config.hydra):
             config.hydra.run.dir = str(claimed)
 
     def _claim_sweep(self, config: DictConfig) -> None:
-        folder = Path(str(config.hydra.sweep.dir))
+        from cl_ema.environment import CONCURRENT_JOBS
+
+        folder = Path(str(config.hydra.sweep.dir)).expanduser()
         given = _overridden(config, "hydra.sweep.dir")
-        if given and resume_request(config.get("resume")) and folder.is_dir():
-            return  # the jobs resume, each in its own subfolder
-        claimed = claim(folder, given=given, key="hydra.sweep.dir")
-        with read_write(config.hydra):
+        resume = resume_request(config.get("resume"))
+        if isinstance(resume, Path):
+            raise UserError(f"resume={config.resume}: names one run; a multirun resumes its jobs with resume=true")
+        if given and resume and folder.is_dir():
+            claimed = folder  # the jobs resume, each in its own subfolder
+        else:
+            claimed = claim(folder, given=given, key="hydra.sweep.dir")
+        with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.sweep.dir = str(claimed)
-            # each job's config is composed again from the overrides: make them name this folder
+            # each job's config is composed again from the overrides: make them name this folder, and say
+            # how many of them may share a node's CPUs at once (torch's threads are chosen from it)
             config.hydra.overrides.hydra.append(f"hydra.sweep.dir={claimed}")
+            at_once = _jobs_at_once(config)
+            if at_once > 1:
+                config.hydra.overrides.hydra.append(f"+hydra.job.env_set.{CONCURRENT_JOBS}={at_once}")

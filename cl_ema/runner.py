@@ -20,6 +20,7 @@ from cl_ema.errors import Interrupted, UserError
 from cl_ema.evaluation import evaluate
 from cl_ema.files import atomic_write
 from cl_ema.results import Results, save_outputs
+from cl_ema.rundirs import take_over
 
 
 def run(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> Results:
@@ -42,10 +43,20 @@ def run(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> Resul
             console.print(f"\nresults: {out_dir / 'results.json'} ({the_run.results.meta['elapsed_s']:.1f} s training "
                           "+ evaluation)")  # fmt: skip
         finally:
-            the_run.loggers.finish(the_run.results)  # last: W&B prints how to upload an offline run
+            finish_loggers(the_run)  # last: W&B prints how to upload an offline run
     finally:
         distributed.stop()
     return the_run.results
+
+
+def finish_loggers(run: Run) -> None:
+    """The loggers' end (W&B writes and syncs its run); Ctrl-C there leaves the results as they are."""
+    try:
+        run.loggers.finish(run.results)
+    except KeyboardInterrupt:
+        results = run.results
+        raise Interrupted("SIGINT", str(run.out_dir), results.tasks_done, completed=results.status == "completed",
+                          resumable=bool(run.cfg.checkpoint and results.tasks_done)) from None  # fmt: skip
 
 
 def resume_point(cfg: DictConfig, out_dir: Path) -> tuple[Path, dict | None]:
@@ -58,8 +69,12 @@ def resume_point(cfg: DictConfig, out_dir: Path) -> tuple[Path, dict | None]:
     found: dict[str, tuple[Path, dict]] = {}
 
     def decide() -> tuple[str, bool]:
+        if isinstance(request, Path) and not (request / LAST_CHECKPOINT).is_file():
+            take_over(request)
+            return str(request), False  # a run that finished no task: it starts again in its folder
         if request:
             found["main"] = checkpoint.resume_from(request, out_dir, config)
+            take_over(found["main"][0])  # refused while that run still trains: one writer per folder
             return str(found["main"][0]), True
         return str(out_dir), False
 
@@ -98,7 +113,11 @@ def train_all_tasks(run: Run, console: Console) -> None:
     except (KeyboardInterrupt, Interrupted) as err:
         results.status = "interrupted"
         name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
-        raise Interrupted(name, str(run.out_dir), results.tasks_done) from None
+        resumable = bool(cfg.checkpoint and results.tasks_done)
+        raise Interrupted(name, str(run.out_dir), results.tasks_done, resumable) from None
+    except SystemExit:  # submitit's handler of a preemption or time-limit signal: it requeues the job
+        results.status = "interrupted"
+        raise
     except BaseException:
         results.status = "failed"
         raise
@@ -116,9 +135,9 @@ def save(run: Run, with_checkpoint: bool, final: bool) -> None:
     continual = run.continual
     if continual:
         run.results.stability = {name: stability_metrics(curve) for name, curve in continual.curves.items()}
-    save_outputs(run.results, run.out_dir, continual.curves if continual else None, final)
-    if with_checkpoint:
+    if with_checkpoint:  # first: killed between the two files, the run still resumes from its last task
         checkpoint.save(run.out_dir / LAST_CHECKPOINT, run.state_dict())
+    save_outputs(run.results, run.out_dir, continual.curves if continual else None, final)
 
 
 def print_header(console: Console, run: Run, device: object) -> None:

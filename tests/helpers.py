@@ -72,10 +72,11 @@ def cli_in_process(*argv: str, cwd: Path) -> tuple[int, str, str]:
     import signal
     import sys
 
-    from cl_ema.__main__ import main
+    from cl_ema.__main__ import STOP_SIGNALS, main
 
     out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv, os.getcwd(), os.environ.get("HYDRA_FULL_ERROR"), signal.getsignal(signal.SIGTERM)
+    handlers = {name: signal.getsignal(getattr(signal, name)) for name in STOP_SIGNALS}
+    saved = sys.argv, os.getcwd(), os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = ["cl_ema", *argv]
     os.chdir(cwd)
     status = 0
@@ -91,5 +92,6 @@ def cli_in_process(*argv: str, cwd: Path) -> tuple[int, str, str]:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = saved[2]
-        signal.signal(signal.SIGTERM, saved[3])
+        for name, handler in handlers.items():
+            signal.signal(getattr(signal, name), handler)
     return status, out.getvalue(), err.getvalue()

@@ -136,7 +136,7 @@ def test_torchvision_bad_options(options, expected):
     from helpers import compose_config
     from hydra.errors import HydraException
 
-    from cl_ema.__main__ import one_line
+    from cl_ema.cli import one_line
 
     cfg = compose_config("model=torchvision", *(f"model.{k}={v}" for k, v in options.items()))
     with pytest.raises((UserError, HydraException)) as caught:

@@ -47,8 +47,8 @@ def load_mnist(root: Path, download: bool, normalize: bool = True) -> tuple[Tens
     norm = MNIST_NORM if normalize else UNIT_NORM
     train, test = (_torchvision(MNIST, "MNIST", root, download, train=flag) for flag in (True, False))
     return (
-        _store(train.data.numpy()[:, None], train.targets.numpy(), norm),
-        _store(test.data.numpy()[:, None], test.targets.numpy(), norm),
+        _store(train.data.numpy()[:, None], train.targets.numpy(), norm, f"MNIST train set in {root}"),
+        _store(test.data.numpy()[:, None], test.targets.numpy(), norm, f"MNIST test set in {root}"),
     )
 
 
@@ -70,8 +70,8 @@ def _cifar(
     train, test = (_torchvision(cls, name, root, download, train=flag) for flag in (True, False))
     # torchvision keeps CIFAR as (N, 32, 32, 3) uint8; the models want channels first.
     return (
-        _store(train.data.transpose(0, 3, 1, 2), np.asarray(train.targets), norm),
-        _store(test.data.transpose(0, 3, 1, 2), np.asarray(test.targets), norm),
+        _store(train.data.transpose(0, 3, 1, 2), np.asarray(train.targets), norm, f"{name} train set in {root}"),
+        _store(test.data.transpose(0, 3, 1, 2), np.asarray(test.targets), norm, f"{name} test set in {root}"),
     )
 
 
@@ -97,7 +97,9 @@ def random_images(
     return split[0], split[1]
 
 
-def _store(images: np.ndarray, labels: np.ndarray, norm: Normalization) -> TensorStore:
+def _store(images: np.ndarray, labels: np.ndarray, norm: Normalization, name: str = "the dataset") -> TensorStore:
+    if len(images) != len(labels):
+        raise UserError(f"{name} has {len(images):,} images but {len(labels):,} labels; delete it to re-download")
     inputs = torch.from_numpy(np.ascontiguousarray(images))
     return TensorStore(inputs, torch.as_tensor(np.asarray(labels), dtype=torch.long), norm)
 

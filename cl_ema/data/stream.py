@@ -86,6 +86,13 @@ def stream_from_stores(
 ) -> TaskStream:
     """Split train / test stores into the tasks of ``scenario``."""
     num_classes = int(train.base_targets.max()) + 1
+    present = set(train.base_targets.unique().tolist()) | set(test.base_targets.unique().tolist())
+    if min(present) < 0 or len(present) != num_classes or max(present) >= num_classes:
+        odd = sorted(present - set(range(num_classes)) or set(range(num_classes)) - present)[:5]
+        raise UserError(
+            f"the dataset's labels are not the classes 0..{num_classes - 1} of a classification set (labels such as "
+            f"{odd} make them so): its label files are corrupt; delete them to re-download"
+        )
     if scenario == Scenario.split:
         order = _class_order(class_order, num_classes, seed)
         if num_classes % n_tasks:

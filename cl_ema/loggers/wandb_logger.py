@@ -11,6 +11,7 @@ from __future__ import annotations
 import netrc
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -116,9 +117,13 @@ class WandbLogger:
         return {"run_id": self.run.id}
 
     @property
-    def offline_dir(self) -> str | None:
-        """The offline run folder to upload with `wandb sync` (None when online)."""
-        return str(os.path.dirname(self.run.dir)) if self.run.settings.mode == "offline" else None
+    def offline_dirs(self) -> list[str]:
+        """The offline run folders to upload with `wandb sync`, oldest first: a resumed run has one per
+        session, all of one run id (none when online)."""
+        if self.run.settings.mode != "offline":
+            return []
+        here = Path(os.path.dirname(self.run.dir))
+        return sorted({str(p) for p in here.parent.glob(f"offline-run-*-{self.run.id}")} | {str(here)})
 
     def log_task(self, results: Results, task: int) -> None:
         self.run.log(task_log(results, task))
@@ -139,7 +144,7 @@ class WandbLogger:
             self.run.log({"acc_matrix": wandb.Image(str(self.out_dir / "acc_matrix.png"))})
             if (self.out_dir / "continual_eval.png").exists():
                 self.run.log({"continual_eval": wandb.Image(str(self.out_dir / "continual_eval.png"))})
-        offline = self.offline_dir
+        offline = " ".join(self.offline_dirs)
         self.run.finish(exit_code=0 if results.status == "completed" else 1)
         if offline:
             print(f"W&B offline run: {offline} (upload with: wandb sync {offline})", flush=True)

@@ -1,0 +1,258 @@
+"""The command line (Hydra): ``python -m cl_ema [overrides]``. Every failure ends in one line.
+
+Bad input (a config value, missing or corrupt data, a broken checkpoint, a file that cannot be
+written) prints ``error: <what and why>`` and exits with status 2; a bug keeps its traceback (exit
+1). A signal (SIGINT, SIGTERM, SIGHUP, SIGUSR1/2) prints one line and exits with 128 + its number,
+the results so far marked ``interrupted`` and resumable. Under multirun a job that fails says so in
+one line and the sweep goes on; at the end one line lists the jobs that failed, and an interrupted
+sweep names the jobs it did not run. A multirun job claims its folder: requeued (preemption, a time
+limit) or resumed with ``resume=true``, it continues from its last finished task there.
+``HYDRA_FULL_ERROR=1`` shows tracebacks instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, read_write
+from omegaconf.errors import OmegaConfBaseException
+
+from cl_ema.config import (
+    CONFIG_DIR,
+    LAST_CHECKPOINT,
+    SCHEMA_KEYS,
+    check,
+    plugin_nodes,
+    record_choices,
+    register_schema,
+    unused_overrides,
+)
+from cl_ema.environment import is_main
+from cl_ema.errors import Interrupted, Refused, UserError, warn
+from cl_ema.files import WRITE_CAUSES, write_error
+from cl_ema.plugins import LIVE
+from cl_ema.rundirs import claim_job, release
+from cl_ema.sweep import SWEEP
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def _run(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    try:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            resume_own_folder(cfg, hydra_cfg)
+        record_choices(cfg, hydra_cfg.runtime.choices)
+        check(cfg)
+        for key in unused_overrides(cfg, list(hydra_cfg.overrides.task)):
+            warn(f"{key}: no plugin of strategy={cfg.choices.strategy} reads it (plugins: "
+                 f"{', '.join(plugin_nodes(cfg)) or 'none'}); it changes nothing")  # fmt: skip
+        from cl_ema.runner import run  # heavy imports only once the config is known to be good
+
+        results = run(cfg, Path(hydra_cfg.runtime.output_dir))
+        return results.metrics(LIVE, results.tasks_done - 1)["avg_acc"]  # the objective for sweepers
+    except Exception as err:
+        if not user_error(err):
+            raise  # a bug: its traceback, in a single run and in a multirun alike
+        message = describe(err)
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            release(Path(hydra_cfg.runtime.output_dir))  # refused before writing: leave no empty run folder
+            _fail(message, said_by_main=not isinstance(err, OSError))
+        SWEEP.failed(hydra_cfg.job.num, list(hydra_cfg.overrides.task), message, Path(hydra_cfg.runtime.output_dir))
+        return None  # the sweep goes on; the summary at its end reports this job
+
+
+def resume_own_folder(cfg: DictConfig, hydra_cfg: Any) -> None:
+    """A multirun job claims its folder; back in it (requeued, or the sweep resumed with resume=true), it
+    continues from the checkpoint there, or starts again if it finished no task."""
+    folder = Path(hydra_cfg.runtime.output_dir)
+    own = claim_job(folder, str(hydra_cfg.sweep.dir), int(hydra_cfg.job.num))
+    with read_write(cfg):
+        cfg.resume = str(folder) if own and (folder / LAST_CHECKPOINT).is_file() else None
+
+
+# keys of earlier versions → where the setting lives now (said when an override names the old key)
+RENAMED = {
+    "train.lr": "optimizer.lr",
+    "train.momentum": "optimizer.momentum",
+    "train.weight_decay": "optimizer.weight_decay",
+    "train.optimizer": "the optimizer group (optimizer=adam)",
+    "strategy.name": "strategy=<name> (its file's name)",
+    "ema.warmup": "ema.schedule=warmup",
+    "model.name": "the model group (model=timm, model=torchvision, …)",
+    **{f"logger.{key}": f"logger.wandb.{key}" for key in ("mode", "project", "entity", "group", "tags")},
+}
+
+
+NO_TEMPORARY_FOLDER = "No usable temporary directory"  # what tempfile.gettempdir() says when it can write nowhere
+
+
+def user_error(err: BaseException) -> bool:
+    """Whether the user can act on ``err`` (bad input, a file, a resource): one line, exit 2. Anything
+    else is a bug, shown with its traceback (exit 1)."""
+    if isinstance(err, (UserError, HydraException, OmegaConfBaseException, OverflowError, MemoryError)):
+        return True  # (Hydra's MissingConfigException is an OSError too)
+    if isinstance(err, FileNotFoundError) and NO_TEMPORARY_FOLDER in str(err):
+        return True
+    return isinstance(err, OSError) and err.filename is not None  # an OSError without a file: not the user's
+
+
+def describe(err: BaseException) -> str:
+    """One line for an error a user can act on."""
+    if isinstance(err, (HydraException, OmegaConfBaseException)):
+        message = one_line(err)
+        renamed = [f"{old} is {new} now" for old, new in RENAMED.items() if f"override '{old}'" in message]
+        if renamed:
+            return f"{message} ({'; '.join(renamed)})"
+        missing = re.search(r"Could not override '([^']+)'", message)
+        if missing and "." in missing.group(1) and missing.group(1).split(".")[0] not in SCHEMA_KEYS:  # a plugin's
+            key = missing.group(1)
+            return (f"{key}: this strategy has no plugin {key.split('.')[0]}, or the plugin no option of that name "
+                    "(a strategy places its plugins under their names: conf/strategy/*.yaml)")  # fmt: skip
+        return message
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, OverflowError):
+        return f"a value is too large for the computation ({err})"
+    if isinstance(err, MemoryError):
+        return f"not enough memory: {err}" if str(err) else "not enough memory"
+    if isinstance(err, FileNotFoundError) and NO_TEMPORARY_FOLDER in str(err):
+        return ("no temporary file can be written (in /tmp, /var/tmp, … or TMPDIR): the disk is full, or a "
+                "file-size limit (ulimit -f) leaves no room")  # fmt: skip
+    if isinstance(err, OSError):  # a file Hydra writes at the start (.hydra/), or another's
+        return str(write_error(err)) if err.errno in WRITE_CAUSES else f"{err.filename}: {err.strerror or err}"
+    return one_line(err)
+
+
+def _fail(message: str, status: int = 2, said_by_main: bool = True) -> NoReturn:
+    """``error: <message>``, exit ``status``.
+
+    Under torchrun every process meets the same bad input (``said_by_main``): the main one says it.
+    Another process waits a moment first: if the main process fails alike, torchrun stops this one
+    and the line is said once; if not, the error was this process's own, and it says it, so that
+    it is not lost behind the others' "interrupted by SIGTERM". A file error may be any process's own.
+    """
+    if said_by_main and not is_main(strict=False):
+        try:
+            time.sleep(MAIN_SPEAKS_S)
+        except (Interrupted, KeyboardInterrupt):  # the main process failed too, and said it
+            _quiet_exit()
+            sys.exit(status)
+        message = f"process {os.environ.get('RANK')}: {message}"
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    _quiet_exit()
+    sys.exit(status)
+
+
+MAIN_SPEAKS_S = 3.0  # how long another process of a torchrun leaves the main one to fail alike
+
+
+def _quiet_exit() -> None:
+    """Past the one line, a Ctrl-C while the interpreter closes (a logger's service shutting down) would end
+    the process by the signal itself: the outcome is said already, so let nothing change it now."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def one_line(err: BaseException) -> str:
+    """A Hydra / OmegaConf error and its cause on one line, without their diagnostic dumps."""
+    parts: list[str] = []
+    cause: BaseException | None = err
+    while cause is not None and len(parts) < 3:
+        message = getattr(cause, "msg", None) if isinstance(cause, OmegaConfBaseException) else None
+        if message:
+            key = getattr(cause, "full_key", None)
+            line = message.splitlines()[0]  # later lines repeat full_key / object types
+            parts.append(f"{key}: {line}" if key else line)
+        else:
+            # Hydra appends the config search path; the options before it are what matters.
+            parts.append(str(cause).split("Config search path")[0])
+        cause = cause.__cause__
+    return "; ".join(" ".join(p.split()).rstrip(".") for p in parts if p.strip())
+
+
+def interrupted(err: BaseException) -> NoReturn:
+    """One line for a run stopped by a signal, saying what can be done with it; exit 128 + the signal."""
+    stop = err if isinstance(err, Interrupted) else Interrupted("SIGINT")
+    if not is_main(strict=False):  # under torchrun the main process says it
+        _quiet_exit()
+        sys.exit(stop.exit_status)
+    where = ""
+    if stop.run_dir and stop.completed:
+        where = (f" after the run completed: results.json in {stop.run_dir} has all {stop.tasks_done} tasks; a logger "
+                 "(W&B) may not have finished writing")  # fmt: skip
+    elif stop.run_dir and stop.resumable:
+        where = (f" after {stop.tasks_done} finished task(s); results.json in {stop.run_dir} says 'interrupted' "
+                 f"and resume={stop.run_dir} continues it")  # fmt: skip
+    elif stop.run_dir and stop.tasks_done:
+        where = (f" after {stop.tasks_done} finished task(s), kept in {stop.run_dir}/results.json (checkpoint=false: "
+                 "it cannot be resumed)")  # fmt: skip
+    elif stop.run_dir:
+        where = f" before its first task ended: nothing to continue; resume={stop.run_dir} starts it again there"
+    _fail(f"interrupted by {stop.signal_name}{where}{SWEEP.not_run()}", stop.exit_status)
+
+
+def check_file_size_limit() -> None:
+    """A file-size limit of 0 (``ulimit -f 0``) lets nothing be written, not even the temporary file an
+    import makes: say so, rather than whichever write fails first."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft == 0:
+        raise UserError("the file-size limit is 0 bytes (ulimit -f 0): no result could be written; raise it")
+
+
+def check_arguments(arguments: list[str]) -> list[str]:
+    """What Hydra would take badly from the command line, in one line: a config group set to null (its
+    parser raises), ``choices.*`` (which ``experiment=`` and ``strategy=`` set). ``best_args=null`` is
+    the default, and dropped."""
+    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    kept = []
+    for argument in arguments:
+        key, _, value = argument.partition("=")
+        name = key.lstrip("+~").split("@")[0]
+        if name in groups and value.strip() in ("null", "~", "None", ""):
+            if name == "best_args":
+                continue
+            options = ", ".join(groups[name]) + (" (logger=none: no logger)" if name == "logger" else "")
+            raise UserError(f"{argument}: {name} is a config group: choose one of {options}")
+        if name.startswith("choices."):
+            raise UserError(f"{argument}: the choices are what experiment= and strategy= selected; set those instead")
+        kept.append(argument)
+    return kept
+
+
+def run() -> None:
+    """``python -m cl_ema [overrides]`` (the signals are in hand already: ``cl_ema.__main__``)."""
+    user_wants_traceback = bool(os.environ.get("HYDRA_FULL_ERROR"))
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
+    register_schema()
+    try:
+        check_file_size_limit()
+        sys.argv[1:] = check_arguments(sys.argv[1:])
+        _run()
+    except (KeyboardInterrupt, Interrupted) as err:
+        if user_wants_traceback:
+            raise
+        interrupted(err)
+    except Refused as err:
+        _fail(str(err))
+    except Exception as err:
+        if user_wants_traceback or not user_error(err):
+            raise
+        _fail(describe(err), said_by_main=not isinstance(err, OSError))
+    summary = SWEEP.summary()
+    if summary:
+        _fail(summary)
+    _quiet_exit()
