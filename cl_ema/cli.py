@@ -58,6 +58,8 @@ def _run(cfg: DictConfig) -> float | None:
         from cl_ema.runner import run  # heavy imports only once the config is known to be good
 
         results = run(cfg, Path(hydra_cfg.runtime.output_dir))
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            _quiet_exit()  # the run is complete and said so: a Ctrl-C from here on changes nothing
         return results.metrics(LIVE, results.tasks_done - 1)["avg_acc"]  # the objective for sweepers
     except Exception as err:
         if not user_error(err):

@@ -75,7 +75,7 @@ def cli_in_process(*argv: str, cwd: Path) -> tuple[int, str, str]:
     from cl_ema.__main__ import STOP_SIGNALS, main
 
     out, err = io.StringIO(), io.StringIO()
-    handlers = {name: signal.getsignal(getattr(signal, name)) for name in STOP_SIGNALS}
+    handlers = {name: signal.getsignal(getattr(signal, name)) for name in (*STOP_SIGNALS, "SIGINT")}
     saved = sys.argv, os.getcwd(), os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = ["cl_ema", *argv]
     os.chdir(cwd)

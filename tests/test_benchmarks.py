@@ -7,8 +7,7 @@ import io
 import runpy
 import sys
 
-import pytest
-from helpers import ROOT
+from helpers import ROOT, run_experiment
 
 
 def run_script(name: str, *args: str) -> str:
@@ -24,27 +23,30 @@ def run_script(name: str, *args: str) -> str:
     return out.getvalue()
 
 
-def test_ema_update_benchmark_smoke():
-    out = run_script("ema_update.py", "--repeats", "2", "--widths", "4", "8", "--no-train-step")
-    for row in (
-        "flat lerp_ (floor)",
-        "cl_ema K=1 ema",
-        "cl_ema K=1 mean uniform (SWA)",
-        "cl_ema K=1 CLS-ER ema",
-        "cl_ema K=4 ema",
-        "cl_ema K=7 every rule",
-        "per-parameter loop",
-        "torch AveragedModel",
-    ):
-        assert row in out, row
-    assert "K=7 every rule" in out.split("ratios")[1] and "device: cpu" in out
+def test_the_gpu_checks_scripts_run_and_make_one_table(tmp_path):
+    """What benchmarks/gpu.sh runs on a CUDA machine, tiny on the CPU: the EMA-update and throughput
+    benchmarks and a one-epoch run, then the one table gpu_table.py makes of them."""
+    import json
+    import subprocess
 
-
-def test_throughput_benchmark_smoke():
-    out = run_script("throughput.py", "--device", "cpu", "--steps", "2", "--warmup", "1", "--width", "4",
-                     "--batch-size", "8", "--samples", "1000", "--workers", "0", "--rounds", "1")  # fmt: skip
+    ema = run_script("ema_update.py", "--repeats", "2", "--widths", "4", "8", "--no-train-step")
+    for row in ("flat lerp_ (floor)", "cl_ema K=1 ema", "cl_ema K=1 mean uniform (SWA)", "cl_ema K=1 CLS-ER ema",
+                "cl_ema K=4 ema", "cl_ema K=7 every rule", "per-parameter loop", "torch AveragedModel"):  # fmt: skip
+        assert row in ema, row
+    assert "K=7 every rule" in ema.split("ratios")[1] and "device: cpu" in ema
+    throughput = run_script("throughput.py", "--device", "cpu", "--steps", "2", "--warmup", "1", "--width", "4",
+                            "--batch-size", "8", "--samples", "1000", "--workers", "0", "--rounds", "1")  # fmt: skip
     for row in ("(a) cl_ema", "(a) cl_ema + EMA", "(b) Avalanche Naive + DataLoader", "(c) bare loop", "(a) / (b) ="):
-        assert row in out
+        assert row in throughput
+    (tmp_path / "ema_update.txt").write_text(ema)
+    (tmp_path / "throughput.txt").write_text(throughput)
+    run_experiment(tmp_path / "split_cifar", "data.n_tasks=2", "train.epochs=1")
+    table = run_script("gpu_table.py", str(tmp_path))
+    for row in ("| EMA update: flat lerp_ (floor) |", "| throughput (a) cl_ema + EMA |", "(extrapolated) |"):
+        assert row in table, row
+    steps = sum(json.loads((tmp_path / "split_cifar" / "results.json").read_text())["steps_per_task"])
+    assert f"2 tasks, {steps} steps" in table
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=True)  # the script parses
 
 
 def test_loader_benchmark_smoke():
@@ -68,18 +70,3 @@ def test_paper_tables_script_on_generated_mnist(tmp_path):
     assert "| DER++ 500 |" in table and "(91.00" in table and "| DER 200 + EMA |" in table and ", Δ " in table
     assert "derpp's protocol with buffer 200: ER" in table and "cls_er's protocol with buffer 500" in table
     assert len(list((tmp_path / "out" / "seq_mnist").glob("*/seed1/results.json"))) == 9
-
-
-@pytest.mark.slow
-def test_the_prepared_gpu_check_runs_its_path_tiny_on_the_cpu(tmp_path):
-    """benchmarks/gpu.sh: on a CUDA machine every GPU measurement at once; here the same path, tiny."""
-    import os
-    import subprocess
-
-    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "OUT": str(tmp_path), "PY": sys.executable}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env,
-                          timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    table = done.stdout.split("| measurement | value |")[1]
-    for row in ("EMA update: flat lerp_ (floor)", "throughput (a) cl_ema + EMA", "(extrapolated)"):
-        assert row in table, row

@@ -131,3 +131,45 @@ def test_bad_input_is_said_once_under_torchrun(tmp_path):
     said = [line for line in err.splitlines() if line.startswith("error: ")]
     assert said == ["error: ema.decay=1.5: must be a number in [0, 1]"], err[-3000:]
     assert not list(tmp_path.iterdir())  # no process wrote a folder
+
+
+def _job_process(launcher: subprocess.Popen) -> psutil.Process | None:
+    """The process of a submitit_local job the launcher started (submitit's ``_submit`` entry)."""
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if "submitit.core._submit" in " ".join(child.cmdline()):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def test_a_preempted_submitit_job_is_requeued_and_resumes_in_its_own_folder(tmp_path):
+    """SLURM's warning before a time limit (or a preemption) reaches a job as submitit's signal: the job is
+    requeued, finds its own folder, continues from its last finished task and ends as if never stopped."""
+    args = ["-m", "hydra/launcher=submitit_local", "seed=3", "strategy=ema_replay", "logger=none", "train.epochs=12"]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "cl_ema", *args, f"hydra.sweep.dir={tmp_path / 'preempted'}"]
+    launcher = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    results = tmp_path / "preempted" / "0_seed=3,strategy=ema_replay,train.epochs=12" / "results.json"
+    deadline, signalled = time.monotonic() + 300, None
+    while signalled is None and time.monotonic() < deadline and launcher.poll() is None:
+        if results.is_file() and json.loads(results.read_text() or "{}").get("tasks_done", 0) >= 2:
+            job = _job_process(launcher)
+            if job is not None:
+                job.send_signal(signal.SIGUSR2)  # submitit's preemption / time-limit signal
+                signalled = json.loads(results.read_text())["tasks_done"]
+        time.sleep(0.05)
+    _, err = launcher.communicate(timeout=600)
+    assert signalled is not None and signalled < 5, err[-3000:]
+    assert launcher.returncode == 0, err[-3000:]
+    logs = " ".join(p.read_text() for p in (tmp_path / "preempted").rglob("*_log.*")).lower()
+    assert "this job is preempted" in logs and "requeued job" in logs, logs[-3000:]
+    requeued = json.loads(results.read_text())
+    whole = subprocess.run([sys.executable, "-m", "cl_ema", *args, f"hydra.sweep.dir={tmp_path / 'whole'}"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    uninterrupted = json.loads(next((tmp_path / "whole").glob("*/results.json")).read_text())
+    assert requeued["status"] == "completed" and requeued["tracks"] == uninterrupted["tracks"]

@@ -7,7 +7,9 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHECKPOINTED
 from helpers import ROOT, cli_in_process, interrupt_in_task, run_experiment
 
 from cl_ema.errors import UserError
@@ -76,15 +79,15 @@ def _claim(folder: str) -> str:
     return str(claim(Path(folder), given=False, key="hydra.run.dir"))
 
 
-def test_a_finished_run_folder_is_refused_and_left_untouched(tmp_path):
-    run_experiment(tmp_path / "done", "strategy=ema", "data.n_tasks=2", "checkpoint=true")
-    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "done").rglob("*")}
-    status, out, err = cli_in_process("logger=none", f"hydra.run.dir={tmp_path / 'done'}", cwd=tmp_path)
+def test_a_finished_run_folder_is_refused_and_left_untouched(checkpointed_run, tmp_path):
+    done = checkpointed_run
+    before = {p: p.stat().st_mtime_ns for p in done.rglob("*")}
+    status, out, err = cli_in_process("logger=none", f"hydra.run.dir={done}", cwd=tmp_path)
     assert status == 2 and out == ""
     line = one_error_line(err)
-    assert f"hydra.run.dir={tmp_path / 'done'}: that folder already holds a run" in line
-    assert f"resume={tmp_path / 'done'}" in line
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "done").rglob("*")} == before  # not even Hydra's files
+    assert f"hydra.run.dir={done}: that folder already holds a run" in line
+    assert f"resume={done}" in line
+    assert {p: p.stat().st_mtime_ns for p in done.rglob("*")} == before  # not even Hydra's files
 
 
 # ---------------------------------------------------------------------------- write errors
@@ -172,19 +175,18 @@ def _edit_checkpoint(path: Path, edit) -> None:
     ],
     ids=["tasks_done", "missing", "ill-typed", "shadow-shape", "model-shape", "plugin-missing", "optimizer", "bool"],
 )
-def test_a_broken_checkpoint_is_one_line_and_rewrites_nothing(tmp_path, edit, expected):
-    run_experiment(tmp_path, "strategy=ema", "data.n_tasks=2", "checkpoint=true")
-    before = (tmp_path / "results.json").read_bytes()
-    _edit_checkpoint(tmp_path / "checkpoints" / "last.pt", edit)
+def test_a_broken_checkpoint_is_one_line_and_rewrites_nothing(checkpointed_run, tmp_path, edit, expected):
+    before = (checkpointed_run / "results.json").read_bytes()
+    _edit_checkpoint(checkpointed_run / "checkpoints" / "last.pt", edit)
     with pytest.raises(UserError, match=expected):
-        run_experiment(tmp_path / "again", "strategy=ema", "data.n_tasks=2", f"resume={tmp_path}")
-    assert (tmp_path / "results.json").read_bytes() == before
+        run_experiment(tmp_path / "again", *CHECKPOINTED, f"resume={checkpointed_run}")
+    assert (checkpointed_run / "results.json").read_bytes() == before
 
 
-def test_resume_true_skips_unreadable_runs_and_false_means_no_resume(tmp_path, capsys):
+def test_resume_true_skips_unreadable_runs_and_false_means_no_resume(checkpointed_run, tmp_path, capsys):
     base = tmp_path / "outputs"
-    run_experiment(base / "good", "strategy=ema", "data.n_tasks=2", "checkpoint=true")
-    run_experiment(base / "broken", "strategy=ema", "data.n_tasks=2", "checkpoint=true")
+    shutil.copytree(checkpointed_run, base / "good")
+    shutil.copytree(checkpointed_run, base / "broken")
     (base / "broken" / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 cut off")  # the newest
     _, text = run_experiment(base / "new", "strategy=ema", "data.n_tasks=2", "checkpoint=true", "resume=true")
     assert f"resuming {base / 'good'} after task 2/2" in text
@@ -321,3 +323,354 @@ def test_the_report_refuses_an_unwritable_out_in_one_line(tmp_path):
                           cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2
     assert one_error_line(proc.stderr).startswith(f"error: cannot write {blocker}/r/")
+
+
+# ---------------------------------------------------------------------------- round three (issue 20)
+@pytest.mark.parametrize(
+    "arguments,expected",
+    [
+        (["strategy=null"], "strategy=null: strategy is a config group: choose one of averages, "),
+        (["experiment=null"], "experiment=null: experiment is a config group: choose one of perm_mnist, "),
+        (["logger=null"], "(logger=none: no logger)"),
+        (["choices.strategy=ema"], "the choices are what experiment= and strategy= selected"),
+        (["optimizer=adam", "+optimizer.betas=[0.9]"], "optimizer: "),
+        (["strategy.name=ema"], "strategy.name is strategy=<name> (its file's name) now"),
+        (["strategy=ema", "cls_er.reg_weight=2"], "cls_er.reg_weight: this strategy has no plugin cls_er"),
+        (["hydra.run.dir="], "hydra.run.dir is empty"),
+        (["hydra.run.dir=/dev/null"], "hydra.run.dir=/dev/null: not a folder"),
+        (["seed=${oc.env:CL_EMA_NO_SUCH_VARIABLE}"], "seed: KeyError raised while resolving interpolation"),
+        (["data.n_tasks=${data.n_tasks}"], "data.n_tasks: "),  # a value that refers to itself
+    ],
+    ids=["strategy", "experiment", "logger", "choices", "adam-betas", "strategy.name", "option-of-no-plugin",
+         "empty-run-dir", "run-dir-not-a-folder", "interpolation", "recursive"],
+)  # fmt: skip
+def test_what_a_user_can_type_is_one_line_and_exit_2(tmp_path, arguments, expected):
+    status, out, err = cli_in_process("logger=none", *arguments, cwd=tmp_path)
+    assert status == 2, err
+    assert expected in one_error_line(err)
+    assert not (tmp_path / "results.json").exists()  # an empty hydra.run.dir did not write here
+
+
+def test_a_dangling_symlink_as_run_folder_is_named(tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    status, _, err = cli_in_process("logger=none", f"hydra.run.dir={tmp_path / 'link'}", cwd=tmp_path)
+    assert status == 2 and f"{tmp_path / 'link'}: a broken symbolic link" in one_error_line(err)
+
+
+def test_best_args_null_is_no_published_values(tmp_path):
+    status, _, err = cli_in_process("logger=none", "data.n_tasks=2", "train.epochs=1", "best_args=null",
+                                    f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
+    assert status == 0, err
+
+
+def test_options_no_plugin_reads_are_a_warning(tmp_path):
+    status, _, err = cli_in_process("logger=none", "strategy=plain", "replay.mem_size=500", "data.n_tasks=2",
+                                    "train.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
+    assert status == 0
+    assert "warning: replay.mem_size: no plugin of strategy=plain reads it (plugins: none); it changes nothing" in err
+
+
+def test_a_tilde_in_the_run_folder_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    status, _, err = cli_in_process("logger=none", "data.n_tasks=2", "train.epochs=1",
+                                    "hydra.run.dir='~/runs/one'", cwd=tmp_path)  # fmt: skip
+    assert status == 0, err
+    assert (tmp_path / "home" / "runs" / "one" / "results.json").is_file() and not (tmp_path / "~").exists()
+
+
+def test_a_decay_of_one_writes_strict_json(tmp_path):
+    run_experiment(tmp_path, "strategy=ema", "ema.decays=[0.9,1.0]", "data.n_tasks=2")
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    data = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert data["track_info"]["ema_1"]["horizon"] is None  # an infinite horizon
+
+
+def test_clsers_update_probability_of_zero_is_accepted(tmp_path):
+    results, text = run_experiment(tmp_path, "strategy=cls_er", "cls_er.stable_update_prob=0", "data.n_tasks=2")
+    assert results.status == "completed" and "ema_stable" in results.tracks
+
+
+def test_a_replay_memory_that_does_not_fit_is_one_line(tmp_path, monkeypatch):
+    full = torch.full
+
+    def refuse(size, *args, **kwargs):
+        if size == (268435456,):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2147483648 bytes")
+        return full(size, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "full", refuse)
+    status, _, err = cli_in_process("logger=none", "strategy=replay", "replay.policy=reservoir",
+                                    "replay.mem_size=268435456", f"hydra.run.dir={tmp_path / 'run'}",
+                                    cwd=tmp_path)  # fmt: skip
+    assert status == 2
+    assert "not enough memory: a replay memory of 268,435,456 samples does not fit on cpu" in one_error_line(err)
+
+
+@pytest.mark.parametrize(
+    "damage,expected",
+    [("labels", r"MNIST train set in .* has 50 images but 49 labels"),
+     ("value", r"the dataset's labels are not the classes 0..255 .*\[10, 11, 12, 13, 14\]")],
+)  # fmt: skip
+def test_mnist_labels_that_do_not_fit_its_images_are_named(tmp_path, damage, expected):
+    from fake_datasets import write_mnist
+
+    write_mnist(tmp_path / "data")
+    labels = tmp_path / "data" / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    raw = bytearray(labels.read_bytes())
+    if damage == "labels":  # one label short of the images
+        raw[4:8] = (len(raw) - 9).to_bytes(4, "big")
+        raw = raw[:-1]
+    else:  # a label of 255
+        raw[8] = 255
+    labels.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=expected):
+        run_experiment(tmp_path / "run", "experiment=split_mnist", f"data.root={tmp_path / 'data'}",
+                       "data.download=false", "train.epochs=1")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        (lambda s: s["results"].update(tasks_done=2, num_tasks=2) or s["results"]["tracks"]["live"]["acc_matrix"]
+         .__setitem__(1, [None, None]), "lacks rows of finished tasks"),
+        (lambda s: s["results"].update(baseline="none"), "baseline accuracies are not one number per task"),
+        (lambda s: s["results"].update(steps_per_task="many"), "steps_per_task='many' is not one step count"),
+        (lambda s: s["plugins"]["ema"]["shadows"][0].fill_(float("nan")), "the saved shadows hold NaN"),
+    ],
+    ids=["tasks-done-edited-upward", "baseline", "steps_per_task", "nan-shadows"],
+)  # fmt: skip
+def test_a_checkpoint_that_lies_is_refused_and_rewrites_nothing(checkpointed_run, tmp_path, edit, expected):
+    before = (checkpointed_run / "results.json").read_bytes()
+    _edit_checkpoint(checkpointed_run / "checkpoints" / "last.pt", edit)
+    with pytest.raises(UserError, match=expected):
+        run_experiment(tmp_path / "again", *CHECKPOINTED, f"resume={checkpointed_run}")
+    assert (checkpointed_run / "results.json").read_bytes() == before
+
+
+def test_a_disk_full_when_hydra_writes_its_files_is_one_line(tmp_path, monkeypatch):
+    import hydra.core.utils
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / ".hydra" / "config.yaml"))
+
+    monkeypatch.setattr(hydra.core.utils, "_save_config", full)
+    status, _, err = cli_in_process("logger=none", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert status == 2
+    assert f"cannot write {tmp_path}/run/.hydra/config.yaml: no space left on the device" in one_error_line(err)
+
+
+@pytest.mark.parametrize(
+    "environment,expected",
+    [({"RANK": "abc"}, "RANK='abc': must be an integer"),
+     ({"RANK": "0", "WORLD_SIZE": "2"}, "WORLD_SIZE=2 without MASTER_ADDR: start the processes with torchrun")],
+)  # fmt: skip
+def test_a_broken_torchrun_environment_is_one_line(tmp_path, monkeypatch, environment, expected):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    status, _, err = cli_in_process("logger=none", "data.n_tasks=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert status == 2 and expected in one_error_line(err)
+
+
+def test_another_processs_own_error_is_said_by_it_when_the_main_one_does_not_fail(monkeypatch, capsys):
+    import cl_ema.cli
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cl_ema.cli, "MAIN_SPEAKS_S", 0.01)
+    with pytest.raises(SystemExit):
+        cl_ema.cli._fail("device=cuda:7: only 1 CUDA device(s) here")
+    assert capsys.readouterr().err == "error: process 1: device=cuda:7: only 1 CUDA device(s) here\n"
+
+
+def test_resuming_a_run_that_still_trains_is_refused(checkpointed_run, tmp_path):
+    """Two writers in one folder: the folder's owner still runs on this host (a sleeping process here)."""
+    from cl_ema.rundirs import MARKER
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (checkpointed_run / MARKER).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        for resume in (f"resume={checkpointed_run}", "resume=true"):
+            with pytest.raises(UserError, match=rf"its run is still training \(process {sleeper.pid} on this host\)|"
+                                                "no checkpoint of this configuration"):  # fmt: skip
+                run_experiment(tmp_path / "again", *CHECKPOINTED, resume)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    run_experiment(tmp_path / "later", *CHECKPOINTED, f"resume={checkpointed_run}")  # its owner has ended: fine
+
+
+def test_two_jobs_in_one_folder_the_second_is_refused_and_the_first_kept(tmp_path):
+    sweep = tmp_path / "sweep"
+    status, _, err = cli_in_process("-m", "seed=0,1", "logger=none", "data.n_tasks=2", "train.epochs=1",
+                                    f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=same", cwd=tmp_path)  # fmt: skip
+    assert status == 2
+    assert "job #1: its folder" in err and "holds job #0's run" in err
+    results = json.loads((sweep / "same" / "results.json").read_text())
+    assert results["seed"] == 0 and results["status"] == "completed"
+    assert "seed=0" in (sweep / "same" / ".hydra" / "overrides.yaml").read_text()  # job 0's, put back
+
+
+def test_a_sweep_resumed_with_resume_true_runs_the_jobs_that_never_ran(tmp_path):
+    sweep = tmp_path / "sweep"
+    common = ("logger=none", "data.n_tasks=2", "train.epochs=1", f"hydra.sweep.dir={sweep}")
+    status, _, err = cli_in_process("-m", "seed=0", *common, cwd=tmp_path)
+    assert status == 0, err
+    first = sorted(sweep.glob("*/results.json"))
+    status, _, err = cli_in_process("-m", "seed=0,1", *common, "resume=true", cwd=tmp_path)
+    assert status == 0, err
+    done = {
+        json.loads(p.read_text())["seed"]: json.loads(p.read_text())["status"] for p in sweep.glob("*/results.json")
+    }
+    assert done == {0: "completed", 1: "completed"} and len(first) == 1
+
+
+def test_a_run_interrupted_before_its_first_task_ended_can_be_started_again(tmp_path, monkeypatch):
+    interrupt_in_task(monkeypatch, 0, 3)
+    run_dir = tmp_path / "run"
+    status, _, err = cli_in_process("logger=none", "data.n_tasks=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert status == 130
+    assert f"before its first task ended: nothing to continue; resume={run_dir} starts it again there" in err
+    status, out, err = cli_in_process("logger=none", "data.n_tasks=2", f"resume={run_dir}", cwd=tmp_path)
+    assert status == 0, err
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
+
+
+def test_an_interrupted_run_without_checkpoints_does_not_promise_a_resume(tmp_path, monkeypatch):
+    interrupt_in_task(monkeypatch, 1, 3)
+    status, _, err = cli_in_process("logger=none", "data.n_tasks=2", "checkpoint=false",
+                                    f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
+    assert status == 130
+    assert "after 1 finished task(s), kept in" in err and "checkpoint=false: it cannot be resumed" in err
+
+
+def test_the_checkpoint_is_written_before_the_results_of_a_task(tmp_path, monkeypatch):
+    """Killed between the two files, a run must still resume: the checkpoint comes first."""
+    import cl_ema.checkpoint
+    import cl_ema.files
+    import cl_ema.results
+
+    order, write = [], cl_ema.files.atomic_write
+
+    def recording(path, data):
+        order.append(Path(path).name)
+        write(path, data)
+
+    monkeypatch.setattr(cl_ema.checkpoint, "atomic_write", recording)
+    monkeypatch.setattr(cl_ema.results, "atomic_write", recording)
+    run_experiment(tmp_path, *CHECKPOINTED)
+    first = [name for name in order if name in ("last.pt", "results.json")][:2]
+    assert first == ["last.pt", "results.json"]
+
+
+def test_the_report_reads_only_well_formed_results(tmp_path):
+    """A run 'completed' short of its tasks, accuracies out of range, strings where numbers go and a FIFO
+    named results.json are listed as unreadable (and the FIFO is not read: reading it would hang)."""
+    from cl_ema.report import write_report
+
+    run_experiment(tmp_path / "good", "data.n_tasks=2")
+    good = json.loads((tmp_path / "good" / "results.json").read_text())
+    broken = {
+        "short": good | {"tasks_done": 1},
+        "huge": json.loads(json.dumps(good).replace('"avg_acc": ', '"avg_acc": 1e308, "x": ', 1)),
+        "stability": good | {"tracks": {**good["tracks"], "live": {**good["tracks"]["live"], "stability": "x"}}},
+        "horizon": good | {"track_info": {"ema_0.99": {"rule": "ema", "decay": 0.99, "horizon": "long"}}},
+    }
+    for name, data in broken.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(data))
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "results.json")
+    report = write_report(tmp_path, tmp_path / "report").read_text()
+    assert "1 completed run in 1 setting" in report
+    for name in (*broken, "fifo"):
+        assert f"| {name}/results.json | unreadable (" in report, name
+
+
+def test_the_report_keeps_runs_of_other_task_counts_or_data_apart(tmp_path):
+    from cl_ema.report import write_report
+
+    run_experiment(tmp_path / "two", "data.n_tasks=2")
+    run_experiment(tmp_path / "five", "data.n_tasks=5")
+    other = json.loads((tmp_path / "two" / "results.json").read_text())
+    other["config"]["data"]["root"] = "/somewhere/else"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "results.json").write_text(json.dumps(other))
+    report = write_report(tmp_path, tmp_path / "report").read_text()
+    assert "3 completed runs in 3 settings" in report
+
+
+def test_the_reports_out_being_a_file_is_one_line(tmp_path, capsys):
+    from cl_ema.report import main
+
+    run_experiment(tmp_path / "run", "data.n_tasks=2")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "run"), "--out", str(tmp_path / "file")])
+    assert (
+        stop.value.code == 2
+        and capsys.readouterr().err == f"error: --out {tmp_path / 'file'}: is a file, not a folder\n"
+    )
+
+
+def test_a_file_size_limit_of_zero_is_named_as_the_cause(tmp_path):
+    proc = cli(*FAST, cwd=tmp_path, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)))
+    status, _, err = finish(proc)
+    assert status == 2 and "the file-size limit is 0 bytes (ulimit -f 0)" in one_error_line(err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGUSR1", "SIGUSR2"])
+def test_slurms_and_the_terminals_signals_stop_a_run_as_interrupted(tmp_path, name):
+    run_dir = tmp_path / "run"
+    proc = cli(*SIGNAL_RUN, "checkpoint=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, name))
+    status, _, err = finish(proc)
+    assert status == 128 + getattr(signal, name) and f"interrupted by {name} after" in one_error_line(err)
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "interrupted"
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A test worker ignores SIGINT, and a child inherits that: give the run a terminal's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_starting_is_one_line(tmp_path):
+    proc = cli(*FAST, cwd=tmp_path, preexec_fn=_ctrl_c_as_in_a_terminal)
+    time.sleep(1.0)  # among the imports
+    proc.send_signal(signal.SIGINT)
+    status, _, err = finish(proc)
+    assert status == 130 and "interrupted by SIGINT" in one_error_line(err)
+
+
+@pytest.mark.slow
+def test_ctrl_c_after_the_last_task_says_the_results_are_complete(tmp_path):
+    proc = cli("logger.wandb.mode=offline", "data.n_tasks=2", "train.epochs=1", cwd=tmp_path,
+               preexec_fn=_ctrl_c_as_in_a_terminal)  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("results:"):
+            proc.send_signal(signal.SIGINT)  # while W&B writes its offline run
+            break
+    status, _, err = finish(proc)
+    assert status in (0, 130), err
+    if status == 130:
+        assert "after the run completed: results.json in" in one_error_line(err)
+    (done,) = tmp_path.glob("outputs/*/*/*/results.json")
+    assert json.loads(done.read_text())["status"] == "completed"
+
+
+def test_a_resumed_offline_wandb_run_names_every_folder_to_sync(tmp_path, monkeypatch, capsys):
+    from helpers import stop_and_resume
+
+    stop_and_resume(tmp_path, monkeypatch, "logger=wandb", "logger.wandb.mode=offline", "data.n_tasks=2", task=1,
+                    step=3)  # fmt: skip
+    folders = sorted((tmp_path / "stopped" / "wandb").glob("offline-run-*"))
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("W&B offline run:")]
+    assert len(folders) == 2 and f"wandb sync {folders[0]} {folders[1]}" in said[-2], said

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CHECKPOINTED
 from helpers import cli_in_process, run_experiment
 
 from cl_ema.errors import UserError
@@ -46,10 +48,11 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # in the middle of task 2
+    proc.send_signal(signal.SIGKILL)  # in task 2, or between task 1's checkpoint and its results.json
     proc.wait()
-    interrupted = json.loads((run_dir / "results.json").read_text())
-    assert interrupted["status"] == "running" and interrupted["tasks_done"] == 1, interrupted["tasks_done"]
+    if (run_dir / "results.json").exists():  # the checkpoint is written first: it may be all there is
+        interrupted = json.loads((run_dir / "results.json").read_text())
+        assert interrupted["status"] == "running" and interrupted["tasks_done"] == 1, interrupted["tasks_done"]
 
     resumed = cli(*SLOW_RUN, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
     out, err = resumed.communicate(timeout=600)
@@ -64,11 +67,11 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     assert len(runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in runs}) == 1  # W&B resumed the same run id
 
 
-def test_resume_true_finds_the_run_of_the_same_configuration(tmp_path):
+def test_resume_true_finds_the_run_of_the_same_configuration(checkpointed_run, tmp_path):
     base = tmp_path / "outputs"
-    run_experiment(base / "first", "strategy=ema", "data.n_tasks=2", "checkpoint=true")
-    run_experiment(base / "other", "strategy=ema", "data.n_tasks=2", "checkpoint=true", "seed=5")
-    results, text = run_experiment(base / "new", "strategy=ema", "data.n_tasks=2", "checkpoint=true", "resume=true")
+    shutil.copytree(checkpointed_run, base / "first")
+    run_experiment(base / "other", *CHECKPOINTED, "seed=5")
+    results, text = run_experiment(base / "new", *CHECKPOINTED, "resume=true")
     assert f"resuming {base / 'first'} after task 2/2" in text and results.status == "completed"
     with pytest.raises(UserError, match="no checkpoint of this configuration"):
         run_experiment(base / "new2", "strategy=ema", "data.n_tasks=2", "seed=9", "resume=true")
@@ -78,17 +81,16 @@ def test_resume_true_finds_the_run_of_the_same_configuration(tmp_path):
     "content,expected",
     [(b"PK\x03\x04 truncated", "not a readable cl_ema checkpoint"), (None, "not a cl_ema checkpoint")],
 )
-def test_truncated_or_foreign_checkpoint_is_refused_and_nothing_is_lost(tmp_path, content, expected):
-    run_experiment(tmp_path, "strategy=ema", "data.n_tasks=2", "checkpoint=true")
-    before = (tmp_path / "results.json").read_bytes()
-    last = tmp_path / "checkpoints" / "last.pt"
+def test_truncated_or_foreign_checkpoint_is_refused_and_nothing_is_lost(checkpointed_run, tmp_path, content, expected):
+    before = (checkpointed_run / "results.json").read_bytes()
+    last = checkpointed_run / "checkpoints" / "last.pt"
     if content is None:
         torch.save({"state_dict": {"w": torch.zeros(2)}}, last)  # somebody else's checkpoint
     else:
         last.write_bytes(content)
     with pytest.raises(UserError, match=expected):
-        run_experiment(tmp_path / "again", "strategy=ema", "data.n_tasks=2", f"resume={tmp_path}")
-    assert (tmp_path / "results.json").read_bytes() == before
+        run_experiment(tmp_path / "again", *CHECKPOINTED, f"resume={checkpointed_run}")
+    assert (checkpointed_run / "results.json").read_bytes() == before
 
 
 def test_checkpoint_with_code_in_it_is_refused(tmp_path):
@@ -102,10 +104,9 @@ def test_checkpoint_with_code_in_it_is_refused(tmp_path):
         run_experiment(tmp_path / "again", f"resume={tmp_path}")
 
 
-def test_resume_with_another_configuration_is_refused(tmp_path):
-    run_experiment(tmp_path, "strategy=ema", "data.n_tasks=2", "checkpoint=true")
+def test_resume_with_another_configuration_is_refused(checkpointed_run, tmp_path):
     with pytest.raises(UserError, match=r"different configuration \(ema.decay: 0.99 in the checkpoint, 0.9 now"):
-        run_experiment(tmp_path / "again", "strategy=ema", "data.n_tasks=2", "ema.decay=0.9", f"resume={tmp_path}")
+        run_experiment(tmp_path / "again", *CHECKPOINTED, "ema.decay=0.9", f"resume={checkpointed_run}")
 
 
 def test_nan_loss_stops_with_task_and_step_and_keeps_earlier_results(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ from cl_ema.plugins.replay import StreamReservoir
 
 
 @dataclass(eq=False)
-class DERPlugin(SupervisedPlugin):
+class DERPlugin(SupervisedPlugin):  # not data parallel: its extra forward passes would go around DDP
     """DER (``beta=0``) and DER++ (``beta>0``); needs cl_ema's template (its batches' sample indices).
     ``batch_size_mem``: Mammoth's ``minibatch_size`` (None: as many as the training batch)."""
 

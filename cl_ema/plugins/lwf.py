@@ -19,7 +19,7 @@ from torch import nn
 from cl_ema.options import at_least, positive
 
 
-class LwFPlugin(AvalancheLwFPlugin):
+class LwFPlugin(AvalancheLwFPlugin, supports_distributed=True):  # type: ignore[call-arg]
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0) -> None:
         at_least("alpha", alpha, 0.0, math.inf)
         positive("temperature", temperature)  # the logits are divided by it

@@ -51,7 +51,7 @@ def replay(
     return ClassBalancedReplayPlugin(mem_size, batch_size_mem)
 
 
-class ClassBalancedReplayPlugin(AvalancheReplayPlugin):
+class ClassBalancedReplayPlugin(AvalancheReplayPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """Avalanche's ReplayPlugin with a class-balanced memory, filled through ``post_adapt``.
 
     avalanche-lib 0.6 still calls the buffer's deprecated ``update()``, which resets the warning
