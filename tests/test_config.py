@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -247,7 +246,7 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize("override,expected", BAD_VALUES)
-def test_bad_value_is_one_line_naming_the_key(override, expected):
+def test_bad_value_is_one_line_naming_the_key(override, expected, tmp_path):
     """Types and choices fail when Hydra merges the override, ranges in check(), targets' arguments when built."""
     from hydra.errors import HydraException
 
@@ -258,7 +257,7 @@ def test_bad_value_is_one_line_naming_the_key(override, expected):
         cfg = compose_config(*override.split())
         check(cfg)
         for name, node in cfg.logger.items():
-            build(node, f"logger.{name}", run=RunInfo(Path("."), {}, "x", "y", 0, ["live"], "id"), resumed=None)
+            build(node, f"logger.{name}", run=RunInfo(tmp_path, {}, "x", "y", 0, ["live"], "id"), resumed=None)
     except UserError as err:
         message = str(err)
     except HydraException as err:
