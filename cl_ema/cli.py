@@ -216,15 +216,23 @@ def check_file_size_limit() -> None:
 
 
 def check_arguments(arguments: list[str]) -> list[str]:
-    """What Hydra would take badly from the command line, in one line: a config group set to null (its
-    parser raises), ``choices.*`` (which ``experiment=`` and ``strategy=`` set). ``best_args=null`` is
-    the default, and dropped."""
+    """What Hydra would take badly from the command line, in one line: two of its modes (``-m --cfg``), a
+    config group set to null (its parser raises), ``choices.*`` (which ``experiment=`` and ``strategy=``
+    set). ``best_args=null`` is the default, and dropped."""
+    from hydra._internal.utils import get_args_parser  # Hydra's own parser: the flags as Hydra reads them
+
+    flags, _ = get_args_parser().parse_known_args(arguments)
+    given = {"--run": flags.run, "--multirun": flags.multirun, "--cfg": flags.cfg, "--info": flags.info,
+             "--shell-completion": flags.shell_completion}  # fmt: skip
+    modes = [name for name, value in given.items() if value]
+    if len(modes) > 1:  # Hydra raises a ValueError with a traceback
+        raise UserError(f"{' and '.join(modes)}: give only one of them (a sweep's config: --cfg job without -m)")
     groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONFIG_DIR.iterdir() if p.is_dir()}
     kept = []
     for argument in arguments:
-        key, _, value = argument.partition("=")
+        key, equals, value = argument.partition("=")
         name = key.lstrip("+~").split("@")[0]
-        if name in groups and value.strip() in ("null", "~", "None", ""):
+        if equals and name in groups and value.strip() in ("null", "~", "None", ""):  # not `--cfg hydra`'s word
             if name == "best_args":
                 continue
             options = ", ".join(groups[name]) + (" (logger=none: no logger)" if name == "logger" else "")

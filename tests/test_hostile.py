@@ -340,15 +340,23 @@ def test_the_report_refuses_an_unwritable_out_in_one_line(tmp_path):
         (["hydra.run.dir=/dev/null"], "hydra.run.dir=/dev/null: not a folder"),
         (["seed=${oc.env:CL_EMA_NO_SUCH_VARIABLE}"], "seed: KeyError raised while resolving interpolation"),
         (["data.n_tasks=${data.n_tasks}"], "data.n_tasks: "),  # a value that refers to itself
+        (["-m", "--cfg", "hydra"], "--multirun and --cfg: give only one of them"),
     ],
     ids=["strategy", "experiment", "logger", "choices", "adam-betas", "strategy.name", "option-of-no-plugin",
-         "empty-run-dir", "run-dir-not-a-folder", "interpolation", "recursive"],
+         "empty-run-dir", "run-dir-not-a-folder", "interpolation", "recursive", "two-modes"],
 )  # fmt: skip
 def test_what_a_user_can_type_is_one_line_and_exit_2(tmp_path, arguments, expected):
     status, out, err = cli_in_process("logger=none", *arguments, cwd=tmp_path)
     assert status == 2, err
     assert expected in one_error_line(err)
     assert not (tmp_path / "results.json").exists()  # an empty hydra.run.dir did not write here
+
+
+def test_hydra_flags_that_take_a_word_are_not_overrides(tmp_path):
+    """``--cfg hydra``'s word is no config group set to nothing; the SLURM launcher requeues after time limits."""
+    status, out, err = cli_in_process("hydra/launcher=slurm", "--cfg", "hydra", cwd=tmp_path)
+    assert status == 0, err
+    assert "max_num_timeout: 5" in out and "signal_delay_s: 120" in out
 
 
 def test_a_dangling_symlink_as_run_folder_is_named(tmp_path):
