@@ -1,10 +1,12 @@
-"""Shared helpers: compose configs the way the CLI does, run experiments in-process."""
+"""Shared helpers: compose configs the way the CLI does, run experiments in-process, fake a template."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
+from types import SimpleNamespace
 
+import torch
 from omegaconf import DictConfig
 
 from cl_ema.config import CONFIG_DIR, check, compose
@@ -95,3 +97,29 @@ def cli_in_process(*argv: str, cwd: Path) -> tuple[int, str, str]:
         for name, handler in handlers.items():
             signal.signal(getattr(signal, name), handler)
     return status, out.getvalue(), err.getvalue()
+
+
+class FakeTemplate(SimpleNamespace):
+    """What a plugin may read of cl_ema's template (``cl_ema.plugins.DeviceTemplate``) and nothing else,
+    from the attributes given: ``batches`` (the task's training batches), ``store`` (inputs by index)."""
+
+    mb_replayed = 0
+    mb_index = torch.empty(0, dtype=torch.long)
+    batches: list | None = None
+    store: torch.Tensor | None = None
+
+    def autocast(self):
+        return torch.autocast("cpu", enabled=False)
+
+    def inputs(self, index, augment=True):
+        if self.store is None:
+            raise NotImplementedError("this test's template has no stored inputs")
+        return self.store[index]
+
+    def input_batches(self):
+        raise NotImplementedError("no plugin under test reads unaugmented batches")
+
+    def training_batches(self):
+        if self.batches is None:
+            raise NotImplementedError("this test's template has no training batches")
+        return iter(self.batches)

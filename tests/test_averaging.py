@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import run_experiment, stop_and_resume
+from helpers import FakeTemplate, run_experiment, stop_and_resume
 from torch import nn
 
 from cl_ema.merging import trim
@@ -111,41 +111,18 @@ def test_a_mean_of_the_current_task_starts_at_the_weights_of_the_task_start():
     assert torch.equal(swapped_weights(track, model), torch.full((2,), 7.0))  # the mean of this task's iterates
 
 
-def fake_template(batches):
-    """What CoFiMA reads of cl_ema's template: its batches of the task, a precision, an optimizer."""
-
-    class Template(SimpleNamespace):
-        mb_replayed = 0
-        mb_index = torch.empty(0, dtype=torch.long)
-
-        def autocast(self):
-            return torch.autocast("cpu", enabled=False)
-
-        def inputs(self, index, augment=True):
-            raise NotImplementedError
-
-        def input_batches(self):
-            raise NotImplementedError
-
-        def training_batches(self):
-            return iter(batches)
-
-    return Template
-
-
 @pytest.mark.parametrize("fisher", [False, True], ids=["coma", "cofima"])
 def test_coma_and_cofima_merge_two_tasks_as_computed_by_hand(fisher):
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
     batches = [(torch.randn(5, 4), torch.randint(0, 4, (5,))) for _ in range(3)]
-    template = fake_template(batches)
     plugin = CoMAPlugin(fisher=fisher, fisher_max=1.0)
     plugin.attach(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def end_task(classes):
-        plugin.after_training_exp(template(model=model, optimizer=optimizer,
-                                           experience=Experience(classes_in_this_experience=classes)))  # fmt: skip
+        plugin.after_training_exp(FakeTemplate(model=model, optimizer=optimizer, batches=batches,
+                                               experience=Experience(classes_in_this_experience=classes)))  # fmt: skip
 
     def fisher_by_hand() -> torch.Tensor:
         total = torch.zeros_like(weights(model))

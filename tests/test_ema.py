@@ -172,40 +172,29 @@ def test_track_names_read_back_as_exactly_their_decay(decay):
     assert ema_name(0.99, schedule="step") == "ema_step_0.99"
 
 
-def test_the_uniform_mean_is_torch_averaged_models_default_rule():
-    """SWA (Izmailov et al. 2018): the uniform mean of the iterates, as torch's AveragedModel computes it."""
+@pytest.mark.parametrize("rule", ["swa", "ema"])
+def test_the_mean_and_the_ema_are_what_torch_averaged_model_computes(rule):
+    """SWA (Izmailov et al. 2018), the uniform mean of the iterates, is AveragedModel's default rule; the EMA
+    is AveragedModel with get_ema_multi_avg_fn."""
+    swa_utils = torch.optim.swa_utils
     model = small_net()
-    ours = WeightAverages(model, [MeanRule()])
+    if rule == "swa":
+        ours = WeightAverages(model, [MeanRule()])
+        reference = swa_utils.AveragedModel(model, use_buffers=True)
+    else:
+        ours = EMA(model, 0.8)
+        reference = swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.8), use_buffers=True)
+        reference.update_parameters(model)  # AveragedModel's first update copies the weights: ours start there
     ours.register()
-    reference = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)  # its default rule: SWA
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(7):
         train_step(model, opt, step)
         ours.update()
         reference.update_parameters(model)
-    mean = ours.averaged_state_dict(0)
+    average = ours.averaged_state_dict(0)
     for name, value in reference.module.state_dict().items():
-        if name in mean:
-            torch.testing.assert_close(mean[name], value, rtol=1e-6, atol=1e-7)
-
-
-def test_an_ema_is_torch_averaged_model_with_get_ema_multi_avg_fn():
-    model = small_net()
-    ours = EMA(model, 0.8)
-    ours.register()
-    reference = torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.8), use_buffers=True
-    )
-    reference.update_parameters(model)  # AveragedModel's first update copies the weights: ours start there too
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(5):
-        train_step(model, opt, step)
-        ours.update()
-        reference.update_parameters(model)
-    shadow = ours.averaged_state_dict(0)
-    for name, value in reference.module.state_dict().items():
-        if name in shadow:
-            torch.testing.assert_close(shadow[name], value, rtol=1e-6, atol=1e-7)
+        if name in average:
+            torch.testing.assert_close(average[name], value, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("weighting,coefficient", [

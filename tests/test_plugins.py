@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import compose_config, run_experiment, stop_and_resume
+from helpers import FakeTemplate, compose_config, run_experiment, stop_and_resume
 from torch import nn
 
 from cl_ema.errors import UserError
@@ -82,24 +82,6 @@ def test_the_teacher_of_each_sample_is_the_ema_model_more_confident_in_its_label
     assert torch.equal(chosen, torch.stack([plastic[0], stable[1], plastic[2]]))
 
 
-class _Strategy(SimpleNamespace):
-    """What CLS-ER reads of cl_ema's template (cl_ema.plugins.DeviceTemplate), and no more."""
-
-    mb_index = torch.empty(0, dtype=torch.long)
-
-    def autocast(self):
-        return torch.autocast("cpu", enabled=False)
-
-    def inputs(self, index, augment=True):
-        raise NotImplementedError
-
-    def input_batches(self):
-        raise NotImplementedError
-
-    def training_batches(self):
-        raise NotImplementedError
-
-
 def test_consistency_loss_uses_the_replayed_samples_only():
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
@@ -108,7 +90,7 @@ def test_consistency_loss_uses_the_replayed_samples_only():
     with torch.no_grad():
         model.weight.add_(1.0)  # the live weights move away from the (initial) EMA teachers
     inputs, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
-    strategy = _Strategy(mb_x=inputs, mb_y=labels, mb_replayed=2, loss=torch.zeros(()))
+    strategy = FakeTemplate(mb_x=inputs, mb_y=labels, mb_replayed=2, loss=torch.zeros(()))
     plugin.before_forward(strategy)
     strategy.mb_output = model(inputs)
     plugin.before_backward(strategy)
@@ -120,7 +102,7 @@ def test_consistency_loss_uses_the_replayed_samples_only():
     strategy.loss, strategy.mb_output = torch.zeros(()), torch.cat([model(inputs[:4]) * 7, model(inputs[4:])])
     plugin.before_backward(strategy)
     torch.testing.assert_close(strategy.loss, expected)
-    strategy = _Strategy(mb_x=inputs, mb_y=labels, mb_replayed=0, loss=torch.zeros(()))
+    strategy = FakeTemplate(mb_x=inputs, mb_y=labels, mb_replayed=0, loss=torch.zeros(()))
     plugin.before_forward(strategy)
     strategy.mb_output = model(inputs)
     plugin.before_backward(strategy)
@@ -238,13 +220,6 @@ def test_a_slow_backbone_trains_through_avalanches_optimizer_updates(tmp_path):
 
 
 # ---------------------------------------------------------------------------- DER and DER++
-class _DERTemplate(_Strategy):
-    """What DER reads of cl_ema's template: the batch's indices and the inputs of memory samples."""
-
-    def inputs(self, index, augment=True):
-        return self.store[index]
-
-
 def test_der_and_derpp_losses_against_hand_computation():
     from cl_ema.plugins.der import DERPlugin
 
@@ -255,7 +230,7 @@ def test_der_and_derpp_losses_against_hand_computation():
     index, labels = torch.arange(6), torch.tensor([0, 1, 2, 3, 0, 1])
     old_logits = torch.randn(6, 4)
     plugin.memory.add(index, labels, old_logits)
-    strategy = _DERTemplate(model=model, store=store, loss=torch.zeros(()), train_mb_size=10, device="cpu",
+    strategy = FakeTemplate(model=model, store=store, loss=torch.zeros(()), train_mb_size=10, device="cpu",
                             mb_replayed=0, mb_index=index, mb_x=store[index])  # fmt: skip
     twin = DERPlugin(mem_size=8, batch_size_mem=3, alpha=0.7, beta=0.3, seed=1)
     twin.memory.add(index, labels, old_logits)  # the same memory and generator: the same draws
