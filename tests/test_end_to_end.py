@@ -230,6 +230,7 @@ def test_wandb_offline_run_holds_what_was_logged(tmp_path):
 
 def test_wandb_failure_does_not_stop_training(tmp_path, monkeypatch, capsys):
     import wandb
+
     from cl_ema.loggers import Loggers
 
     def broken(*args, **kwargs):
