@@ -17,13 +17,15 @@ difference to ``live`` (mean and 95 % Student-t interval over seeds). It prints 
 ``<out>/paper_tables.md``) mean ± sample std over seeds, in %, with the published value beside each
 cell and a mark where ours is more than 2 std away from it; then the wall time of each run and the
 time per step of DER++ and CLS-ER against ER's under the same protocol. Every run's folder stays
-under ``<out>`` for ``python -m cl_ema.report``.
+under ``<out>`` for ``python -m cl_ema.report``; a run finished there before is read back, not rerun,
+so an interrupted study goes on where it stopped and more seeds run only the new ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ from cl_ema.config import check, compose
 from cl_ema.console import Console
 from cl_ema.plugins import LIVE
 from cl_ema.report import paired_interval
+from cl_ema.results import Results
 from cl_ema.runner import run
 
 # Published: Mammoth's README (Buzzega et al. 2020; aimagelab/mammoth, first commit's table) and
@@ -76,13 +79,29 @@ def jobs(experiment: str) -> list[Job]:
     return out
 
 
-def run_one(out: Path, experiment: str, seed: int, job: Job, data_root: Path):
+def run_one(out: Path, experiment: str, seed: int, job: Job, data_root: Path) -> tuple[Results, float]:
+    """The run's results and wall time; a run finished before (an interrupted study) is read back, not rerun."""
+    folder = out / experiment / job.name / f"seed{seed}"
+    if done := finished(folder):
+        return done, done.meta["elapsed_s"]
     cfg = compose(f"experiment={experiment}", *job.overrides, f"seed={seed}", f"data.root={data_root}",
                   "data.download=false", "logger=none", "checkpoint=false", "device=cpu")  # fmt: skip
     check(cfg)
     started = time.perf_counter()
-    results = run(cfg, out / experiment / job.name / f"seed{seed}", console=Console(file=io.StringIO()))
+    results = run(cfg, folder, console=Console(file=io.StringIO()))
     return results, time.perf_counter() - started
+
+
+def finished(folder: Path) -> Results | None:
+    path = folder / "results.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("status") != "completed":
+        return None
+    state = ("format", "status", "tasks_done", "num_tasks", "baseline", "tracks")  # the rest of the file is meta
+    results = Results(list(saved["tracks"]), saved["num_tasks"], {k: v for k, v in saved.items() if k not in state})
+    results.load(saved)
+    results.status = "completed"
+    return results
 
 
 def cell(values: list[float], published: float | None = None, differences: list[float] | None = None) -> str:
@@ -181,11 +200,12 @@ def step_costs(args) -> str:
             er = ["replay.policy=reservoir", f"replay.mem_size={buffer}",
                   f"replay.batch_size_mem={cfg[replayed.split('.')[0]].batch_size_mem}"]  # fmt: skip
             per_step: dict[str, list[float]] = {"replay": [], method: []}
-            for _ in range(args.timing_rounds):
+            for round_ in range(args.timing_rounds):
                 for strategy in per_step:
                     extra = er if strategy == "replay" else []
-                    job = Job(strategy, [f"strategy={strategy}", *protocol, *extra], method, ema_track=False)
-                    results, _ = run_one(args.out / "timing", "seq_mnist", 0, job, args.data_root)
+                    overrides = [f"strategy={strategy}", *protocol, *extra]
+                    job = Job(f"{strategy}_{buffer}", overrides, method, ema_track=False)
+                    results, _ = run_one(args.out / f"timing{round_}", "seq_mnist", 0, job, args.data_root)
                     per_step[strategy].append(1000 * results.meta["train_s"] / sum(results.meta["steps_per_task"]))
             if args.timing_rounds:
                 replay, other = (float(np.median(v)) for v in per_step.values())
