@@ -133,7 +133,6 @@ def main() -> None:
     args = parser.parse_args()
     values: dict[tuple[str, str, str], list[float]] = {}  # (row, experiment, setting) → accuracy per seed
     times: dict[tuple[str, str], list[float]] = {}
-    started = time.perf_counter()
     for experiment in args.experiments:
         for job in jobs(experiment):
             for seed in range(args.seeds):
@@ -152,7 +151,7 @@ def main() -> None:
                 print(f"{experiment} {job.name} seed {seed}: {wall:.1f} s, "
                       + ", ".join(f"{row} {100 * values[row, experiment, 'class_il'][-1]:.2f}" for row in rows),
                       flush=True)  # fmt: skip
-    total = time.perf_counter() - started
+    total = sum(t for v in times.values() for t in v)  # a run read back counts its training + evaluation
     lines = [
         f"mean ± std over {args.seeds} seeds, in % (published value in parentheses; † more than 2 std away). "
         "`+ EMA`: the evaluation-only EMA of the row above (horizon one task), with its paired difference Δ "
