@@ -1,6 +1,6 @@
 """Mammoth's and CLS-ER's MNIST tables, reproduced on real MNIST under their published protocols.
 
-    python benchmarks/paper_tables.py --data-root DIR [--seeds 5] [--out paper_tables]
+    python benchmarks/paper_tables.py --data-root DIR [--seeds 5] [--out paper_tables] [--only JOB ...]
 
 ``DIR`` holds MNIST in torchvision's layout (``DIR/MNIST/raw``). For each experiment
 (``seq_mnist``, ``perm_mnist``, ``rot_mnist``) and seed it runs, in this process:
@@ -129,12 +129,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("paper_tables"))
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="JOB",
+        help="only these runs (sgd, er_200, …, clser_500), to "
+        "share a table among processes: a last call without it reads their runs back",
+    )
     parser.add_argument("--timing-rounds", type=int, default=3, help="rounds of the time-per-step comparison")
     args = parser.parse_args()
     values: dict[tuple[str, str, str], list[float]] = {}  # (row, experiment, setting) → accuracy per seed
     times: dict[tuple[str, str], list[float]] = {}
     for experiment in args.experiments:
-        for job in jobs(experiment):
+        for job in (j for j in jobs(experiment) if not args.only or j.name in args.only):
             for seed in range(args.seeds):
                 results, wall = run_one(args.out, experiment, seed, job, args.data_root)
                 times.setdefault((experiment, job.name), []).append(wall)
