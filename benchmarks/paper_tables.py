@@ -93,13 +93,18 @@ def run_one(out: Path, experiment: str, seed: int, job: Job, data_root: Path) ->
 
 
 def finished(folder: Path) -> Results | None:
+    """The completed run in ``folder``; None for none, an unfinished one or an unreadable file (run again)."""
     path = folder / "results.json"
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    if saved.get("status") != "completed":
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        if saved.get("status") != "completed":
+            return None
+        state = ("format", "status", "tasks_done", "num_tasks", "baseline", "tracks")  # the rest is meta
+        meta = {k: v for k, v in saved.items() if k not in state}
+        results = Results(list(saved["tracks"]), saved["num_tasks"], meta)
+        results.load(saved)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    state = ("format", "status", "tasks_done", "num_tasks", "baseline", "tracks")  # the rest of the file is meta
-    results = Results(list(saved["tracks"]), saved["num_tasks"], {k: v for k, v in saved.items() if k not in state})
-    results.load(saved)
     results.status = "completed"
     return results
 
@@ -129,13 +134,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("paper_tables"))
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
-    parser.add_argument(
-        "--only",
-        nargs="+",
-        metavar="JOB",
-        help="only these runs (sgd, er_200, …, clser_500), to "
-        "share a table among processes: a last call without it reads their runs back",
-    )
+    names = [job.name for job in jobs(EXPERIMENTS[0])]
+    parser.add_argument("--only", nargs="+", metavar="JOB", choices=names,
+                        help="only these runs, to share a table among processes (a last call without it reads "
+                        f"every run back): {', '.join(names)}")  # fmt: skip
     parser.add_argument("--timing-rounds", type=int, default=3, help="rounds of the time-per-step comparison")
     args = parser.parse_args()
     values: dict[tuple[str, str, str], list[float]] = {}  # (row, experiment, setting) → accuracy per seed

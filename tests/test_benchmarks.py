@@ -70,3 +70,13 @@ def test_paper_tables_script_on_generated_mnist(tmp_path):
     assert "| DER++ 500 |" in table and "(91.00" in table and "| DER 200 + EMA |" in table and ", Δ " in table
     assert "derpp's protocol with buffer 200: ER" in table and "cls_er's protocol with buffer 500" in table
     assert len(list((tmp_path / "out" / "seq_mnist").glob("*/seed1/results.json"))) == 9
+    # finished runs are read back, not rerun: a third seed of one job runs that one run alone
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("results.json")}
+    (tmp_path / "out" / "seq_mnist" / "sgd" / "seed0" / "results.json").write_text("{not json")  # run again
+    run_script("paper_tables.py", "--data-root", str(tmp_path / "data"), "--seeds", "3", "--experiments", "seq_mnist",
+               "--timing-rounds", "0", "--only", "sgd", "--out", str(tmp_path / "out"))  # fmt: skip
+    changed = {p for p in (tmp_path / "out").rglob("results.json") if written.get(p) != p.stat().st_mtime_ns}
+    assert {p.relative_to(tmp_path / "out").as_posix() for p in changed} == {
+        "seq_mnist/sgd/seed0/results.json", "seq_mnist/sgd/seed2/results.json"}  # fmt: skip
+    only = (tmp_path / "out" / "paper_tables.md").read_text()
+    assert "| SGD + EMA |" in only and "| ER 200 |" not in only and "over 3 seeds" in only
