@@ -212,7 +212,7 @@ def step_costs(args) -> str:
                 for strategy in per_step:
                     extra = er if strategy == "replay" else []
                     overrides = [f"strategy={strategy}", *protocol, *extra]
-                    job = Job(f"{strategy}_{buffer}", overrides, method, ema_track=False)
+                    job = Job(f"{strategy}_{files}_{buffer}", overrides, method, ema_track=False)
                     results, _ = run_one(args.out / f"timing{round_}", "seq_mnist", 0, job, args.data_root)
                     per_step[strategy].append(1000 * results.meta["train_s"] / sum(results.meta["steps_per_task"]))
             if args.timing_rounds:

@@ -70,6 +70,7 @@ def test_paper_tables_script_on_generated_mnist(tmp_path):
     assert "| DER++ 500 |" in table and "(91.00" in table and "| DER 200 + EMA |" in table and ", Δ " in table
     assert "derpp's protocol with buffer 200: ER" in table and "cls_er's protocol with buffer 500" in table
     assert len(list((tmp_path / "out" / "seq_mnist").glob("*/seed1/results.json"))) == 9
+    assert len(list((tmp_path / "out" / "timing0" / "seq_mnist").iterdir())) == 8  # ER and the method, per protocol
     # finished runs are read back, not rerun: a third seed of one job runs that one run alone
     written = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("results.json")}
     (tmp_path / "out" / "seq_mnist" / "sgd" / "seed0" / "results.json").write_text("{not json")  # run again
