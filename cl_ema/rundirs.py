@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -36,6 +37,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
+from cl_ema.__main__ import STOP_SIGNALS
 from cl_ema.config import LAST_CHECKPOINT, resume_request
 from cl_ema.environment import is_main
 from cl_ema.errors import Refused, UserError, first_line
@@ -219,6 +221,10 @@ def _refuse_on_error(claim_in: Any, config: DictConfig) -> None:
     """Hydra turns an Exception raised in a callback into a mere warning: a folder that cannot be
     claimed must stop the run instead, before anything is written."""
     HydraConfig.instance().set_config(config)  # the run folder's name reads Hydra's choices
+    # A signal raised inside the imports the claim makes (numpy, torch) can leave a library half
+    # imported and surface as an unrelated error: signals wait until the claim is done.
+    held = {signal.SIGINT, *(getattr(signal, name) for name in STOP_SIGNALS)}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
     try:
         claim_in(config)
     except UserError as err:
@@ -235,6 +241,9 @@ def _refuse_on_error(claim_in: Any, config: DictConfig) -> None:
         raise
     except Exception as err:  # noqa: BLE001 - anything else: refuse rather than share a folder
         raise Refused(f"cannot claim the run folder ({first_line(err, with_type=True)})") from err
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held signal is delivered here
 
 
 def _jobs_at_once(config: DictConfig) -> int:
