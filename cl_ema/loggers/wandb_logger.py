@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import netrc
 import os
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,10 +90,8 @@ class WandbLogger:
         self.wandb = wandb
         self.out_dir = run.out_dir
         run_id = (resumed or {}).get("run_id")
-        self.run = self._init(
-            run_id,
-            init_timeout,
-            lambda: wandb.init(
+        try:
+            self.run = wandb.init(
                 project=project,
                 entity=entity,
                 group=group or run.group,
@@ -107,26 +104,14 @@ class WandbLogger:
                 id=run_id,
                 resume="allow" if run_id else None,
                 settings=wandb.Settings(quiet=True, silent=True, init_timeout=init_timeout),
-            ),
-        )
+            )
+        except Exception as err:
+            raise RuntimeError(first_line(err)) from None
         self.run.define_metric(STEP)
         self.run.define_metric(TRAIN_STEP)
         for track in run.tracks:  # per-prefix step metrics: continual evaluation uses its own step
             self.run.define_metric(f"{track}/*", step_metric=STEP)
         self.run.define_metric(f"{CONTINUAL}/*", step_metric=TRAIN_STEP)
-
-    @staticmethod
-    def _init(run_id: str | None, timeout: float, init: Callable[[], Any]) -> Any:
-        """``init()``, retried while a resumed run's id is still held: after kill -9 the killed run's
-        W&B service outlives it for some seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return init()
-            except Exception as err:
-                if not (run_id and "is in use" in str(err)) or time.monotonic() > deadline:
-                    raise RuntimeError(first_line(err)) from None
-                time.sleep(1.0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run.id}
