@@ -43,12 +43,15 @@ def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     run_dir = tmp_path / "run"
-    proc = cli(*SLOW_RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = cli(*SLOW_RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path, start_new_session=True)
     last = run_dir / "checkpoints" / "last.pt"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # in task 2, or between task 1's checkpoint and its results.json
+    # in task 2, or between task 1's checkpoint and its results.json; the whole process group, as a
+    # dying node or a scheduler's kill ends it: W&B's service process would outlive the run alone
+    # and hold its run id (see README, "Reproducibility, checkpoints and resume")
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     if (run_dir / "results.json").exists():  # the checkpoint is written first: it may be all there is
         interrupted = json.loads((run_dir / "results.json").read_text())
