@@ -244,6 +244,27 @@ def test_wandb_failure_does_not_stop_training(tmp_path, monkeypatch, capsys):
     assert results.status == "completed" and (tmp_path / "results.json").exists()
 
 
+def test_a_run_id_held_by_a_shared_wandb_service_resumes_through_its_own(tmp_path):
+    """A killed run's stream stays open in a W&B service it shared (WANDB_SERVICE): the resume goes on."""
+    import wandb
+
+    held = wandb.init(project="cl_ema", dir=str(tmp_path), id="heldrun1", mode="offline")  # its service is shared
+    resume = (
+        "import wandb; from cl_ema.loggers.wandb_logger import init_own_run; "
+        f"run = init_own_run(wandb, project='cl_ema', dir={str(tmp_path)!r}, id='heldrun1', resume='allow', "
+        "mode='offline'); print(run.id); run.finish()"
+    )
+    try:
+        env = {**os.environ, "WANDB_SILENT": "true"}
+        assert env.get("WANDB_SERVICE")
+        proc = subprocess.run([sys.executable, "-c", resume], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        held.finish()
+    assert proc.returncode == 0 and proc.stdout.strip() == "heldrun1", proc.stderr[-2000:]
+    (warning,) = proc.stderr.strip().splitlines()
+    assert warning.startswith("warning: W&B run heldrun1 is still open in the W&B service named by WANDB_SERVICE")
+
+
 @pytest.mark.slow
 def test_cli_default_run_from_a_non_editable_install(tmp_path):
     """`python -m cl_ema` with no arguments, from a wheel, in an unrelated working directory."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import wandb
 from conftest import CHECKPOINTED
 from helpers import cli_in_process, run_experiment
 
@@ -42,16 +43,17 @@ def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+    # both runs log through this process's W&B service, as under a launcher that uses wandb: the
+    # killed run's stream stays open there, and the resume must continue through a service of its own
+    wandb.setup()
+    assert os.environ.get(wandb.env.SERVICE)
     run_dir = tmp_path / "run"
-    proc = cli(*SLOW_RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path, start_new_session=True)
+    proc = cli(*SLOW_RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     last = run_dir / "checkpoints" / "last.pt"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    # in task 2, or between task 1's checkpoint and its results.json; the whole process group, as a
-    # dying node or a scheduler's kill ends it: W&B's service process would outlive the run alone
-    # and hold its run id (see README, "Reproducibility, checkpoints and resume")
-    os.killpg(proc.pid, signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # in task 2, or between task 1's checkpoint and its results.json
     proc.wait()
     if (run_dir / "results.json").exists():  # the checkpoint is written first: it may be all there is
         interrupted = json.loads((run_dir / "results.json").read_text())
@@ -61,13 +63,14 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     assert f"resuming {run_dir} after task 1/2" in out
+    assert "is still open in the W&B service named by WANDB_SERVICE" in err
 
     run_experiment(tmp_path / "whole", *SLOW_RUN)  # uninterrupted, same seed
     final = json.loads((run_dir / "results.json").read_text())
     assert final["status"] == "completed"
     assert final["tracks"] == tracks(tmp_path / "whole" / "results.json")  # identical on CPU
-    runs = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in runs}) == 1  # W&B resumed the same run id
+    records = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 2 and len({p.name for p in records}) == 1  # W&B resumed the same run id
 
 
 def test_resume_true_finds_the_run_of_the_same_configuration(checkpointed_run, tmp_path):

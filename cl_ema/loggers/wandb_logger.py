@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cl_ema.errors import first_line
+from cl_ema.errors import first_line, warn
 from cl_ema.loggers import RunInfo, eval_log, task_log
 from cl_ema.metrics import CONTINUAL, DIFF, SETTINGS, STEP, TRAIN_STEP, final_key
 from cl_ema.options import positive
@@ -69,6 +69,27 @@ def resolve_mode(requested: Mode) -> str | None:
     return "online" if os.environ.get("WANDB_SWEEP_ID") or logged_in() else "offline"
 
 
+def init_own_run(wandb: Any, **init: Any) -> Any:
+    """``wandb.init``; when the run id is still open in a W&B service this process inherited
+    (``WANDB_SERVICE``: a parent that uses wandb, a `wandb beta core start` service), the run
+    continues through a service of its own, with one warning.
+
+    A run killed while logging through a shared service leaves its stream open there, so its
+    resume would otherwise fail with "run ID … is in use" until that service exits.
+    """
+    try:
+        return wandb.init(**init)
+    except Exception as err:
+        if "is in use" not in str(err) or not os.environ.pop(wandb.env.SERVICE, None):
+            raise
+    warn(
+        f"W&B run {init['id']} is still open in the W&B service named by {wandb.env.SERVICE} "
+        "(a killed run's); this run continues it through a W&B service of its own"
+    )
+    wandb.teardown()  # drops the connection to the shared service, which keeps running
+    return wandb.init(**init)
+
+
 class WandbLogger:
     """Logs to W&B; an unreachable server costs at most ``init_timeout`` seconds and one warning."""
 
@@ -91,7 +112,8 @@ class WandbLogger:
         self.out_dir = run.out_dir
         run_id = (resumed or {}).get("run_id")
         try:
-            self.run = wandb.init(
+            self.run = init_own_run(
+                wandb,
                 project=project,
                 entity=entity,
                 group=group or run.group,
@@ -99,7 +121,7 @@ class WandbLogger:
                 name=run.name,
                 config={**run.config, "world_size": run.world_size},
                 dir=str(run.out_dir),
-                mode=resolve_mode(mode),  # type: ignore[arg-type]
+                mode=resolve_mode(mode),
                 reinit="finish_previous",  # one run per job under Hydra multirun
                 id=run_id,
                 resume="allow" if run_id else None,
@@ -119,11 +141,13 @@ class WandbLogger:
     @property
     def offline_dirs(self) -> list[str]:
         """The offline run folders to upload with `wandb sync`, oldest first: a resumed run has one per
-        session, all of one run id (none when online)."""
+        session, all of one run id (none when online). A folder W&B names ``…-<id>-1`` (two
+        sessions in one second) counts; one without records (an init that failed) does not."""
         if self.run.settings.mode != "offline":
             return []
         here = Path(os.path.dirname(self.run.dir))
-        return sorted({str(p) for p in here.parent.glob(f"offline-run-*-{self.run.id}")} | {str(here)})
+        records = here.parent.glob(f"offline-run-*-{self.run.id}*/run-{self.run.id}.wandb")
+        return sorted({str(p.parent) for p in records} | {str(here)})
 
     def log_task(self, results: Results, task: int) -> None:
         self.run.log(task_log(results, task))
