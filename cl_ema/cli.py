@@ -57,8 +57,9 @@ def _run(cfg: DictConfig) -> float | None:
                  f"{', '.join(plugin_nodes(cfg)) or 'none'}); it changes nothing")  # fmt: skip
         from cl_ema.runner import run  # heavy imports only once the config is known to be good
 
+        single = hydra_cfg.mode != RunMode.MULTIRUN  # known before: a Ctrl-C finds no work left between
         results = run(cfg, Path(hydra_cfg.runtime.output_dir))
-        if hydra_cfg.mode != RunMode.MULTIRUN:
+        if single:
             _quiet_exit()  # the run is complete and said so: a Ctrl-C from here on changes nothing
         return results.metrics(LIVE, results.tasks_done - 1)["avg_acc"]  # the objective for sweepers
     except Exception as err:

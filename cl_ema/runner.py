@@ -38,25 +38,29 @@ def run(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> Resul
         if processes.main:
             atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         try:
-            train_all_tasks(the_run, console)
-            console.final(the_run.results)
-            console.print(f"\nresults: {out_dir / 'results.json'} ({the_run.results.meta['elapsed_s']:.1f} s training "
-                          "+ evaluation)")  # fmt: skip
-        finally:
-            finish_loggers(the_run)  # last: W&B prints how to upload an offline run
+            try:
+                train_all_tasks(the_run, console)
+                console.final(the_run.results)
+                console.print(f"\nresults: {out_dir / 'results.json'} ({the_run.results.meta['elapsed_s']:.1f} s "
+                              "training + evaluation)")  # fmt: skip
+            finally:
+                the_run.loggers.finish(the_run.results)  # last: W&B prints how to upload an offline run
+        except (KeyboardInterrupt, Interrupted) as err:
+            if isinstance(err, Interrupted) and err.run_dir:  # training's own: it says where it stopped
+                raise
+            raise stopped_after_training(the_run, err) from None
     finally:
         distributed.stop()
     return the_run.results
 
 
-def finish_loggers(run: Run) -> None:
-    """The loggers' end (W&B writes and syncs its run); Ctrl-C there leaves the results as they are."""
-    try:
-        run.loggers.finish(run.results)
-    except KeyboardInterrupt:
-        results = run.results
-        raise Interrupted("SIGINT", str(run.out_dir), results.tasks_done, completed=results.status == "completed",
-                          resumable=bool(run.cfg.checkpoint and results.tasks_done)) from None  # fmt: skip
+def stopped_after_training(run: Run, err: BaseException) -> Interrupted:
+    """A signal while the results are printed or the loggers finish (W&B writes and syncs its run): the
+    results stay as they are, complete or resumable."""
+    results = run.results
+    return Interrupted(err.signal_name if isinstance(err, Interrupted) else "SIGINT", str(run.out_dir),
+                       results.tasks_done, completed=results.status == "completed",
+                       resumable=bool(run.cfg.checkpoint and results.tasks_done))  # fmt: skip
 
 
 def resume_point(cfg: DictConfig, out_dir: Path) -> tuple[Path, dict | None]:

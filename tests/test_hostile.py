@@ -644,6 +644,28 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path):
     assert status == 130 and "interrupted by SIGINT" in one_error_line(err)
 
 
+@pytest.mark.parametrize("moment", ["final metrics", "results:", "W&B"])
+def test_a_signal_after_training_says_the_results_are_complete(tmp_path, monkeypatch, moment):
+    from cl_ema.console import Console
+    from cl_ema.loggers import Loggers
+
+    def stop_at(method, matches):
+        def stopped(self, *args):
+            if matches(*args):
+                raise KeyboardInterrupt
+            return method(self, *args)
+
+        return stopped
+
+    if moment == "W&B":
+        monkeypatch.setattr(Loggers, "finish", stop_at(Loggers.finish, lambda results: True))
+    else:  # while the table or the results line is printed
+        monkeypatch.setattr(Console, "print", stop_at(Console.print, lambda text="": moment in text))
+    code, _, err = cli_in_process(*FAST, "data.n_tasks=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert code == 130 and "interrupted by SIGINT after the run completed" in one_error_line(err)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
+
+
 @pytest.mark.slow
 def test_ctrl_c_after_the_last_task_says_the_results_are_complete(tmp_path):
     proc = cli("logger.wandb.mode=offline", "data.n_tasks=2", "train.epochs=1", cwd=tmp_path,
