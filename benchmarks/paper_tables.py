@@ -99,14 +99,9 @@ def finished(folder: Path) -> Results | None:
         saved = json.loads(path.read_text()) if path.is_file() else {}
         if saved.get("status") != "completed":
             return None
-        state = ("format", "status", "tasks_done", "num_tasks", "baseline", "tracks")  # the rest is meta
-        meta = {k: v for k, v in saved.items() if k not in state}
-        results = Results(list(saved["tracks"]), saved["num_tasks"], meta)
-        results.load(saved)
+        return Results.from_dict(saved)
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    results.status = "completed"
-    return results
 
 
 def cell(values: list[float], published: float | None = None, differences: list[float] | None = None) -> str:

@@ -33,6 +33,9 @@ if TYPE_CHECKING:  # the report reads results without importing torch or Avalanc
     from cl_ema.evaluation import Accuracies
 
 
+_STATE = ("format", "status", "tasks_done", "num_tasks", "baseline", "tracks")  # to_dict's keys that are not meta
+
+
 class Results:
     """Accuracy matrices (class-IL and task-IL) per track, filled row by row."""
 
@@ -90,6 +93,16 @@ class Results:
             "baseline": self.baseline,
             "tracks": tracks,
         }
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Results:
+        """The results ``to_dict()`` wrote (a run's results.json), status and stability included; ValueError
+        (as ``load``), KeyError or TypeError if it is not such a dict."""
+        results = cls(list(saved["tracks"]), saved["num_tasks"], {k: v for k, v in saved.items() if k not in _STATE})
+        results.load(saved)
+        results.status = str(saved["status"])
+        results.stability = {t: e["stability"] for t, e in saved["tracks"].items() if "stability" in e}
+        return results
 
     def load(self, saved: dict[str, Any]) -> None:
         """Continue from ``to_dict()`` output (of a run with the same tracks and tasks); ValueError if it

@@ -139,6 +139,16 @@ def test_result_files(runs):
     assert not list(out.rglob("*.tmp"))  # atomic writes leave nothing behind
 
 
+def test_results_json_reads_back_into_the_same_results(runs):
+    from cl_ema.results import Results
+
+    _, out, _ = runs("multi", "strategy=ema", DECAYS)
+    saved = json.loads((out / "results.json").read_text())
+    again = Results.from_dict(saved)
+    assert again.status == "completed" and again.meta["class_order"] == saved["class_order"]
+    assert json.loads(json.dumps(again.to_dict())) == saved
+
+
 def test_checkpoint_holds_every_shadow_and_loads_safely(tmp_path):
     from cl_ema.ema import EMA
 
