@@ -155,7 +155,9 @@ def _fail(message: str, status: int = 2, said_by_main: bool = True) -> NoReturn:
     sys.exit(status)
 
 
-MAIN_SPEAKS_S = 3.0  # how long another process of a torchrun leaves the main one to fail alike
+# how long another process of a torchrun leaves the main one to fail alike: the processes meet bad input
+# seconds apart on a loaded machine, and the wait is only served in full when the error is this one's own
+MAIN_SPEAKS_S = 10.0
 
 
 def _quiet_exit() -> None:
