@@ -48,15 +48,16 @@ def run(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> Resul
         except (KeyboardInterrupt, Interrupted) as err:
             if isinstance(err, Interrupted) and err.run_dir:  # training's own: it says where it stopped
                 raise
-            raise stopped_after_training(the_run, err) from None
+            raise stopped(the_run, err) from None
     finally:
         distributed.stop()
     return the_run.results
 
 
-def stopped_after_training(run: Run, err: BaseException) -> Interrupted:
-    """A signal while the results are printed or the loggers finish (W&B writes and syncs its run): the
-    results stay as they are, complete or resumable."""
+def stopped(run: Run, err: BaseException) -> Interrupted:
+    """A signal (a Ctrl-C's KeyboardInterrupt, or Interrupted) said with where it left ``run``: in a task,
+    or while the results are printed or the loggers finish (W&B writes and syncs its run); the results
+    stay as they are, complete or resumable."""
     results = run.results
     return Interrupted(err.signal_name if isinstance(err, Interrupted) else "SIGINT", str(run.out_dir),
                        results.tasks_done, completed=results.status == "completed",
@@ -116,9 +117,7 @@ def train_all_tasks(run: Run, console: Console) -> None:
         results.status = "completed"
     except (KeyboardInterrupt, Interrupted) as err:
         results.status = "interrupted"
-        name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
-        resumable = bool(cfg.checkpoint and results.tasks_done)
-        raise Interrupted(name, str(run.out_dir), results.tasks_done, resumable) from None
+        raise stopped(run, err) from None
     except SystemExit:  # submitit's handler of a preemption or time-limit signal: it requeues the job
         results.status = "interrupted"
         raise
