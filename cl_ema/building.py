@@ -1,172 +1,103 @@
-"""Config nodes with a ``_target_`` → objects, each value checked against the code that takes it.
+"""Config nodes with a ``_target_`` → checked specs → objects: checked once, built once.
 
-``build(node, key, **context)`` instantiates ``node`` with Hydra. Before that, every key of the
-node is checked against the target's signature: it must be a parameter, of the annotated type,
-and finite if it is a float. *Context* values (the data spec, the run directory, the seed, …)
-are passed to the targets whose signature names them, so a model asks for ``spec`` and a logger
-for ``run`` without the config repeating them. A problem is one ``UserError`` naming the key,
-e.g. ``model.hidden='abc': must be int``.
+``check_node(node, key, given)`` checks a node against the code it reaches, by the one validator of
+``cl_ema.options`` (pydantic): every key must be a typed parameter of the target and fit its type and
+range. A target that is an *options class* (a class with ``builds``, the dotted path of the code it
+configures, as every plugin of cl_ema has in ``cl_ema.plugins.options``) is checked by constructing it,
+without importing that code: a plugin's bad value is refused before torch is loaded. Any other target
+(a model, a dataset, a ``torch.optim`` class, a plugin of the user's) is checked against its signature.
+A problem is one ``UserError`` naming the key as the user typed it: ``model.hidden='abc': Input should be
+a valid integer``.
+
+The ``Spec`` that comes back builds the object once: ``spec.build(**context)`` passes the context values
+(the data spec, the run directory, the seed, …) that the target's signature names, so a model asks for
+``spec`` and a logger for ``run`` without the config repeating them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import functools
 import inspect
-import math
-import os
-import types
-import typing
-from collections.abc import Callable, Mapping, Sequence
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from hydra.errors import InstantiationException
-from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
 
 from cl_ema.errors import UserError, first_line
-from cl_ema.options import OptionError
+from cl_ema.options import OptionError, arguments, fields_of
 
 _RESERVED = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 
 
-def build(node: DictConfig | Mapping, key: str, **context: Any) -> Any:
-    """Instantiate ``node`` (a config with ``_target_``) named ``key`` in the config."""
+@dataclass
+class Spec:
+    """A checked config node: what it builds, with which arguments (converted), ready to build once."""
+
+    key: str
+    target: Callable[..., Any]
+    arguments: dict[str, Any]
+    options: Any = None  # the options object, when the target is an options class
+
+    def recorded(self) -> dict[str, Any]:
+        """The node's values as the run uses them, for the config a run records (JSON values only)."""
+        values = fields_of(self.options) if self.options is not None else self.arguments
+        return {k: v for k, v in values.items() if _is_json(v)}
+
+    def build(self, **context: Any) -> Any:
+        """The object, given the ``context`` values its target's signature asks for."""
+        target = self.target
+        if self.options is not None:
+            target = _locate(type(self.options).builds, f"{self.key} (built by {type(self.options).__name__})")
+        parameters = _parameters(target)
+        passed = {name: value for name, value in context.items() if name in parameters}
+        args = [self.options] if self.options is not None else []
+        try:
+            return target(*args, **self.arguments, **passed)
+        except OptionError as err:  # an option only the run can check (a horizon in tasks needs the steps)
+            raise UserError(str(err.renamed(self.key))) from None
+        except (ValueError, OverflowError) as err:  # the range checks of others' code (torch.optim's)
+            raise UserError(f"{self.key}: {first_line(err)}") from err
+
+
+def check_node(node: DictConfig | Mapping, key: str, given: Iterable[str] = ()) -> Spec:
+    """Check ``node`` (a config with ``_target_``) named ``key``; ``given``: the context its build will pass."""
     if not isinstance(node, (DictConfig, Mapping)) or "_target_" not in node:
         raise UserError(f"{key}: needs a _target_ (the class or function it builds), got {node!r}")
-    for name in node:
-        if isinstance(node, DictConfig) and OmegaConf.is_missing(node, name):
-            raise UserError(f"{key}.{name}: needs a value (set {key}.{name}=…)")
-    target = _locate(node["_target_"], key)
-    parameters, hints = _signature(target)
-    kwargs = {k: node[k] for k in node if k not in _RESERVED}
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    for name, value in kwargs.items():
-        if name not in parameters and not takes_any:
-            accepted = ", ".join(n for n, p in parameters.items() if p.kind is not p.VAR_POSITIONAL) or "nothing"
-            raise UserError(f"{key}.{name}: {_name(target)} takes no argument {name!r} (it takes {accepted})")
-        _check_value(f"{key}.{name}", _plain(value), hints.get(name, Any))
-    passed = {name: value for name, value in context.items() if name in parameters and name not in kwargs}
-    partial = bool(node.get("_partial_", False))
-    required = [
-        n for n, p in parameters.items() if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
-    for name in [] if partial else required:
-        if name not in kwargs and name not in passed:
-            raise UserError(f"{key}: {_name(target)} needs {name!r} (set {key}.{name})")
-    try:  # the config's arguments, converted to plain objects; context objects are passed as they are
-        factory = instantiate(node, _partial_=True, _convert_="object")
-    except InstantiationException as err:
-        if isinstance(err.__cause__, UserError):
-            raise err.__cause__ from None
-        raise
-    if partial:
-        return functools.partial(factory, **passed) if passed else factory
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    assert isinstance(values, dict)
+    target = _locate(values["_target_"], key)
+    kwargs = {str(k): v for k, v in values.items() if k not in _RESERVED}
     try:
-        return factory(**passed)
-    except OptionError as err:  # the target's own range checks, naming its parameter
+        if isinstance(getattr(target, "builds", None), str):  # an options class: constructing it checks it
+            return Spec(key, target, {}, options=target(**kwargs))
+        checked = arguments(target, kwargs, given=tuple(given))
+    except OptionError as err:
         raise UserError(str(err.renamed(key))) from None
-    except (ValueError, OverflowError) as err:  # the range checks of others' code (torch.optim's)
-        raise UserError(f"{key}: {err}") from err
+    return Spec(key, target, {k: v for k, v in checked.items() if k in kwargs})
 
 
 def _locate(path: Any, key: str) -> Callable:
     try:
         target = get_object(str(path))
     except Exception as err:  # noqa: BLE001 - import errors of any kind
-        detail = first_line(err)
-        raise UserError(f"{key}._target_={path}: cannot import it ({detail})") from None
+        raise UserError(f"{key}._target_={path}: cannot import it ({first_line(err)})") from None
     if not callable(target):
         raise UserError(f"{key}._target_={path}: not a class or function")
     return target
 
 
-def _signature(target: Callable) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
-    # a dataclass's generated __init__ has the fields' annotations; get_type_hints resolves them on the class
-    function = target if dataclasses.is_dataclass(target) else target.__init__ if inspect.isclass(target) else target
+def _parameters(target: Callable) -> dict[str, inspect.Parameter]:
     try:
-        parameters = dict(inspect.signature(target).parameters)
+        return dict(inspect.signature(target).parameters)
     except (TypeError, ValueError):  # builtins without a signature
-        return {}, {}
+        return {}
+
+
+def _is_json(value: Any) -> bool:
     try:
-        hints = typing.get_type_hints(function)
-    except Exception:  # noqa: BLE001 - unresolvable annotations: check names only
-        hints = {}
-    return parameters, hints
-
-
-def _name(target: Callable) -> str:
-    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
-def _check_value(key: str, value: Any, annotation: Any) -> None:
-    for number in _floats(value):
-        if not math.isfinite(number):
-            raise UserError(f"{key}={value!r}: must be a finite number")
-    if not _matches(value, annotation):
-        raise UserError(f"{key}={value!r}: must be {_describe(annotation)}")
-
-
-def _floats(value: Any) -> list[float]:
-    if isinstance(value, float):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [v for item in value for v in _floats(item)]
-    return []
-
-
-def _matches(value: Any, annotation: Any) -> bool:
-    """Whether a config value fits an annotation (unknown annotations accept anything)."""
-    if annotation is Any or annotation is inspect.Parameter.empty:
-        return True
-    if annotation is None or annotation is type(None):
-        return value is None
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
-    if origin is typing.Literal:
-        return value in args
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if inspect.isclass(annotation) and issubclass(annotation, enum.Enum):
-        return value in {m.value for m in annotation} or isinstance(value, annotation)
-    if inspect.isclass(annotation) and dataclasses.is_dataclass(annotation):
-        return isinstance(value, (Mapping, annotation))
-    if origin in (list, tuple, Sequence, typing.Sequence) or annotation in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False
-        inner = args[0] if args and (origin is not tuple or len(args) == 2 and args[1] is Ellipsis) else Any
-        return all(_matches(v, inner) for v in value)
-    if origin in (dict, Mapping) or annotation is dict:
-        return isinstance(value, Mapping)
-    if inspect.isclass(annotation) and issubclass(annotation, os.PathLike):
-        return isinstance(value, (str, os.PathLike))
-    if inspect.isclass(annotation):  # a tensor, a module: no config value is one
-        return isinstance(value, annotation)
-    return True  # annotations this check does not understand
-
-
-def _describe(annotation: Any) -> str:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is typing.Literal:
-        return "one of " + ", ".join(map(str, args))
-    if annotation is None or annotation is type(None):
-        return "null"
-    if inspect.isclass(annotation) and issubclass(annotation, enum.Enum):
-        return "one of " + ", ".join(str(m.value) for m in annotation)
-    return getattr(annotation, "__name__", str(annotation))
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -1,17 +1,19 @@
-"""The config schema: the keys of a run outside its plugins, their types, ranges, and which change results.
+"""The config: its schema (the keys of a run outside its plugins, their types and ranges, which change
+results), how it is composed, and its one check.
 
-``conf/`` holds the values; this module declares the keys. Types and choices are enforced by
-OmegaConf when Hydra merges overrides (``train.batch_size=abc`` fails there); ranges by each
-section's ``__post_init__``, run once per run by ``check()``. Nodes with a ``_target_`` (dataset,
-model, optimizer, loggers, and the strategy's plugins) are checked against the signature of the
-code they build (``cl_ema.building``): a plugin's options are the typed parameters of its class,
-declared beside its code (``cl_ema/plugins/``), and its node sits at the top level under its
-name, so users type ``ema.decay=0.99``. A top-level node with a ``_target_`` that is not a key of
-this schema is a plugin of the run (``plugin_nodes``); a strategy (``conf/strategy/*.yaml``) is
-the list of plugin configs it places there, and its name is its file's.
+``conf/`` holds the values; this module declares the keys. ``check(cfg)`` checks a composed config once
+per run, by one validator (pydantic, ``cl_ema.options``): the schema's sections against these dataclasses,
+and every node with a ``_target_`` (dataset, model, optimizer, loggers, and the strategy's plugins)
+against the typed signature of the code it builds (``cl_ema.building``). A plugin's options are an
+options class (``cl_ema.plugins.options``), torch-free, so a bad value is refused before torch or
+Avalanche is imported; a plugin's node sits at the top level under its name, so users type
+``ema.decay=0.99``. A top-level node with a ``_target_`` that is not a key of this schema is a plugin of
+the run (``plugin_nodes``); a strategy (``conf/strategy/*.yaml``) is the list of plugin configs it places
+there, and its name is its file's. The checked values are written back into the config, so that
+``results.json`` records them as the run used them (``1`` and ``1.0`` are one value).
 
-``NEUTRAL`` keys, marked on their fields, never change a run's results: resume may change them,
-the report and W&B grouping ignore them.
+``NEUTRAL`` keys, marked on their fields, never change a run's results: resume may change them, the
+report and W&B grouping ignore them.
 """
 
 from __future__ import annotations
@@ -19,26 +21,39 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
-from omegaconf.errors import MissingMandatoryValue
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from platformdirs import user_cache_dir
+from pydantic import AfterValidator, Field, Strict, TypeAdapter, ValidationError
 
+from cl_ema.building import Spec, check_node
 from cl_ema.errors import UserError
-from cl_ema.options import Choice, OptionError, count, positive
-
-if typing.TYPE_CHECKING:
-    import torch
+from cl_ema.options import STRICT, Choice, Flag, OptionError, Positive, Size
 
 NEUTRAL = {"neutral": True}  # the key never changes results
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
-SEED_LIMIT = 2**32  # numpy's RandomState takes seeds below 2³²
+MISSING = "???"  # OmegaConf's mark of a value the config must give
+Seed = Annotated[int, Strict(), Field(ge=0, lt=2**32)]  # numpy's RandomState takes seeds below 2³²
+Epochs = Annotated[int, Strict(), Field(ge=1, le=100_000)]
+
+
+def _device(name: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cpu:0|cuda|cuda:\d+", name):
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    return name
+
+
+Device = Annotated[str, AfterValidator(_device)]  # whether this machine has it is known once torch is loaded
 
 
 class Scenario(Choice):
@@ -61,58 +76,57 @@ class LossClasses(Choice):
 # ---------------------------------------------------------------------------- the schema
 @dataclass
 class DataConfig:
+    __pydantic_config__ = STRICT
+
     dataset: Any = MISSING  # `_target_` returning (train, test) TensorStores; conf/dataset/
     scenario: Scenario = Scenario.split
-    n_tasks: int = 5
+    n_tasks: Annotated[int, Strict(), Field(ge=1, le=100_000)] = 5
     class_order: list[int] | None = None  # split: None draws a permutation from `seed`
-    permute_first_task: bool = False  # permuted: False keeps task 1 unpermuted (van de Ven), Mammoth permutes all
-    augment: bool = False  # random crop (pad 4) + horizontal flip, on the device
+    # permuted (null elsewhere): False keeps task 1 unpermuted (van de Ven), Mammoth permutes all
+    permute_first_task: Flag | None = False
+    augment: Flag = False  # random crop (pad 4) + horizontal flip, on the device
     root: str | None = None  # None: $CL_EMA_DATA, else the user cache dir (another folder may hold other data)
-    download: bool = field(default=True, metadata=NEUTRAL)
-
-    def __post_init__(self) -> None:
-        count("data.n_tasks", self.n_tasks, 1, 100_000)
+    download: Flag = field(default=True, metadata=NEUTRAL)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
-    batch_size: int = 32  # the global batch, whatever the number of processes
-    eval_batch_size: int = 1024
-    drop_last: bool = False  # drop each task's last, smaller batch (CLS-ER's loaders do)
+    __pydantic_config__ = STRICT
+
+    epochs: Epochs = 1
+    batch_size: Size = 32  # the global batch, whatever the number of processes
+    eval_batch_size: Size = 1024
+    drop_last: Flag = False  # drop each task's last, smaller batch (CLS-ER's loaders do)
     precision: Precision = Precision.auto  # weights and averages stay fp32
-    channels_last: bool = False  # NHWC layout for conv nets (faster with bf16 on recent GPUs)
-    compile: bool = False  # torch.compile the model in place (its state-dict keys stay the same)
-    sync_batchnorm: bool = False  # with several processes: BatchNorm statistics over the global batch
+    channels_last: Flag = False  # NHWC layout for conv nets (faster with bf16 on recent GPUs)
+    compile: Flag = False  # torch.compile the model in place (its state-dict keys stay the same)
+    sync_batchnorm: Flag = False  # with several processes: BatchNorm statistics over the global batch
     loss_classes: LossClasses = LossClasses.all
-    lr_milestones: list[int] = field(default_factory=list)  # epochs of each task after which the lr is cut
-    lr_gamma: float = 0.1  # … by this factor (every task starts again from the optimizer's lr)
+    lr_milestones: list[Epochs] = field(default_factory=list)  # epochs of each task after which the lr is cut
+    lr_gamma: Positive = 0.1  # … by this factor (every task starts again from the optimizer's lr)
 
     def __post_init__(self) -> None:
-        count("train.epochs", self.epochs, 1, 100_000)
-        count("train.batch_size", self.batch_size, 1, 1 << 24)
-        count("train.eval_batch_size", self.eval_batch_size, 1, 1 << 24)
-        if not all(1 <= m <= self.epochs for m in self.lr_milestones):
-            raise OptionError(
-                "train.lr_milestones", list(self.lr_milestones), f"each must be an epoch in [1, {self.epochs}]"
-            )
-        positive("train.lr_gamma", self.lr_gamma)
-        self.loss_classes = LossClasses(self.loss_classes)
+        if not all(m <= self.epochs for m in self.lr_milestones):
+            raise OptionError("lr_milestones", list(self.lr_milestones), f"each must be an epoch in [1, {self.epochs}]")
 
 
 @dataclass
 class EvalConfig:
-    every_n_steps: int = 0  # continual evaluation every N optimizer steps (0: only after each task)
-    subset_size: int = 200  # test samples per task for continual evaluation (fixed, seeded)
+    __pydantic_config__ = STRICT
 
-    def __post_init__(self) -> None:
-        count("eval.every_n_steps", self.every_n_steps, 0)
-        count("eval.subset_size", self.subset_size, 1)
+    every_n_steps: Annotated[int, Strict(), Field(ge=0)] = (
+        0  # continual evaluation every N optimizer steps (0: after each task)
+    )
+    subset_size: Annotated[int, Strict(), Field(ge=1)] = (
+        200  # test samples per task for continual evaluation (fixed, seeded)
+    )
 
 
 @dataclass
 class Choices:
     """What ``experiment=`` and ``strategy=`` selected: set from Hydra's choices, never by hand."""
+
+    __pydantic_config__ = STRICT
 
     experiment: str = "custom"
     strategy: str = "custom"
@@ -122,14 +136,18 @@ class Choices:
 class BestArgsScope:
     """What a published protocol (``best_args=…``) was tuned for; another experiment or strategy is refused."""
 
+    __pydantic_config__ = STRICT
+
     experiment: str = MISSING
-    strategies: list[str] = MISSING
+    strategies: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Config:
-    seed: int = 0
-    device: str = field(default="auto", metadata=NEUTRAL)  # auto | cpu | cuda | cuda:N
+    __pydantic_config__ = STRICT
+
+    seed: Seed = 0
+    device: Device = field(default="auto", metadata=NEUTRAL)
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING  # `_target_` + options (conf/model/), and `weights`: a file to start from
     optimizer: Any = MISSING  # `_target_` (a torch.optim class, partial) + options (conf/optimizer/)
@@ -138,17 +156,13 @@ class Config:
     choices: Choices = field(default_factory=Choices)
     best_args: BestArgsScope | None = None  # set by a best_args=<experiment>/<method> file
     logger: dict[str, Any] = field(default_factory=dict, metadata=NEUTRAL)  # name → node with a `_target_`
-    checkpoint: bool = field(default=True, metadata=NEUTRAL)  # save checkpoints/last.pt after each task
+    checkpoint: Flag = field(default=True, metadata=NEUTRAL)  # save checkpoints/last.pt after each task
     # a run directory to continue, true: the newest run of this configuration, false/null: no resume
-    resume: str | None = field(default=None, metadata=NEUTRAL)
-    deterministic: bool = field(default=False, metadata=NEUTRAL)  # torch deterministic algorithms (CUDA)
-    # torch's CPU threads (null: OMP_NUM_THREADS, else the usable CPUs over the processes sharing them)
-    threads: int | None = field(default=None, metadata=NEUTRAL)
-
-    def __post_init__(self) -> None:
-        count("seed", self.seed, 0, SEED_LIMIT - 1)
-        if self.threads is not None:
-            count("threads", self.threads, 1, 4096)
+    resume: str | bool | None = field(default=None, metadata=NEUTRAL)
+    deterministic: Flag = field(default=False, metadata=NEUTRAL)  # torch deterministic algorithms (CUDA)
+    # torch's CPU threads (null: the CPUs this process may use, over torchrun's processes on this node);
+    # on the CPU the thread count changes results (the order of a matrix product's sums), so it is recorded
+    threads: Annotated[int, Strict(), Field(ge=1, le=4096)] | None = None
 
 
 SCHEMA_KEYS = frozenset(f.name for f in dataclasses.fields(Config))
@@ -212,8 +226,9 @@ CONFIG_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.par
 
 
 def register_schema() -> None:
-    # not in struct mode at the top: config files add the plugins' nodes beside the schema's keys
-    schema = OmegaConf.structured(Config)
+    """The schema's defaults as Hydra's ``cl_ema_schema`` config: plain values (every value is checked once,
+    by ``check``), not in struct mode at the top, where config files add the plugins' nodes."""
+    schema = OmegaConf.create(json.loads(json.dumps(dataclasses.asdict(Config()))))
     OmegaConf.set_struct(schema, False)
     ConfigStore.instance().store(name="cl_ema_schema", node=schema)
     if not OmegaConf.has_resolver("cl_ema.neutral_keys"):  # Hydra's run-dir names leave these out
@@ -229,33 +244,56 @@ def record_choices(cfg: DictConfig, hydra_choices: Any) -> None:
 
 def compose(*overrides: str) -> DictConfig:
     """The config ``python -m cl_ema <overrides>`` would run (for scripts and notebooks)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    return composed(*overrides)[0]
 
+
+def composed(*overrides: str) -> tuple[DictConfig, Path]:
+    """The config ``python -m cl_ema <overrides>`` would run, and the folder it would run in."""
     register_schema()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
-    choices = cfg.hydra.runtime.choices
-    record_choices(cfg, choices)
+    HydraConfig.instance().set_config(cfg)  # the folder's name reads Hydra's choices and the time
+    folder = Path(str(cfg.hydra.run.dir))
+    record_choices(cfg, cfg.hydra.runtime.choices)
     with read_write(cfg), open_dict(cfg):
         del cfg["hydra"]
-    return cfg
+    return cfg, folder
 
 
-def check(cfg: DictConfig) -> Config:
-    """The config's schema keys as typed objects; a UserError names the first unknown key or value out of
-    range, or published values (``best_args=``) used with an experiment or strategy they were not tuned for.
-    Then the plugins are built once, which checks their options (and imports their code)."""
+SCHEMA = TypeAdapter(Config)
+# what a run gives its plugins when it builds them
+PLUGIN_CONTEXT = ("seed", "task_steps", "num_tasks", "device", "run_dir")
+
+
+@dataclass
+class Checked:
+    """A config checked once (``check``): its schema as typed objects, its nodes ready to build once."""
+
+    cfg: DictConfig  # the config, its checked values written back
+    config: Config
+    dataset: Spec
+    model: Spec
+    optimizer: Spec
+    plugins: dict[str, Spec]  # by config name, in the strategy's order
+    loggers: dict[str, Spec]
+
+
+def check(cfg: DictConfig) -> Checked:
+    """Check ``cfg`` once, in an order that refuses a bad value before torch or Avalanche is imported: the
+    schema, the plugins' options (torch-free options classes), then the dataset, model, optimizer and loggers
+    against their code. A UserError names the first unknown key or value that does not fit, or published
+    values (``best_args=``) used with an experiment or strategy they were not tuned for. The checked values
+    are written back into ``cfg``."""
     for key in _unknown_keys(cfg, Config):  # `+key=value` overrides get past Hydra's own check
         raise UserError(f"{key}: unknown config key (the keys are declared in cl_ema/config.py)")
-    core = OmegaConf.structured(Config)
+    for key in sorted(OmegaConf.missing_keys(cfg)):
+        raise UserError(f"{key}: needs a value (set {key}=…)")
     try:
-        core = OmegaConf.merge(core, {k: cfg[k] for k in cfg if k in SCHEMA_KEYS})
-        config: Config = OmegaConf.to_object(core)  # type: ignore[assignment]  # runs every __post_init__
-    except MissingMandatoryValue as err:
-        raise UserError(f"{err.full_key}: needs a value (set {err.full_key}=…)") from None
-    except OptionError as err:
-        raise UserError(str(err)) from None
+        config = SCHEMA.validate_python(
+            {k: to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k in SCHEMA_KEYS}
+        )
+    except ValidationError as err:
+        raise UserError(str(OptionError.first(err))) from None
     scope, experiment, strategy = config.best_args, config.choices.experiment, config.choices.strategy
     if scope and (experiment != scope.experiment or strategy not in scope.strategies):
         raise UserError(
@@ -263,18 +301,41 @@ def check(cfg: DictConfig) -> Config:
             f"strategy={'|'.join(scope.strategies)}, not experiment={experiment} with strategy={strategy} "
             "(override best_args.experiment / best_args.strategies to use them anyway)"
         )
-    resume = resume_request(cfg.resume)
-    if isinstance(resume, Path) and not (resume / LAST_CHECKPOINT).is_file():
-        from cl_ema.rundirs import restartable
+    plugins = {name: check_node(node, name, given=PLUGIN_CONTEXT) for name, node in plugin_nodes(cfg).items()}
+    model_node = {k: v for k, v in to_container(cfg.model).items() if k != "weights"}
+    checked = Checked(
+        cfg,
+        config,
+        dataset=check_node(cfg.data.dataset, "data.dataset", given=("root", "download")),
+        model=check_node(model_node, "model", given=("spec",)),
+        optimizer=check_node(cfg.optimizer, "optimizer", given=("params",)),
+        plugins=plugins,
+        loggers={
+            name: check_node(node, f"logger.{name}", given=("run", "resumed")) for name, node in cfg.logger.items()
+        },
+    )
+    _write_back(checked)
+    return checked
 
-        if not restartable(resume):
-            raise UserError(f"resume={cfg.resume}: no {LAST_CHECKPOINT} in that directory (and no run of cl_ema "
-                            "that finished no task, which would start again there)")  # fmt: skip
-    resolve_device(cfg.device)  # it imports torch
-    from cl_ema.strategies import build_plugins  # last: it imports the plugins' code (Avalanche)
 
-    build_plugins(cfg)
-    return config
+def _write_back(checked: Checked) -> None:
+    """The checked values into the config, as the run uses them (``1`` → ``1.0`` for a float, options that
+    another option replaced → null)."""
+    cfg, plain = checked.cfg, json.loads(json.dumps(SCHEMA.dump_python(checked.config, mode="json")))
+    if checked.config.data.scenario != Scenario.permuted:
+        plain["data"]["permute_first_task"] = None  # only permuted streams read it
+    with read_write(cfg), open_dict(cfg):
+        for key in ("seed", "train", "eval", "threads"):
+            cfg[key] = plain[key]
+        for key, value in plain["data"].items():
+            if key != "dataset":
+                cfg.data[key] = value
+        for name, spec in checked.plugins.items():
+            cfg[name] = {"_target_": cfg[name]["_target_"], **spec.recorded()}
+        for node, spec in ((cfg.model, checked.model), (cfg.optimizer, checked.optimizer),
+                           (cfg.data.dataset, checked.dataset)):  # fmt: skip
+            for key, value in spec.recorded().items():
+                node[key] = value
 
 
 def unused_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
@@ -310,42 +371,12 @@ def _unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> Iterator[
             yield from _unknown_keys(node[key], hints[key], f"{prefix}{key}.")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; a device this machine lacks is a UserError."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"device={name!r}: must be auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
-        raise UserError(f"device={name!r}: must be auto, cpu, cuda or cuda:N")
-    if device.type == "cpu":
-        return torch.device("cpu")  # cpu:0 is the one CPU device
-    if not torch.cuda.is_available():
-        raise UserError(f"device={name}: CUDA is not available on this machine (use device=cpu or auto)")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
-
-
-def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for training (None: plain fp32)."""
-    import torch
-
-    if precision == Precision.auto:
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if use_bf16 else None
-    return torch.bfloat16 if precision == Precision.bf16 else None
-
-
 def data_root(root: str | None) -> Path:
     """``data.root``, else ``$CL_EMA_DATA``, else the user cache dir (e.g. ~/.cache/cl_ema/data)."""
     return Path(root).expanduser() if root else Path(user_cache_dir("cl_ema")) / "data"
 
 
-def to_container(cfg: DictConfig) -> dict:
-    """The resolved config as plain values (choices as strings), as results.json and W&B record it."""
+def to_container(cfg: Any) -> Any:
+    """The resolved config (or a node of it) as plain values (choices as strings), as results.json and W&B
+    record it."""
     return json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True)))

@@ -12,17 +12,19 @@ import math
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from pydantic import Field, Strict
 from torch import Tensor, nn
 
-from cl_ema.building import build
-from cl_ema.data import DataSpec
+from cl_ema.building import Spec
+from cl_ema.data.stream import DataSpec
 from cl_ema.errors import UserError, first_line
-from cl_ema.options import at_least, count, positive
+from cl_ema.options import Count
+
+LRScale = Annotated[float, Strict(), Field(gt=0, le=1e3)]  # the backbone's learning rate over the head's
 
 
 class MLP(nn.Module):
@@ -35,13 +37,11 @@ class MLP(nn.Module):
     def __init__(
         self,
         spec: DataSpec,
-        hidden: int = 400,
-        layers: int = 2,
+        hidden: Count = 400,
+        layers: Annotated[int, Strict(), Field(ge=0, le=1000)] = 2,  # 0: a linear model
         init: Literal["default", "xavier_uniform"] = "default",
     ) -> None:
         super().__init__()
-        count("hidden", hidden)
-        count("layers", layers, 0)  # 0: a linear model
         widths = [math.prod(spec.input_shape)] + [hidden] * layers
         body: list[nn.Module] = [nn.Flatten()]
         for fan_in, fan_out in zip(widths, widths[1:]):
@@ -61,9 +61,8 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """Small convolutional network: two conv-BN-ReLU blocks with max pooling, then a linear head."""
 
-    def __init__(self, spec: DataSpec, width: int = 32) -> None:
+    def __init__(self, spec: DataSpec, width: Count = 32) -> None:
         super().__init__()
-        count("width", width)
         channels = spec.input_shape[0]
         self.features = nn.Sequential(
             nn.Conv2d(channels, width, 3, padding=1, bias=False),
@@ -105,9 +104,8 @@ class ResNet18(nn.Module):
     reduced ResNet-18 of GEM (Lopez-Paz & Ranzato 2017).
     """
 
-    def __init__(self, spec: DataSpec, width: int = 64) -> None:
+    def __init__(self, spec: DataSpec, width: Count = 64) -> None:
         super().__init__()
-        count("width", width)
         self.conv1 = nn.Conv2d(spec.input_shape[0], width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         layers, in_planes = [], width
@@ -169,8 +167,6 @@ class PretrainedClassifier(nn.Module):
         raise NotImplementedError
 
     def _set_lr_scale(self, scale: float) -> None:
-        positive("backbone_lr_scale", scale)
-        at_least("backbone_lr_scale", scale, 0, 1e3)
         self.backbone_lr_scale = scale
 
     def param_groups(self, lr: float) -> list[dict]:
@@ -201,7 +197,7 @@ class TorchvisionClassifier(PretrainedClassifier):
         arch: str,
         pretrained: str | None = None,
         input_size: int | None = None,
-        backbone_lr_scale: float = 1.0,
+        backbone_lr_scale: LRScale = 1.0,
     ) -> None:
         super().__init__()
         weights = _torchvision_weights(arch, pretrained)
@@ -233,7 +229,7 @@ class TimmClassifier(PretrainedClassifier):
         arch: str,
         pretrained: bool = False,
         input_size: int | None = None,
-        backbone_lr_scale: float = 1.0,
+        backbone_lr_scale: LRScale = 1.0,
     ) -> None:
         super().__init__()
         self.backbone = _timm_model(arch, pretrained, spec.num_classes)
@@ -318,32 +314,28 @@ def _replace_head(model: nn.Module, arch: str, num_classes: int) -> str:
     return heads[-1]
 
 
-def build_model(node: DictConfig, spec: DataSpec) -> nn.Module:
-    """The ``model`` section's model for ``spec`` (from its ``_target_``), starting from ``model.weights``."""
-    for name in node:
-        if OmegaConf.is_missing(node, name):
-            raise UserError(f"model.{name!s}: needs a value (set model.{name!s}=…)")
-    container = OmegaConf.to_container(node, resolve=True)
-    assert isinstance(container, dict)
-    options = {str(k): v for k, v in container.items() if k != "weights"}
+def build_model(checked: Spec, spec: DataSpec, weights: str | None = None) -> nn.Module:
+    """The checked ``model`` section's model for ``spec``, starting from the file ``weights`` when given."""
     try:
-        model = build(options, "model", spec=spec)
+        model = checked.build(spec=spec)
     except (RuntimeError, MemoryError) as err:  # the allocator's refusal
         if not isinstance(err, MemoryError) and "alloc" not in str(err).lower():
             raise
         raise UserError(
-            f"model: {_size(options, spec)}, more than this machine's memory holds ({first_line(err, with_type=True)})"
+            f"model: {_size(checked, spec)}, more than this machine's memory holds ({first_line(err, with_type=True)})"
         ) from err
-    if node.get("weights"):
-        load_weights(model, Path(node.weights))
+    if weights:
+        load_weights(model, Path(weights))
     return model
 
 
-def _size(options: dict, spec: DataSpec) -> str:
+def _size(checked: Spec, spec: DataSpec) -> str:
     """The model's parameter count and fp32 size, counted without allocating it."""
     with torch.device("meta"):
-        count = sum(p.numel() for p in build(options, "model", spec=spec).parameters())
-    return f"{options['_target_']} with these options has {count:,} parameters ({4 * count / 2**30:.1f} GiB in fp32)"
+        count = sum(p.numel() for p in checked.build(spec=spec).parameters())
+    return (
+        f"{checked.target.__name__} with these options has {count:,} parameters ({4 * count / 2**30:.1f} GiB in fp32)"
+    )
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -11,11 +11,11 @@ import torch
 import torchvision
 from fake_datasets import skip_cifar_md5, write_cifar  # noqa: F401
 from helpers import run_experiment
-from omegaconf import OmegaConf
 from torch import nn
 
-from cl_ema.data import DataSpec
+from cl_ema.building import check_node
 from cl_ema.data.sources import CIFAR100_NORM, MNIST_NORM
+from cl_ema.data.storage import DataSpec
 from cl_ema.errors import UserError
 from cl_ema.models import CNN, MLP, ResNet18, TorchvisionClassifier, build_model
 
@@ -24,9 +24,11 @@ CIFAR10 = DataSpec((3, 32, 32), 10, CIFAR100_NORM)
 DIGITS = DataSpec((1, 8, 8), 10, MNIST_NORM)
 
 
-def from_config(spec: DataSpec, target: str, **options):
-    """A model as the runner builds it, from a config node (``weights`` included)."""
-    return build_model(OmegaConf.create({"_target_": f"cl_ema.models.{target}", **options}), spec)
+def from_config(spec: DataSpec, target: str, weights: str | None = None, **options):
+    """A model as the runner builds it, from a config node checked against its code, and its ``weights``."""
+    return build_model(
+        check_node({"_target_": f"cl_ema.models.{target}", **options}, "model", given=("spec",)), spec, weights
+    )
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -56,7 +58,7 @@ def test_a_model_too_large_for_memory_is_one_line_with_its_size():
     huge = DataSpec((1, 100_000, 100_000), 10, MNIST_NORM)  # 10¹⁰ inputs: no machine allocates the first layer
     with pytest.raises(
         UserError,
-        match=r"model: cl_ema.models.MLP with these options has 1,000,000,001,110 "
+        match=r"model: MLP with these options has 1,000,000,001,110 "
         r"parameters \(3725.3 GiB in fp32\), more than this machine's memory holds",
     ):
         from_config(huge, "MLP", hidden=100, layers=1)
@@ -136,11 +138,12 @@ def test_torchvision_bad_options(options, expected):
     from helpers import compose_config
     from hydra.errors import HydraException
 
-    from cl_ema.cli import one_line
+    from cl_ema.config import check
+    from cl_ema.errors import one_line
 
-    cfg = compose_config("model=torchvision", *(f"model.{k}={v}" for k, v in options.items()))
     with pytest.raises((UserError, HydraException)) as caught:
-        build_model(cfg.model, CIFAR10)
+        cfg = compose_config("model=torchvision", *(f"model.{k}={v}" for k, v in options.items()))
+        build_model(check(cfg).model, CIFAR10)
     message = one_line(caught.value) if isinstance(caught.value, HydraException) else str(caught.value)
     assert re.search(expected.replace("(", r"\("), message), message
 
@@ -164,10 +167,17 @@ def test_pretrained_weights_that_cannot_be_downloaded_name_the_file(tmp_path, mo
 def test_fine_tuning_from_imagenet_weights_end_to_end(tmp_path, imagenet_resnet18, skip_cifar_md5):  # noqa: F811
     write_cifar(tmp_path / "data", 10, per_class=4, test_per_class=2)
     results, text = run_experiment(
-        tmp_path / "out", "experiment=split_cifar10", "model=resnet18_imagenet", "model.input_size=32",
-        f"data.root={tmp_path / 'data'}", "data.download=false", "train.epochs=1", "train.batch_size=8",
-        "device=cpu", "checkpoint=true",
-    )  # fmt: skip
+        tmp_path / "out",
+        "experiment=split_cifar10",
+        "model=resnet18_imagenet",
+        "model.input_size=32",
+        f"data.root={tmp_path / 'data'}",
+        "data.download=false",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "device=cpu",
+        "checkpoint=true",
+    )
     assert results.status == "completed" and "model=TorchvisionClassifier" in text
     state = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert state["backbone.fc.weight"].shape == (10, 512)
@@ -233,6 +243,13 @@ def test_timm_weights_missing_offline_name_the_cache_folder(hub_cache):
 
 
 def test_timm_random_init_fine_tunes_end_to_end(tmp_path):
-    results, text = run_experiment(tmp_path, "model=timm", f"model.arch={TINY_VIT}", "model.input_size=32",
-                                   "train.epochs=1", "data.n_tasks=2", "strategy=ema")  # fmt: skip
+    results, text = run_experiment(
+        tmp_path,
+        "model=timm",
+        f"model.arch={TINY_VIT}",
+        "model.input_size=32",
+        "train.epochs=1",
+        "data.n_tasks=2",
+        "strategy=ema",
+    )
     assert results.status == "completed" and "model=TimmClassifier" in text

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field, Strict
 
 from cl_ema.data.storage import Normalization, TensorStore
 from cl_ema.errors import UserError, first_line
-from cl_ema.options import OptionError, count
+from cl_ema.options import Count
 
 MNIST_NORM = Normalization(1 / 255, (0.1307,), (0.3081,))
 UNIT_NORM = Normalization(1 / 255, (0.0,), (1.0,))  # pixels in [0, 1], as torchvision's ToTensor leaves them
@@ -75,19 +77,19 @@ def _cifar(
     )
 
 
+Samples = Annotated[int, Strict(), Field(ge=1, le=1 << 26)]
+
+
 def random_images(
-    classes: int = 100,
-    shape: tuple[int, int, int] = (3, 32, 32),
-    train_size: int = 50_000,
-    test_size: int = 10_000,
+    classes: Samples = 100,
+    shape: tuple[Count, Count, Count] = (3, 32, 32),
+    train_size: Samples = 50_000,
+    test_size: Samples = 10_000,
     seed: int = 0,
 ) -> tuple[TensorStore, TensorStore]:
-    """Uniform noise of a dataset's shape (uint8, ``train_size`` / ``test_size`` images, labels cycling through
-    ``classes``), normalized like CIFAR: for timing runs where the real data is not at hand. Nothing to learn."""
-    for name, value in (("classes", classes), ("train_size", train_size), ("test_size", test_size)):
-        count(name, value, 1, 1 << 26)
-    if len(shape) != 3 or not all(isinstance(d, int) and d >= 1 for d in shape):
-        raise OptionError("shape", list(shape), "must be [channels, height, width]")
+    """Uniform noise of a dataset's shape (uint8, ``train_size`` / ``test_size`` images of ``shape`` [channels,
+    height, width], labels cycling through ``classes``), normalized like CIFAR: for timing runs where the real
+    data is not at hand. Nothing to learn."""
     rng = np.random.default_rng(seed)
     norm = Normalization(1 / 255, (0.5,) * shape[0], (0.25,) * shape[0])
     split = [
@@ -127,8 +129,10 @@ def _torchvision(cls: Callable, name: str, root: Path, download: bool, *, train:
     except OSError as err:  # network failures (URLError is an OSError) and unreadable files
         action = "download" if download else "read"
         url = getattr(cls, "url", "")
+        where = Path(root) / getattr(cls, "filename", cls.__name__)  # torchvision's archive (CIFAR), else its folder
         raise UserError(
-            f"could not {action} {name} {split} set in {root}{' from ' + url if url else ''}: {err}"
+            f"could not {action} {name} {split} set in {root}{' from ' + url if url else ''} ({first_line(err)}): put "
+            f"{where.name} there ({where}; torchvision extracts it), or set data.root to a folder holding {name}"
         ) from err
     except Exception as err:  # truncated pickles / idx files surface as assorted errors
         raise UserError(

@@ -19,7 +19,7 @@ import numpy as np
 from cl_ema.errors import first_line, warn
 from cl_ema.loggers import RunInfo, eval_log, task_log
 from cl_ema.metrics import CONTINUAL, DIFF, SETTINGS, STEP, TRAIN_STEP, final_key
-from cl_ema.options import positive
+from cl_ema.options import Positive
 from cl_ema.plugins import LIVE
 from cl_ema.results import Results
 
@@ -102,11 +102,10 @@ class WandbLogger:
         mode: Mode = "auto",
         group: str | None = None,
         tags: list[str] | None = None,
-        init_timeout: float = 15.0,
+        init_timeout: Positive = 15.0,
     ) -> None:
         import wandb
 
-        positive("init_timeout", init_timeout)
         os.environ.setdefault("WANDB_SILENT", "true")  # cl_ema prints its own tables and warnings
         self.wandb = wandb
         self.out_dir = run.out_dir
