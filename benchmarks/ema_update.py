@@ -24,8 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from cl_ema.data import DataSpec
 from cl_ema.data.sources import CIFAR100_NORM
+from cl_ema.data.storage import DataSpec
 from cl_ema.ema import EMAOptions, EMARule, MeanRule, Rule, StochasticEMARule, WeightAverages
 from cl_ema.models import ResNet18
 
@@ -103,9 +103,15 @@ def per_step_rules() -> dict[str, list[Rule]]:
 
     def every_rule() -> list[Rule]:
         always = torch.Generator().manual_seed(0)  # probability 1: the shadow moves every step
-        return [EMARule(0.999), EMARule(0.999, EMAOptions(schedule="warmup")),
-                EMARule(0.99, EMAOptions(schedule="step", step_updates=1e9)), MeanRule("uniform"),
-                MeanRule("linear"), MeanRule("quadratic"), StochasticEMARule(0.999, 1.0, always)]  # fmt: skip
+        return [
+            EMARule(0.999),
+            EMARule(0.999, EMAOptions(schedule="warmup")),
+            EMARule(0.99, EMAOptions(schedule="step", step_updates=1e9)),
+            MeanRule("uniform"),
+            MeanRule("linear"),
+            MeanRule("quadratic"),
+            StochasticEMARule(0.999, 1.0, lambda: float(torch.rand((), generator=always))),
+        ]
 
     names = ["ema", "ema warmup", "ema step", "mean uniform (SWA)", "mean linear", "mean quadratic", "CLS-ER ema"]
     engines: dict[str, list[Rule]] = {f"cl_ema K=1 {n}": [r] for n, r in zip(names, every_rule())}

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 from helpers import FakeTemplate, run_experiment, stop_and_resume
+from pinned import pinned_overrides
 from torch import nn
 
-from cl_ema.merging import trim
-from cl_ema.plugins.averaging import InterpolationPlugin, MeanPlugin, MergePlugin
+from cl_ema.plugins.averaging import AveragesPlugin
 from cl_ema.plugins.coma import CoMAPlugin
 from cl_ema.plugins.ema import EMAPlugin
+from cl_ema.rules import trim
 
 
 def set_weights(model: nn.Module, value: torch.Tensor) -> None:
@@ -47,7 +48,13 @@ class Experience(SimpleNamespace):
 def test_wise_interpolates_with_the_start_and_the_previous_tasks_weights():
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
-    plugin = InterpolationPlugin(alphas=[0.0, 0.3, 1.0])
+    plugin = AveragesPlugin(
+        rules=[
+            {"rule": "wise", "anchor": anchor, "alpha": alpha}
+            for anchor in ("init", "prev_task")
+            for alpha in (0.0, 0.3, 1.0)
+        ]
+    )
     plugin.attach(model)
     start = weights(model)
     plugin.before_training_exp(None)  # task 1 starts: its previous weights are the start
@@ -78,7 +85,7 @@ def ties_by_magmax_code(vectors: torch.Tensor, keep: float, scale: float) -> tor
 def test_merges_of_hand_made_task_vectors_match_their_definitions():
     torch.manual_seed(0)
     model = nn.Linear(6, 5)
-    plugin = MergePlugin()
+    plugin = AveragesPlugin(rules=[{"rule": "merge_mean"}, {"rule": "magmax"}, {"rule": "ties"}])
     plugin.attach(model)
     start = weights(model)
     merged = tracks_of(plugin)
@@ -99,7 +106,7 @@ def test_merges_of_hand_made_task_vectors_match_their_definitions():
 
 def test_a_mean_of_the_current_task_starts_at_the_weights_of_the_task_start():
     model = nn.Linear(2, 1, bias=False)
-    plugin = MeanPlugin(scopes=["task"])
+    plugin = AveragesPlugin(rules=[{"rule": "mean", "scope": "task"}])
     plugin.attach(model)
     for task_values in ([1.0, 2.0], [5.0, 7.0, 9.0]):
         plugin.before_training_exp(None)
@@ -121,8 +128,14 @@ def test_coma_and_cofima_merge_two_tasks_as_computed_by_hand(fisher):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def end_task(classes):
-        plugin.after_training_exp(FakeTemplate(model=model, optimizer=optimizer, batches=batches,
-                                               experience=Experience(classes_in_this_experience=classes)))  # fmt: skip
+        plugin.after_training_exp(
+            FakeTemplate(
+                model=model,
+                optimizer=optimizer,
+                batches=batches,
+                experience=Experience(classes_in_this_experience=classes),
+            )
+        )
 
     def fisher_by_hand() -> torch.Tensor:
         total = torch.zeros_like(weights(model))
@@ -178,31 +191,25 @@ def test_a_coma_run_merges_at_each_task_end_and_trains_on_from_the_merge(tmp_pat
     assert state["plugins"]["coma"]["tasks"] == 2
 
 
-@pytest.fixture(scope="module")
-def averages_runs(tmp_path_factory):
-    made = {}
-
-    def get(*overrides: str):
-        if overrides not in made:
-            made[overrides] = run_experiment(tmp_path_factory.mktemp("run"), *overrides)[0]
-        return made[overrides]
-
-    return get
+@pytest.fixture
+def averages_runs(shared_runs):
+    return lambda *overrides: shared_runs(*overrides)[0]
 
 
 @pytest.mark.parametrize("strategy,trained_alone", [("averages", "plain"), ("averages_replay", "replay")])
 def test_no_evaluation_only_rule_changes_training(averages_runs, strategy, trained_alone):
-    every_rule, alone = averages_runs(f"strategy={strategy}"), averages_runs(f"strategy={trained_alone}")
+    every_rule, alone = averages_runs(*pinned_overrides(strategy)), averages_runs(*pinned_overrides(trained_alone))
     for setting in ("class_il", "task_il"):
         assert np.array_equal(every_rule.matrices["live", setting], alone.matrices["live", setting])
     rules = {every_rule.meta["track_info"][t]["rule"] for t in every_rule.tracks}
-    assert rules == {"live", "ema", "swa", "wise", "mean", "magmax", "ties"}
-    assert len(every_rule.tracks) == 20
+    assert rules == {"live", "ema", "swa", "wise", "merge_mean", "magmax", "ties", "bema", "lines"}
+    assert len(every_rule.tracks) == 22
 
 
 def test_a_run_with_every_rule_stopped_mid_task_and_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch):
-    resumed, whole = stop_and_resume(tmp_path, monkeypatch, "strategy=averages_replay", "replay.policy=reservoir",
-                                     "train.epochs=2", task=2, step=5)  # fmt: skip
+    resumed, whole = stop_and_resume(
+        tmp_path, monkeypatch, "strategy=averages_replay", "replay.policy=reservoir", "train.epochs=2", task=2, step=5
+    )
     assert resumed == whole
 
 
@@ -225,8 +232,8 @@ def test_horizons_in_tasks_resolve_to_decays_and_say_both(tmp_path):
 # ---------------------------------------------------------------------------- in a stock Avalanche strategy
 @pytest.mark.filterwarnings("ignore:No loggers specified")
 def test_the_averaging_plugins_work_in_a_stock_avalanche_naive_strategy():
-    """EMAPlugin and the other evaluation-only plugins in avalanche.training.Naive: the shadows follow
-    the engine's formula over the iterates Naive made, and each track is evaluated by swapping it in."""
+    """EMAPlugin and the generic averaging plugin in avalanche.training.Naive: the shadows follow the engine's
+    formula over the iterates Naive made, and each track is evaluated by swapping it in."""
     from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
     from avalanche.benchmarks.utils import as_classification_dataset
     from avalanche.core import SupervisedPlugin
@@ -249,11 +256,27 @@ def test_the_averaging_plugins_work_in_a_stock_avalanche_naive_strategy():
         def after_update(self, strategy, **kwargs):
             self.seen.append(weights(strategy.model))
 
-    ema, mean, wise, merge, iterates = EMAPlugin(decay=0.9), MeanPlugin(scopes=["stream"]), InterpolationPlugin(), \
-        MergePlugin(), Iterates()  # fmt: skip
-    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                     criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=2, device="cpu",
-                     plugins=[ema, mean, wise, merge, iterates], evaluator=None)  # fmt: skip
+    ema, iterates = EMAPlugin(decay=0.9), Iterates()
+    others = AveragesPlugin(
+        rules=[
+            {"rule": "mean"},
+            {"rule": "wise"},
+            {"rule": "merge_mean"},
+            {"rule": "ties"},
+            {"rule": "bema", "update_every": 2},
+            {"rule": "lines"},
+        ]
+    )
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=16,
+        train_epochs=2,
+        device="cpu",
+        plugins=[ema, others, iterates],
+        evaluator=None,
+    )
     start = weights(model)
     for experience in benchmark.train_stream:
         strategy.train(experience)
@@ -263,10 +286,10 @@ def test_the_averaging_plugins_work_in_a_stock_avalanche_naive_strategy():
         expected_mean += (theta - expected_mean) / n
     with ema.tracks()[0].swap_in():
         torch.testing.assert_close(weights(model), expected_ema, rtol=1e-5, atol=1e-6)
-    with mean.tracks()[0].swap_in():
+    with others.tracks()[0].swap_in():
         torch.testing.assert_close(weights(model), expected_mean, rtol=1e-5, atol=1e-6)
     live = weights(model)
-    for plugin in (ema, mean, wise, merge):
+    for plugin in (ema, others):
         for track in plugin.tracks():
             with track.swap_in():
                 accuracy = strategy.eval(benchmark.test_stream)  # Avalanche's own evaluation

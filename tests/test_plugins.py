@@ -65,8 +65,15 @@ def test_reservoir_replay_in_a_run_replays_from_the_second_step_and_never_exceed
     monkey = pytest.MonkeyPatch()
     monkey.setattr(ReservoirReplayPlugin, "after_training_iteration", record)
     try:
-        run_experiment(tmp_path, "strategy=replay", "replay.policy=reservoir", "replay.mem_size=30",
-                       "replay.batch_size_mem=16", "train.epochs=1", "data.n_tasks=2")  # fmt: skip
+        run_experiment(
+            tmp_path,
+            "strategy=replay",
+            "replay.policy=reservoir",
+            "replay.mem_size=30",
+            "replay.batch_size_mem=16",
+            "train.epochs=1",
+            "data.n_tasks=2",
+        )
     finally:
         monkey.undo()
     assert replayed[0] == 0 and replayed[1] == 16 and all(r == 16 for r in replayed[1:])
@@ -128,8 +135,15 @@ def test_each_ema_is_updated_with_its_probability_and_clsers_decay_ramp():
 
 
 def test_stable_ema_moves_less_than_the_plastic_one_and_live_training_is_replay_with_a_loss(tmp_path):
-    results, text = run_experiment(tmp_path, "strategy=cls_er", "replay.policy=reservoir", "replay.mem_size=40",
-                                   "cls_er.reg_weight=0.5", "checkpoint=true", "data.n_tasks=2")  # fmt: skip
+    results, text = run_experiment(
+        tmp_path,
+        "strategy=cls_er",
+        "replay.policy=reservoir",
+        "replay.mem_size=40",
+        "cls_er.reg_weight=0.5",
+        "checkpoint=true",
+        "data.n_tasks=2",
+    )
     assert results.tracks == ["live", "ema_plastic", "ema_stable"]
     assert "ema_stable: decay 0.999, averages over ~1,429 steps" in text  # 1 / (0.7 · (1 − 0.999))
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
@@ -141,8 +155,8 @@ def test_stable_ema_moves_less_than_the_plastic_one_and_live_training_is_replay_
 
 
 def _digits_mlp():
-    from cl_ema.data import DataSpec
     from cl_ema.data.sources import DIGITS_NORM
+    from cl_ema.data.storage import DataSpec
     from cl_ema.models import MLP
 
     torch.manual_seed(0)
@@ -173,18 +187,30 @@ def test_lwf_distills_from_the_second_task_on(tmp_path):
 
 
 def test_a_plugin_that_cannot_save_its_state_is_refused_while_checkpointing():
+    from cl_ema.config import check
     from cl_ema.strategies import build_plugins
 
+    def built(*overrides: str):
+        cfg = compose_config(*overrides)
+        return build_plugins(check(cfg).plugins, cfg.checkpoint)
+
     avalanche_lwf = "lwf._target_=avalanche.training.plugins.LwFPlugin"
-    with pytest.raises(UserError, match=r"lwf: avalanche.training.plugins.lwf.LwFPlugin cannot "
-                                        r"save what it keeps across tasks .* or set checkpoint=false"):  # fmt: skip
-        build_plugins(compose_config("strategy=lwf", avalanche_lwf))
-    assert set(build_plugins(compose_config("strategy=lwf", avalanche_lwf, "checkpoint=false"))) == {"lwf"}
+    with pytest.raises(
+        UserError,
+        match=r"lwf: avalanche.training.plugins.lwf.LwFPlugin cannot "
+        r"save what it keeps across tasks .* or set checkpoint=false",
+    ):
+        built("strategy=lwf", avalanche_lwf)
+    assert set(built("strategy=lwf", avalanche_lwf, "checkpoint=false")) == {"lwf"}
     with pytest.raises(UserError, match="lwf: Linear is not an Avalanche SupervisedPlugin"):
-        node = "lwf"
-        build_plugins(compose_config("strategy=lwf", f"~{node}.alpha", f"~{node}.temperature",
-                                     f"{node}._target_=torch.nn.Linear", f"+{node}.in_features=1",
-                                     f"+{node}.out_features=1"))  # fmt: skip
+        built(
+            "strategy=lwf",
+            "~lwf.alpha",
+            "~lwf.temperature",
+            "lwf._target_=torch.nn.Linear",
+            "+lwf.in_features=1",
+            "+lwf.out_features=1",
+        )
 
 
 # ---------------------------------------------------------------------------- protocol options of published methods
@@ -212,9 +238,17 @@ def test_loss_over_each_samples_task_classes_keeps_old_classes_from_being_pushed
 
 
 def test_a_slow_backbone_trains_through_avalanches_optimizer_updates(tmp_path):
-    results, _ = run_experiment(tmp_path, "model=timm", "model.arch=test_vit.r160_in1k", "model.input_size=32",
-                                "model.backbone_lr_scale=0.01", "train.epochs=1", "data.n_tasks=2",
-                                "train.lr_milestones=[1]", "checkpoint=true")  # fmt: skip
+    results, _ = run_experiment(
+        tmp_path,
+        "model=timm",
+        "model.arch=test_vit.r160_in1k",
+        "model.input_size=32",
+        "model.backbone_lr_scale=0.01",
+        "train.epochs=1",
+        "data.n_tasks=2",
+        "train.lr_milestones=[1]",
+        "checkpoint=true",
+    )
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["optimizer"]
     assert [g["lr"] for g in state["param_groups"]] == pytest.approx([0.05 * 0.01 * 0.1, 0.05 * 0.1])
 
@@ -230,8 +264,16 @@ def test_der_and_derpp_losses_against_hand_computation():
     index, labels = torch.arange(6), torch.tensor([0, 1, 2, 3, 0, 1])
     old_logits = torch.randn(6, 4)
     plugin.memory.add(index, labels, old_logits)
-    strategy = FakeTemplate(model=model, store=store, loss=torch.zeros(()), train_mb_size=10, device="cpu",
-                            mb_replayed=0, mb_index=index, mb_x=store[index])  # fmt: skip
+    strategy = FakeTemplate(
+        model=model,
+        store=store,
+        loss=torch.zeros(()),
+        train_mb_size=10,
+        device="cpu",
+        mb_replayed=0,
+        mb_index=index,
+        mb_x=store[index],
+    )
     twin = DERPlugin(mem_size=8, batch_size_mem=3, alpha=0.7, beta=0.3, seed=1)
     twin.memory.add(index, labels, old_logits)  # the same memory and generator: the same draws
     first, second = twin.memory.slots(3, "cpu"), twin.memory.slots(3, "cpu")

@@ -8,10 +8,10 @@ below lists; a plugin that uses it needs that template, and every plugin meant t
 Avalanche strategy (the evaluation-only averaging plugins: EMA, means, interpolations, merges)
 reaches it only through the helpers here, which fall back to what any strategy has.
 
-A plugin's **options** are the typed parameters of its class (a dataclass's fields or an
-``__init__``'s keywords), declared beside its code and checked there with ``cl_ema.options``; its
-config file ``conf/plugin/<name>.yaml`` mirrors them (a test holds the two equal). Besides its
-callbacks a plugin may have, checked once when the run is assembled:
+A plugin's **options** are an options class of ``cl_ema.plugins.options`` (torch-free, checked by
+``cl_ema.options``), which its config file ``conf/plugin/<name>.yaml`` names as ``_target_`` and mirrors
+(a test holds the two equal); the plugin takes the options object first. Besides its callbacks a plugin
+may have, checked once when the run is assembled:
 
 - ``attach(model)``: called once before training with the (unwrapped) model; an average registers
   its shadows from the initial weights here. In a stock strategy it attaches itself in
@@ -20,7 +20,10 @@ callbacks a plugin may have, checked once when the run is assembled:
 - ``state_dict()`` / ``load_state_dict(state)``: what it keeps across experiences, saved in each
   checkpoint under its config name and restored on resume (a state that does not fit raises
   ``ValueError``). A plugin without them is refused while checkpoints are on, unless its class
-  declares ``stateless = True``: a resumed run must be the same run.
+  declares ``stateless = True``: a resumed run must be the same run. ``load_state_dict`` checks what it
+  loads (dtypes, shapes, index and label ranges) and maps tensors to the run's device;
+- ``summary()``: one line the run prints before training (``Summarized``);
+- ``check_position(position)``: after a resume, its counters and ranges agree with the run's (``Positioned``).
 
 In a stock strategy the tracks are evaluated by swapping them in around Avalanche's own eval::
 
@@ -34,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # the report reads track names without importing torch
@@ -47,8 +50,11 @@ LIVE = "live"  # the track of the weights being trained
 class Track:
     """A set of weights to evaluate; ``with track.swap_in():`` puts them in the model.
 
-    ``rule`` names the averaging rule (``live``, ``ema``, ``swa``, ``wise``, …); ``decay`` and
-    ``horizon`` (the optimizer steps it averages over) describe an exponential average.
+    ``rule`` names the averaging rule (``live``, ``ema``, ``swa``, ``wise``, …: the rule's function in
+    ``cl_ema.rules``); ``decay`` and ``horizon`` (the optimizer steps it averages over) describe an
+    exponential average; ``extra``: more of its description (an EMA's horizon in tasks). ``state``, when
+    given, returns the weights ``swap_in`` would load (the averaged tensors by name) without loading them, so
+    that several tracks can be evaluated in one stacked forward; ``live`` is the model's own.
     """
 
     name: str
@@ -56,33 +62,22 @@ class Track:
     rule: str = LIVE
     decay: float | None = None
     horizon: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    state: Callable[[], dict[str, Tensor]] | None = None
 
     def info(self) -> dict[str, Any]:
-        """What results.json records of the track (JSON: an infinite horizon is ``null``)."""
+        """What results.json records of the track (JSON: an infinite horizon is ``null``; 12 significant
+        digits, so that a horizon of 100 steps is not 99.99999999999991)."""
         horizon = self.horizon if self.horizon is None or math.isfinite(self.horizon) else None
-        return {"rule": self.rule, "decay": self.decay, "horizon": horizon}
+        return {"rule": self.rule, "decay": self.decay, "horizon": _rounded(horizon), **self.extra}
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else float(f"{value:.12g}")
 
 
 def live_track() -> Track:
     return Track(LIVE, nullcontext)
-
-
-def number(value: float) -> str:
-    """``value`` in a track name: short (``0.999``), and exact where the short form is not."""
-    short = f"{value:g}"
-    return short if float(short) == value else repr(float(value))
-
-
-def ema_name(decay: float, *, horizon: float | None = None, schedule: str = "constant") -> str:
-    """``ema_0.999``; ``ema_step_0.99`` for a schedule; ``ema_h1_0.999167`` for a horizon of 1 task."""
-    parts = ["ema"]
-    if schedule != "constant":
-        parts.append(schedule)
-    if horizon is not None:
-        parts += [f"h{horizon:g}", f"{decay:.6g}"]
-    else:
-        parts.append(number(decay))
-    return "_".join(parts)
 
 
 @runtime_checkable
@@ -100,6 +95,32 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Summarized(Protocol):
+    def summary(self) -> str:
+        """One line the run prints before training (what the plugin keeps, and what it costs)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a resumed run stands, for a plugin to check the state it loaded against."""
+
+    tasks_done: int
+    steps: int  # optimizer steps so far
+    last_task_start: int  # optimizer steps before the last finished task began
+    samples_seen: int  # current (not replayed) training samples of every step so far
+    num_classes: int
+    train_samples: int  # training samples of the stream: sample indices lie in [0, train_samples)
+
+
+@runtime_checkable
+class Positioned(Protocol):
+    def check_position(self, at: Position) -> None:
+        """ValueError unless the counters and ranges of a loaded state agree with where the run stands."""
+        ...
 
 
 @runtime_checkable

@@ -1,31 +1,53 @@
-"""Evaluation-only averages of the live trajectory besides the EMA: means of iterates, interpolations,
-merges of task vectors. Each is a plugin with its options on its class; none changes training, so one
-run evaluates them all beside ``live``; each works in a stock Avalanche strategy too.
+"""The averaging plugins' common base, and the one plugin that evaluates any list of averaging rules.
 
-Memory (fp32 copies of the model's averaged tensors, in the device's memory): a mean, one per track;
-an interpolation, one per anchor; the merges, one for θ_0 plus one for the mean, one for MagMax and
-four for TIES. An average that does not fit is refused before training, naming the size.
+``AveragesPlugin`` takes a list of rule entries (``cl_ema.rules``: EMAs, means of iterates, WiSE-FT
+interpolations, task-vector merges, BEMA, LiNeS, …), keeps the rows they ask for in one engine
+(``cl_ema.ema.WeightAverages``, rows that several rules share kept once) and evaluates each as a track
+beside ``live``. None of them changes training, so one run evaluates them all; it works in a stock
+Avalanche strategy too. A new rule is one function in ``cl_ema.rules`` and one entry in a config.
+
+Memory: one fp32 copy of the model's averaged tensors per row, in the device's memory: an EMA or a mean,
+one; an interpolation, one per anchor; the merges, one for θ_0 plus one for the mean, one for MagMax and
+four for TIES; BEMA two. Rows that do not fit are refused before training, naming the size.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
-from cl_ema.ema import Buffers, Frozen, MeanRule, Rule, WeightAverages, Weighting
-from cl_ema.merging import election, interpolate, magmax_step, ties_merge, ties_step, trim
-from cl_ema.options import Choice, choice, choices, count, fraction, fractions, positive
-from cl_ema.plugins import Track, number
+from cl_ema.ema import Compute, WeightAverages
+from cl_ema.errors import UserError
+from cl_ema.options import OptionError
+from cl_ema.plugins import Position, Track
+from cl_ema.plugins.options import Averages
+from cl_ema.rules import (
+    Accumulator,
+    Averaging,
+    Buffers,
+    Context,
+    Event,
+    Follow,
+    Frozen,
+    Layout,
+    Moment,
+    RowSpec,
+    Rule,
+    Snapshot,
+    averaging,
+)
 
 
 class AveragingPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[call-arg]
-    """What the averaging plugins share: an engine (``WeightAverages``) over the model, one shadow per
-    rule of ``engine_rules()``, made by ``attach`` (in a stock strategy, in ``before_training``)."""
+    """What the averaging plugins share: an engine (``WeightAverages``) over one model, one shadow per rule of
+    ``engine_rules()``, made by ``attach`` (in a stock strategy, in ``before_training``). A plugin averages one
+    model: given to a second strategy, or twice to one, it says so rather than mix their steps."""
 
     averages: WeightAverages | None = None
     buffers: Buffers = Buffers.average
@@ -43,8 +65,17 @@ class AveragingPlugin(SupervisedPlugin, supports_distributed=True):  # type: ign
         """Called once the shadows hold the initial weights (to clear the ones that accumulate)."""
 
     def before_training(self, strategy, **kwargs) -> None:
+        model = getattr(strategy.model, "module", strategy.model)  # unwrapped from DistributedDataParallel
         if self.averages is None:  # a stock Avalanche strategy: the model is on its device by now
-            self.attach(strategy.model)
+            self.attach(model)
+        elif self.averages.model is not model:
+            raise RuntimeError(
+                f"{type(self).__name__} averages another model already: give each strategy a plugin of its own"
+            )
+        if sum(plugin is self for plugin in strategy.plugins) > 1:
+            raise RuntimeError(
+                f"{type(self).__name__} is in the strategy's plugins twice: it would update twice a step"
+            )
 
     @property
     def engine(self) -> WeightAverages:
@@ -60,168 +91,125 @@ class AveragingPlugin(SupervisedPlugin, supports_distributed=True):  # type: ign
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.engine.load_state_dict(state)
 
+    def check_steps(self, at: Position) -> None:
+        """One engine update per optimizer step (for a plugin that updates its averages after every step)."""
+        if self.engine.step != at.steps:
+            raise ValueError(f"its averages saw {self.engine.step} optimizer steps, the run {at.steps}")
 
-class Scope(Choice):
-    stream = "stream"  # every iterate since training started
-    task = "task"  # the current task's iterates only (restarted at each task start)
+
+def _averaging(index: int, entry: dict[str, Any], task_steps: int | None) -> Averaging:
+    """The averaging of entry ``index`` of a rule list, an error in it named as ``rules[index].…``."""
+    try:
+        return averaging(entry, Context(task_steps))
+    except OptionError as err:
+        raise err.renamed(f"rules[{index}]") from None
 
 
-@dataclass(eq=False)
-class MeanPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[call-arg]
-    """Means of the iterates (one per optimizer step, or every ``update_every``): one track for each
-    of ``weightings`` × ``scopes``: ``swa`` (uniform over the stream: SWA, torch's AveragedModel),
-    ``swa_task`` (uniform over the current task), ``swa_linear``, ``swa_quadratic`` (online_ema's
-    weighted means), … (formulas: ``cl_ema.ema``)."""
+class _Rows:
+    """The rows of an engine by key, as one view per group of the shadows given."""
 
-    weightings: list[Weighting] = field(default_factory=lambda: [Weighting.uniform])
-    scopes: list[Scope] = field(default_factory=lambda: [Scope.stream, Scope.task])
-    update_every: int = 1
-    buffers: Buffers = Buffers.average
+    def __init__(self, index: dict[str, int], shadows: Sequence[Tensor]) -> None:
+        self.index, self.shadows = index, shadows
 
-    def __post_init__(self) -> None:
-        super().__init__()
-        self.weightings = choices("weightings", self.weightings, Weighting)
-        self.scopes = choices("scopes", self.scopes, Scope)
-        count("update_every", self.update_every)
-        self.buffers = choice("buffers", self.buffers, Buffers)
-        self.means = [(w, s) for w in self.weightings for s in self.scopes]
+    def __getitem__(self, key: str) -> list[Tensor]:
+        return [rows[self.index[key]] for rows in self.shadows]
+
+
+class AveragesPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[call-arg]
+    """Evaluates every averaging of its rule list as a track (see the module docstring); ``task_steps``: the
+    first task's optimizer steps (horizons in tasks), which a cl_ema run gives the plugin itself."""
+
+    def __init__(self, options: Averages | None = None, /, *, task_steps: int | None = None, **kwargs: Any) -> None:
+        self.options = options if options is not None else Averages(**kwargs)
+        self.setup(self.options.rules, self.options.buffers, task_steps)
+
+    def setup(self, entries: list[dict[str, Any]], buffers: Buffers, task_steps: int | None) -> None:
+        """The averagings of the rule entries, and the rows they keep (each key once, in engine order)."""
+        SupervisedPlugin.__init__(self)
+        self.buffers = buffers
+        self.averagings = [_averaging(index, entry, task_steps) for index, entry in enumerate(entries)]
+        self.rows: dict[str, RowSpec] = {}
+        for made in self.averagings:
+            for key, spec in made.rows.items():
+                self.rows.setdefault(key, spec)
+        self.index = {key: k for k, key in enumerate(self.rows)}
+        self.tasks = 0  # task ends seen (the merges' count)
+        self.layout: Layout | None = None
 
     def engine_rules(self) -> list[Rule]:
-        return [MeanRule(weighting, self.update_every) for weighting, _ in self.means]
+        return [spec.rule() if isinstance(spec, Follow) else Frozen() for spec in self.rows.values()]
+
+    def registered(self) -> None:
+        engine = self.engine
+        self.layout = Layout(tuple(tuple(zip(g.names, g.sizes)) for g in engine.groups))
+        for key, spec in self.rows.items():
+            if isinstance(spec, Accumulator):  # what accumulates starts from nothing
+                for row in engine.shadow_rows(self.index[key]):
+                    row.zero_()
+
+    def moment(self) -> Moment:
+        assert self.layout is not None
+        return Moment(self.engine.step, self.tasks, self.layout)
 
     def after_update(self, strategy, **kwargs) -> None:
         self.engine.update()
 
     def before_training_exp(self, strategy, **kwargs) -> None:
-        for k, (_, scope) in enumerate(self.means):
-            if scope == Scope.task:  # the mean starts again: until the first step it is the weights now
-                self.engine.snapshot(k)
-                self.engine.reset(k)
-
-    def tracks(self) -> list[Track]:
         engine = self.engine
-        return [
-            Track("swa" + ("" if w == Weighting.uniform else f"_{w}") + ("_task" if s == Scope.task else ""),
-                  partial(engine.swapped, k), "swa")
-            for k, (w, s) in enumerate(self.means)
-        ]  # fmt: skip
+        for key, spec in self.rows.items():
+            k = self.index[key]
+            if isinstance(spec, Snapshot) and spec.at == Event.task_start:
+                engine.snapshot(k)
+            elif isinstance(spec, Follow) and spec.restart:  # until the first step, the mean is the weights now
+                engine.snapshot(k)
+                engine.reset(k)
 
-
-class Anchor(Choice):
-    init = "init"  # the weights training started from (pretrained ones, where the run starts from them)
-    prev_task = "prev_task"  # the previous task's final weights (the start of the current task)
-
-
-@dataclass(eq=False)
-class InterpolationPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[call-arg]
-    """WiSE-FT's interpolation ``(1 − α) · θ_anchor + α · θ`` for each anchor and each α in ``alphas``:
-    tracks ``wise_init_<α>`` and ``wise_prev_task_<α>`` (the evaluation-only counterpart of CoMA)."""
-
-    anchors: list[Anchor] = field(default_factory=lambda: [Anchor.init, Anchor.prev_task])
-    alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
-    buffers: Buffers = Buffers.average
-
-    def __post_init__(self) -> None:
-        super().__init__()
-        self.anchors = choices("anchors", self.anchors, Anchor)
-        self.alphas = fractions("alphas", self.alphas)
-        self.buffers = choice("buffers", self.buffers, Buffers)
-
-    def engine_rules(self) -> list[Rule]:
-        return [Frozen() for _ in self.anchors]
-
-    def before_training_exp(self, strategy, **kwargs) -> None:
-        if Anchor.prev_task in self.anchors:
-            self.engine.snapshot(self.anchors.index(Anchor.prev_task))
-
-    def tracks(self) -> list[Track]:
-        return [
-            Track(f"wise_{anchor}_{number(alpha)}", partial(self._interpolated, k, alpha), "wise")
-            for k, anchor in enumerate(self.anchors)
-            for alpha in self.alphas
-        ]
-
-    def _interpolated(self, row: int, alpha: float) -> AbstractContextManager[None]:
-        return self.engine.swapped_to(lambda shadows, live: interpolate(shadows[row], live, alpha))
-
-
-class Merge(Choice):
-    mean = "mean"
-    magmax = "magmax"
-    ties = "ties"
-
-
-@dataclass(eq=False)
-class MergePlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[call-arg]
-    """Merges of the task vectors ``τ_i = θ_i − θ_0`` at the end of each task (``cl_ema.merging``):
-    tracks ``merge_mean``, ``magmax`` (scale ``magmax_scale``, MagMax's 0.5) and ``ties`` (the
-    ``ties_keep`` fraction of each τ kept, scale ``ties_scale``: MagMax's run of TIES, 0.2 and 0.55).
-    Before the first task ends every merge is θ_0."""
-
-    merges: list[Merge] = field(default_factory=lambda: [Merge.mean, Merge.magmax, Merge.ties])
-    magmax_scale: float = 0.5
-    ties_scale: float = 0.55
-    ties_keep: float = 0.2
-    buffers: Buffers = Buffers.average
-
-    ROWS = {Merge.mean: ("sum",), Merge.magmax: ("largest",), Merge.ties: ("positive", "negative", "positives",
-                                                                          "negatives")}  # fmt: skip
-
-    def __post_init__(self) -> None:
-        super().__init__()
-        self.merges = choices("merges", self.merges, Merge)
-        positive("magmax_scale", self.magmax_scale)
-        positive("ties_scale", self.ties_scale)
-        self.ties_keep = fraction("ties_keep", self.ties_keep)
-        positive("ties_keep", self.ties_keep)
-        self.buffers = choice("buffers", self.buffers, Buffers)
-        names = ["start", *(row for merge in self.merges for row in self.ROWS[merge])]
-        self.row = {name: k for k, name in enumerate(names)}
-        self.tasks = 0  # task vectors merged so far
-
-    def engine_rules(self) -> list[Rule]:
-        return [Frozen() for _ in self.row]
-
-    def registered(self) -> None:
-        for name, k in self.row.items():
-            if name != "start":  # what accumulates starts from nothing
-                for row in self.engine.shadow_rows(k):
-                    row.zero_()
-
-    def _rows(self, name: str) -> list[Tensor]:
-        return self.engine.shadow_rows(self.row[name])
-
+    @torch.no_grad()
     def after_training_exp(self, strategy, **kwargs) -> None:
-        live = self.engine.live_values()
-        vectors = [weights - start for weights, start in zip(live, self._rows("start"))]
-        if Merge.mean in self.merges:
-            for total, weights in zip(self._rows("sum"), live):
-                total.add_(weights)
-        if Merge.magmax in self.merges:
-            for largest, vector in zip(self._rows("largest"), vectors):
-                magmax_step(largest, vector)
-        if Merge.ties in self.merges:
-            rows = [self._rows(name) for name in self.ROWS[Merge.ties]]
-            for positive, negative, positives, negatives, trimmed in zip(*rows, trim(vectors, self.ties_keep)):
-                ties_step(positive, negative, positives, negatives, trimmed)
+        hooks = [made.at_task_end for made in self.averagings if made.at_task_end is not None]
+        if hooks:
+            engine, moment = self.engine, self.moment()
+            rows, live = _Rows(self.index, [g.shadow for g in engine.groups]), engine.live_values()
+            for hook in hooks:
+                hook(rows, live, moment)
         self.tasks += 1
 
     def tracks(self) -> list[Track]:
-        names = {Merge.mean: "merge_mean", Merge.magmax: "magmax", Merge.ties: "ties"}
-        return [Track(names[merge], partial(self._merged, merge), str(merge)) for merge in self.merges]
+        return [
+            Track(
+                made.name,
+                partial(self.swapped, made),
+                made.family,
+                made.decay,
+                made.horizon,
+                made.info,
+                partial(self.state, made),
+            )
+            for made in self.averagings
+        ]
 
-    def _merged(self, merge: Merge) -> AbstractContextManager[None]:
-        start, r = self.row["start"], self.row
-        if merge == Merge.mean:
-            tasks = self.tasks
-            return self.engine.swapped_to(lambda s, live: s[r["sum"]] / tasks if tasks else s[start])
-        if merge == Merge.magmax:
-            return self.engine.swapped_to(lambda s, live: s[start] + self.magmax_scale * s[r["largest"]])
-        majority = election(self._rows("positive"), self._rows("negative"))
-        p, n, cp, cn = (r[name] for name in self.ROWS[Merge.ties])
-        return self.engine.swapped_to(
-            lambda s, live: s[start] + self.ties_scale * ties_merge(s[p], s[n], s[cp], s[cn], majority)
-        )
+    def computed(self, made: Averaging) -> Compute:
+        """The engine's computation of the averaging's weights, as they are now; refused if they are not finite
+        (a scale so large that the weights overflow would otherwise be evaluated as if it meant something)."""
+        moment = self.moment()
+
+        def compute(shadows: list[Tensor], live: list[Tensor]) -> list[Tensor]:
+            weights = made.weights(_Rows(self.index, shadows), live, moment)
+            if not all(bool(torch.isfinite(w).all()) for w in weights):
+                raise UserError(
+                    f"{made.name}: its weights are not finite numbers (an option of rule {made.family} too large?)"
+                )
+            return weights
+
+        return compute
+
+    def swapped(self, made: Averaging) -> AbstractContextManager[None]:
+        """``with plugin.swapped(averaging):`` the model holds the averaging's weights."""
+        return self.engine.swapped_to(self.computed(made))
+
+    def state(self, made: Averaging) -> dict[str, Tensor]:
+        """The averaging's weights by tensor name, without loading them into the model."""
+        return self.engine.state(self.computed(made))
 
     def state_dict(self) -> dict[str, Any]:
         return {"averages": self.engine.state_dict(), "tasks": self.tasks}
@@ -229,6 +217,19 @@ class MergePlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[c
     def load_state_dict(self, state: dict[str, Any]) -> None:
         tasks = state.get("tasks")
         if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 0:
-            raise ValueError(f"the merges' task count {tasks!r} is not a count")
+            raise ValueError(f"the averages' task count {tasks!r} is not a count")
         self.engine.load_state_dict(state.get("averages") or {})
         self.tasks = tasks
+
+    def check_position(self, at: Position) -> None:
+        """One task end per finished task, one update per step, and each row's updates as many as its rule
+        was due since it started (a mean over the current task: since the last task began)."""
+        self.check_steps(at)
+        if self.tasks != at.tasks_done:
+            raise ValueError(f"its task count {self.tasks} is not the run's {at.tasks_done}")
+        for (key, spec), rule in zip(self.rows.items(), self.engine.rules):
+            if isinstance(spec, Follow):
+                expected = rule.due_between(at.last_task_start if spec.restart else 0, at.steps)
+                if rule.due != expected:
+                    track = next(made.name for made in self.averagings if key in made.rows)
+                    raise ValueError(f"the average of track {track} was due {rule.due} updates, not {expected}")

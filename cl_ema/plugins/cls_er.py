@@ -30,7 +30,6 @@ whole batch (the same outputs without BatchNorm).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -38,42 +37,48 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cl_ema.ema import Rule, StochasticEMARule
-from cl_ema.options import at_least, fraction
-from cl_ema.plugins import Track, needs_template
+from cl_ema.ema import row
+from cl_ema.plugins import Position, Track, needs_template
 from cl_ema.plugins.averaging import AveragingPlugin
+from cl_ema.plugins.options import CLSER
+from cl_ema.rules import Rule, StochasticEMARule
 
 TEACHERS = ("plastic", "stable")
 
 
-@dataclass(eq=False)
 class CLSERPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[call-arg]
-    """CLS-ER's plastic and stable EMA teachers; needs cl_ema's template (the replayed part of each batch)."""
+    """CLS-ER's plastic and stable EMA teachers (options: ``cl_ema.plugins.options.CLSER``); needs cl_ema's
+    template (the replayed part of each batch). ``seed``: of the coin flips (the run's)."""
 
-    reg_weight: float = 0.1  # λ of the consistency loss
-    plastic_decay: float = 0.999
-    plastic_update_prob: float = 0.9
-    stable_decay: float = 0.999
-    stable_update_prob: float = 0.7
-    seed: int = 0  # of the coin flips (the run's seed)
+    needs = "replay"  # the teachers act on the replayed samples: without them the plugin changes nothing
 
-    def __post_init__(self) -> None:
+    def __init__(self, options: CLSER | None = None, /, *, seed: int = 0, **kwargs: Any) -> None:
         super().__init__()
-        at_least("reg_weight", self.reg_weight, 0.0, float("inf"))
-        for name in TEACHERS:
-            fraction(f"{name}_decay", getattr(self, f"{name}_decay"))
-            fraction(f"{name}_update_prob", getattr(self, f"{name}_update_prob"))
-        self.generator = torch.Generator().manual_seed(self.seed)  # on the CPU: no device sync per step
+        self.options = options if options is not None else CLSER(**kwargs)
+        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: no device sync per step
         self._teacher_logits: Tensor | None = None
 
     def engine_rules(self) -> list[Rule]:
-        return [StochasticEMARule(getattr(self, f"{name}_decay"), getattr(self, f"{name}_update_prob"), self.generator)
-                for name in TEACHERS]  # fmt: skip
+        o = self.options
+        return [
+            StochasticEMARule(getattr(o, f"{name}_decay"), getattr(o, f"{name}_update_prob"), self._draw)
+            for name in TEACHERS
+        ]
+
+    def _draw(self) -> float:
+        return float(torch.rand((), generator=self.generator))
 
     def tracks(self) -> list[Track]:
         engine = self.engine
         return [
-            Track(f"ema_{name}", partial(engine.swapped, k), "stochastic_ema", rule.decay, rule.horizon)
+            Track(
+                f"ema_{name}",
+                partial(engine.swapped, k),
+                "stochastic_ema",
+                rule.decay,
+                rule.horizon,
+                state=partial(engine.state, row(k)),
+            )
             for k, (name, rule) in enumerate(zip(TEACHERS, engine.rules))
             if isinstance(rule, StochasticEMARule)
         ]
@@ -84,7 +89,7 @@ class CLSERPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[c
         needs_template(strategy, "CLSERPlugin reads the replayed part of each batch")
         replayed = strategy.mb_replayed
         self._teacher_logits = None
-        if replayed == 0 or self.reg_weight == 0:
+        if replayed == 0 or self.options.reg_weight == 0:
             return
         engine = self.engine
         inputs, labels = strategy.mb_x[-replayed:], strategy.mb_y[-replayed:]
@@ -99,7 +104,7 @@ class CLSERPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[c
         if self._teacher_logits is None:
             return
         live = strategy.mb_output[-len(self._teacher_logits) :].float()
-        strategy.loss += self.reg_weight * F.mse_loss(live, self._teacher_logits)
+        strategy.loss += self.options.reg_weight * F.mse_loss(live, self._teacher_logits)
 
     def after_update(self, strategy, **kwargs) -> None:
         self.engine.update()
@@ -107,9 +112,15 @@ class CLSERPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[c
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.engine.state_dict(), "generator": self.generator.get_state()}
 
+    def check_position(self, at: Position) -> None:
+        self.check_steps(at)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state.get("ema"), dict) or not isinstance(state.get("generator"), torch.Tensor):
+        generator = state.get("generator")
+        if not isinstance(state.get("ema"), dict) or not isinstance(generator, torch.Tensor):
             raise ValueError("the CLS-ER state lacks its averages or its generator")
+        if generator.dtype != torch.uint8 or generator.shape != self.generator.get_state().shape:
+            raise ValueError("the CLS-ER generator state is not a CPU generator's")
         self.engine.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
 

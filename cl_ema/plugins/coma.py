@@ -22,35 +22,28 @@ from the merged head as well, where their code restores the head trained before 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_ema.ema import Buffers, Frozen, Rule
-from cl_ema.options import choice, fraction, positive
-from cl_ema.plugins import autocast, needs_template
+from cl_ema.plugins import Position, autocast, needs_template
 from cl_ema.plugins.averaging import AveragingPlugin
+from cl_ema.plugins.options import CoMA
+from cl_ema.rules import Frozen, Rule
 
 MERGED, FISHER = 0, 1  # shadow rows: θ*_{t−1}, and F_{t−1} for CoFiMA
 
 
-@dataclass(eq=False)
 class CoMAPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[call-arg]
-    """CoMA (``fisher=false``) or CoFiMA (``fisher=true``); ``weight``: λ, the new task's share."""
+    """CoMA (``fisher=false``) or CoFiMA (``fisher=true``) (options: ``cl_ema.plugins.options.CoMA``)."""
 
-    weight: float = 0.5
-    fisher: bool = False
-    fisher_max: float = 1e-4
-    buffers: Buffers = Buffers.average
-
-    def __post_init__(self) -> None:
+    def __init__(self, options: CoMA | None = None, /, **kwargs: Any) -> None:
         super().__init__()
-        self.weight = fraction("weight", self.weight)
-        positive("fisher_max", self.fisher_max)
-        self.buffers = choice("buffers", self.buffers, Buffers)
+        self.options = options if options is not None else CoMA(**kwargs)
+        self.fisher = self.options.fisher
+        self.buffers = self.options.buffers
         self.tasks = 0  # tasks merged so far
         self.seen_classes: set[int] = set()
 
@@ -68,8 +61,10 @@ class CoMAPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[ca
             head = _head(engine.model)
             kept = (head.weight[new_classes].clone(), head.bias[new_classes].clone() if head.bias is not None else None)
             previous = engine.shadow_rows(FISHER) if fisher is not None else None
-            merges = iter(self._merge_weights(previous, fisher))
-            engine.load_into_live(lambda shadows, live: next(merges)(shadows[MERGED], live))
+            merges = self._merge_weights(previous, fisher)
+            engine.load_into_live(
+                lambda shadows, live: [merge(rows[MERGED], now) for merge, rows, now in zip(merges, shadows, live)]
+            )
             head.weight[new_classes] = kept[0]
             if head.bias is not None and kept[1] is not None:
                 head.bias[new_classes] = kept[1]
@@ -81,7 +76,7 @@ class CoMAPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[ca
 
     def _merge_weights(self, previous: list[Tensor] | None, fisher: list[Tensor] | None):
         """Per group, the function of (θ*_{t−1}, θ_t) that merges them."""
-        lam = self.weight
+        lam = self.options.weight
         if previous is None or fisher is None:
             return [lambda old, new: old.lerp(new, lam)] * len(self.engine.groups)
 
@@ -112,7 +107,7 @@ class CoMAPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[ca
                 acc.add_(squared)
             batches += 1
         strategy.optimizer.zero_grad(set_to_none=True)
-        return [(acc / max(batches, 1)).clamp_(max=self.fisher_max) for acc in total]
+        return [(acc / max(batches, 1)).clamp_(max=self.options.fisher_max) for acc in total]
 
     def state_dict(self) -> dict[str, Any]:
         return {"averages": self.engine.state_dict(), "tasks": self.tasks, "seen_classes": sorted(self.seen_classes)}
@@ -121,8 +116,16 @@ class CoMAPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[ca
         tasks, seen = state.get("tasks"), state.get("seen_classes")
         if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 0 or not isinstance(seen, list):
             raise ValueError("the merge's task count or seen classes are not readable")
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in seen):
+            raise ValueError(f"the merge's seen classes {seen[:5]} are not class numbers")
         self.engine.load_state_dict(state.get("averages") or {})
-        self.tasks, self.seen_classes = tasks, {int(c) for c in seen}
+        self.tasks, self.seen_classes = tasks, set(seen)
+
+    def check_position(self, at: Position) -> None:
+        if self.tasks != at.tasks_done:
+            raise ValueError(f"its task count {self.tasks} is not the run's {at.tasks_done}")
+        if self.seen_classes and not (min(self.seen_classes) >= 0 and max(self.seen_classes) < at.num_classes):
+            raise ValueError(f"its seen classes lie outside the stream's 0..{at.num_classes - 1}")
 
 
 def _head(model: nn.Module) -> nn.Linear:

@@ -17,51 +17,42 @@ transform)``). The draws come from the plugin's own generator (seeded, saved in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 
-from cl_ema.options import at_least, count
-from cl_ema.plugins import autocast, needs_template
+from cl_ema.plugins import Position, autocast, needs_template
+from cl_ema.plugins.options import DER
 from cl_ema.plugins.replay import StreamReservoir
 
 
-@dataclass(eq=False)
 class DERPlugin(SupervisedPlugin):  # not data parallel: its extra forward passes would go around DDP
-    """DER (``beta=0``) and DER++ (``beta>0``); needs cl_ema's template (its batches' sample indices).
-    ``batch_size_mem``: Mammoth's ``minibatch_size`` (None: as many as the training batch)."""
+    """DER (``beta=0``) and DER++ (``beta>0``) (options: ``cl_ema.plugins.options.DER``); needs cl_ema's
+    template (its batches' sample indices). ``seed``: of the reservoir's draws (the run's); ``device``: where
+    the memory lives (the run's training device)."""
 
-    mem_size: int = 200
-    batch_size_mem: int | None = None
-    alpha: float = 0.5
-    beta: float = 0.0
-    seed: int = 0  # of the reservoir's draws (the run's seed)
-
-    def __post_init__(self) -> None:
+    def __init__(
+        self, options: DER | None = None, /, *, seed: int = 0, device: str | torch.device | None = None, **kwargs: Any
+    ) -> None:
         super().__init__()
-        count("mem_size", self.mem_size, 1, 1 << 28)
-        if self.batch_size_mem is not None:
-            count("batch_size_mem", self.batch_size_mem, 1, 1 << 24)
-        at_least("alpha", self.alpha, 0.0, float("inf"))
-        at_least("beta", self.beta, 0.0, float("inf"))
-        self.memory = StreamReservoir(self.mem_size, self.seed)
+        self.options = options if options is not None else DER(**kwargs)
+        self.memory = StreamReservoir(self.options.mem_size, seed, device)
 
     def before_backward(self, strategy, **kwargs) -> None:
         needs_template(strategy, "DERPlugin stores the batches' sample indices")
-        memory = self.memory
+        memory, o = self.memory, self.options
         if memory.filled == 0:
             return
         assert memory.index is not None and memory.labels is not None and memory.logits is not None
-        size = self.batch_size_mem or strategy.train_mb_size
+        size = o.batch_size_mem or strategy.train_mb_size
         slots = memory.slots(size, strategy.device)
-        strategy.loss += self.alpha * F.mse_loss(self._outputs(strategy, memory.index[slots]), memory.logits[slots])
-        if self.beta:
+        strategy.loss += o.alpha * F.mse_loss(self._outputs(strategy, memory.index[slots]), memory.logits[slots])
+        if o.beta:
             slots = memory.slots(size, strategy.device)  # a second, independent draw
             outputs = self._outputs(strategy, memory.index[slots])
-            strategy.loss += self.beta * F.cross_entropy(outputs, memory.labels[slots])
+            strategy.loss += o.beta * F.cross_entropy(outputs, memory.labels[slots])
 
     def _outputs(self, strategy: Any, index: torch.Tensor) -> torch.Tensor:
         with autocast(strategy):
@@ -75,3 +66,6 @@ class DERPlugin(SupervisedPlugin):  # not data parallel: its extra forward passe
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.memory.load_state_dict(state)
+
+    def check_position(self, at: Position) -> None:
+        self.memory.check_position(at, width=at.num_classes)
