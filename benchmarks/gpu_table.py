@@ -39,8 +39,12 @@ def main() -> None:
     steps, train, total = sum(results["steps_per_task"]), results["train_s"], results["elapsed_s"]
     tasks = results["tasks_done"]
     full = EPOCHS * train + (total - train)  # training scales with the epochs, evaluation does not
-    rows.append(("split_cifar, 1 epoch a task", f"{tasks} tasks, {steps} steps: {train:.0f} s training, "
-                 f"{total - train:.0f} s evaluation"))  # fmt: skip
+    rows.append(
+        (
+            "split_cifar, 1 epoch a task",
+            f"{tasks} tasks, {steps} steps: {train:.0f} s training, {total - train:.0f} s evaluation",
+        )
+    )
     rows.append((f"split_cifar, {EPOCHS} epochs a task (extrapolated)", f"{full / 3600:.2f} h"))
     print("\n| measurement | value |\n|---|---|")
     for name, value in rows:

@@ -19,8 +19,8 @@ from avalanche.benchmarks.utils.data_loader import ReplayDataLoader, TaskBalance
 from throughput import cifar_like
 
 from cl_ema.config import Scenario
-from cl_ema.data import stream_from_stores
 from cl_ema.data.loader import IndexBatches
+from cl_ema.data.stream import stream_from_stores
 
 
 def ms_per_batch(loader) -> float:

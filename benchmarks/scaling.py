@@ -53,8 +53,16 @@ def main() -> None:
         return worker(args)
     results = []
     for count in dict.fromkeys(args.processes):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={count}",
-                   __file__, "--worker", *sys.argv[1:]]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={count}",
+            __file__,
+            "--worker",
+            *sys.argv[1:],
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
@@ -62,13 +70,17 @@ def main() -> None:
             sys.exit(f"error: torchrun with {count} processes failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(lines[-1][len(RESULT) :]))
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (gloo)"
-    print(f"{args.model}, global batch {args.batch_size}, {args.steps} steps after {args.warmup}, {name}, "
-          f"bf16={args.bf16}, torch {torch.__version__}")  # fmt: skip
+    print(
+        f"{args.model}, global batch {args.batch_size}, {args.steps} steps after {args.warmup}, {name}, "
+        f"bf16={args.bf16}, torch {torch.__version__}"
+    )
     base = results[0]["samples_per_s"] / results[0]["processes"]
     for row in results:
         efficiency = row["samples_per_s"] / (row["processes"] * base)
-        print(f"{row['processes']:>3} processes {row['samples_per_s']:>12,.1f} samples/s {row['ms_per_step']:>10.2f} "
-              f"ms/step   scaling efficiency {100 * efficiency:5.1f} %")  # fmt: skip
+        print(
+            f"{row['processes']:>3} processes {row['samples_per_s']:>12,.1f} samples/s {row['ms_per_step']:>10.2f} "
+            f"ms/step   scaling efficiency {100 * efficiency:5.1f} %"
+        )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ from torch import nn
 
 from cl_ema.assembly import assemble
 from cl_ema.config import Scenario, check, compose
-from cl_ema.data import CropFlip, DataSpec, TensorStore, experience_indices, stream_from_stores
 from cl_ema.data.sources import CIFAR100_NORM, load_cifar100, random_images
+from cl_ema.data.storage import CropFlip, DataSpec, TensorStore
+from cl_ema.data.stream import experience_indices, stream_from_stores
 from cl_ema.distributed import Processes
 from cl_ema.models import ResNet18
 from cl_ema.strategies import silent_evaluator
@@ -98,19 +99,27 @@ def cl_ema_overrides(args, strategy: str) -> list[str]:
     elif args.model == "vit":  # split_cifar_vit's network, random weights: speed does not depend on them
         experiment, model = "split_cifar_vit", ["model.pretrained=false"]
     return [
-        f"experiment={experiment}", f"strategy={strategy}", *data, *model, f"train.batch_size={args.batch_size}",
-        f"data.augment={args.augment}", f"train.precision={'bf16' if args.bf16 else 'fp32'}",
-        f"train.channels_last={args.channels_last}", f"train.compile={args.compile}", f"device={args.device}",
-        "logger=none", "checkpoint=false", "ema.decay=0.999",
-    ]  # fmt: skip
+        f"experiment={experiment}",
+        f"strategy={strategy}",
+        *data,
+        *model,
+        f"train.batch_size={args.batch_size}",
+        f"data.augment={args.augment}",
+        f"train.precision={'bf16' if args.bf16 else 'fp32'}",
+        f"train.channels_last={args.channels_last}",
+        f"train.compile={args.compile}",
+        f"device={args.device}",
+        "logger=none",
+        "checkpoint=false",
+        "ema.decay=0.999",
+    ]
 
 
 def cl_ema_run(args, device, strategy: str, processes: Processes | None = None) -> float:
     """Time ``args.steps`` steps of the first task of the run cl_ema assembles for these overrides."""
-    cfg = compose(*cl_ema_overrides(args, strategy))
-    check(cfg)
+    checked = check(compose(*cl_ema_overrides(args, strategy)))
     with tempfile.TemporaryDirectory() as out:
-        run = assemble(cfg, Path(out), processes or Processes(), device)
+        run = assemble(checked, Path(out), processes or Processes(), device)
         stop = _StopAfter(args.steps, args.warmup)
         run.strategy.plugins.append(stop)
         run.strategy.train(run.stream.benchmark.train_stream[0])
@@ -149,9 +158,16 @@ def avalanche_naive_run(stores, args, device) -> float:
     model, optimizer = model_and_optimizer(args, device)
     stop = _StopAfter(args.steps, args.warmup)
     experience = benchmark.train_stream[0]
-    strategy = Naive(model=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), train_mb_size=args.batch_size,
-                     train_epochs=epochs_for(args, len(experience.dataset)), device=device, plugins=[stop],
-                     evaluator=silent_evaluator())  # fmt: skip
+    strategy = Naive(
+        model=model,
+        optimizer=optimizer,
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=args.batch_size,
+        train_epochs=epochs_for(args, len(experience.dataset)),
+        device=device,
+        plugins=[stop],
+        evaluator=silent_evaluator(),
+    )
     strategy.train(experience, num_workers=args.workers, persistent_workers=args.workers > 0)
     return stop.elapsed
 
@@ -230,9 +246,11 @@ def main() -> None:
     stores = cifar_like(args.cifar_root, args.samples)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     model = f"ResNet-18 width {args.width}" if args.model == "resnet18" else "one linear layer"
-    print(f"device: {device} ({name}), torch {torch.__version__}, {model}, batch {args.batch_size}, {args.steps} "
-          f"timed steps after {args.warmup}, augment={args.augment}, bf16={args.bf16}, "
-          f"channels_last={args.channels_last}, compile={args.compile}")  # fmt: skip
+    print(
+        f"device: {device} ({name}), torch {torch.__version__}, {model}, batch {args.batch_size}, {args.steps} "
+        f"timed steps after {args.warmup}, augment={args.augment}, bf16={args.bf16}, "
+        f"channels_last={args.channels_last}, compile={args.compile}"
+    )
     runs = {
         "(a) cl_ema": lambda: cl_ema_run(args, device, "plain"),
         "(a) cl_ema + EMA": lambda: cl_ema_run(args, device, "ema"),
@@ -253,11 +271,15 @@ def main() -> None:
         median = statistics.median(times)
         speed[label] = args.steps * args.batch_size / median
         peak = f"{memory[label]:.2f} GiB" if label in memory else "-"
-        print(f"{label:<36}{speed[label]:>12,.0f} samples/s {1000 * median / args.steps:>8.2f} ms/step   "
-              f"peak GPU memory {peak}")  # fmt: skip
+        print(
+            f"{label:<36}{speed[label]:>12,.0f} samples/s {1000 * median / args.steps:>8.2f} ms/step   "
+            f"peak GPU memory {peak}"
+        )
     a, ema, b, c = speed.values()
-    print(f"\n(a) / (b) = {a / b:.2f}x   (a) / (c) = {a / c:.2f}x   EMA adds {100 * (a / ema - 1):.1f} % to (a)"
-          f"   (median of {args.rounds} rounds)")  # fmt: skip
+    print(
+        f"\n(a) / (b) = {a / b:.2f}x   (a) / (c) = {a / c:.2f}x   EMA adds {100 * (a / ema - 1):.1f} % to (a)"
+        f"   (median of {args.rounds} rounds)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,17 +1,18 @@
 """A run, assembled from its config in one call, and what a checkpoint holds of it.
 
-``assemble(cfg, out_dir, processes, device, state)`` builds every part, in this order (each may
-need the ones before it):
+``assemble(checked, out_dir, processes, device, state)`` builds every part of a checked config
+(``cl_ema.config.check``) once, in this order (each may need the ones before it):
 
 1. the stream: Avalanche's tasks over sample indices, the tensors on the training device;
-2. the plugins the strategy places, in its order, given the seed and the first task's optimizer
-   steps (an EMA's horizon in tasks needs them);
+2. the plugins the strategy places, in its order, given the seed, the first task's optimizer steps
+   (an EMA's horizon in tasks needs them), the device and the run folder;
 3. the model, initialized from ``seed`` and moved to its device and layout, and the plugins
    attached to it, which gives the tracks to evaluate (``live`` first);
 4. the template (cl_ema's Avalanche strategy) with the plugins, continual evaluation and the
    plugins every run has, wrapped for data parallel training when there are several processes;
-5. the results: restored from ``state`` (a validated checkpoint) when resuming, else the
-   untrained model's accuracies as the baseline of forward transfer;
+5. the results: restored from ``state`` (a validated checkpoint) when resuming — each plugin's state
+   checked against where the run stands (``cl_ema.plugins.Position``) — else the untrained model's
+   accuracies as the baseline of forward transfer;
 6. the loggers, told whether they resume.
 
 ``Run.state_dict()`` is what ``checkpoints/last.pt`` holds: the model, the optimizer, the state
@@ -33,20 +34,18 @@ from typing import Any
 import numpy as np
 import torch
 from avalanche.core import SupervisedPlugin
-from omegaconf import DictConfig
 from torch import nn
 
 from cl_ema import checkpoint
-from cl_ema.building import build
-from cl_ema.config import setting_id, to_container
+from cl_ema.config import Checked, Config, TrainConfig, setting_id, to_container
 from cl_ema.continual_eval import ContinualEvalPlugin
-from cl_ema.data import TaskStream, build_stream
+from cl_ema.data.stream import TaskStream, build_stream
 from cl_ema.distributed import Processes
 from cl_ema.errors import UserError, first_line, warn
 from cl_ema.evaluation import evaluate
 from cl_ema.loggers import Loggers, RunInfo
 from cl_ema.models import build_model
-from cl_ema.plugins import Stateful, Track
+from cl_ema.plugins import Position, Positioned, Stateful, Track
 from cl_ema.results import Results
 from cl_ema.strategies import attach, build_plugins, build_strategy, training_plugins
 from cl_ema.template import DeviceDataTemplate
@@ -56,7 +55,7 @@ from cl_ema.template import DeviceDataTemplate
 class Run:
     """The parts of a run that the training loop, checkpoints and loggers share."""
 
-    cfg: DictConfig
+    checked: Checked
     out_dir: Path
     processes: Processes
     stream: TaskStream
@@ -67,6 +66,10 @@ class Run:
     continual: ContinualEvalPlugin | None
     results: Results
     loggers: Loggers
+
+    @property
+    def config(self) -> Config:
+        return self.checked.config
 
     @property
     def world_size(self) -> int:
@@ -105,68 +108,108 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def assemble(
-    cfg: DictConfig,
+    checked: Checked,
     out_dir: Path,
     processes: Processes,
     device: torch.device,
     state: dict[str, Any] | None = None,
     state_path: Path | None = None,
 ) -> Run:
-    """Every part of the run of ``cfg`` (see the module docstring); ``state``: a checkpoint to continue."""
+    """Every part of the run of ``checked`` (see the module docstring); ``state``: a checkpoint to continue."""
+    cfg, c = checked.cfg, checked.config
     config = to_container(cfg)
-    seed_everything(cfg.seed, cfg.deterministic)
-    stream = build_stream(cfg.data, seed=cfg.seed, device=device)
-    first_task = len(stream.benchmark.train_stream[0].dataset)
-    plugins = build_plugins(cfg, first_task_steps=steps_per_task(cfg, first_task) or None)
+    seed_everything(c.seed, c.deterministic)
+    stream = build_stream(checked.dataset, c.data, seed=c.seed, device=device)
+    task_steps = steps_per_task(c.train, len(stream.benchmark.train_stream[0].dataset))
+    plugins = build_plugins(
+        checked.plugins,
+        c.checkpoint,
+        seed=c.seed,
+        task_steps=task_steps or None,
+        num_tasks=stream.num_tasks,
+        device=device,
+        run_dir=out_dir,
+    )
     for name, plugin in plugins.items():
         if processes.world_size > 1 and not getattr(plugin, "supports_distributed", False):
-            raise UserError(f"{name}: {type(plugin).__name__} does not support data parallel training (run it in one "
-                            "process)")  # fmt: skip
-    seed_everything(cfg.seed)  # model init does not depend on how the data was loaded
-    model = build_model(cfg.model, stream.spec)
+            raise UserError(
+                f"{name}: {type(plugin).__name__} does not support data parallel training (run it in one process)"
+            )
+    seed_everything(c.seed)  # model init does not depend on how the data was loaded
+    model = build_model(checked.model, stream.spec, cfg.model.get("weights"))
     # layout and device are final before an average links the weights into its flat buffer
     model.to(device)
-    if cfg.train.channels_last:
+    if c.train.channels_last:
         model.to(memory_format=torch.channels_last)
+    refuse_single_sample_batches(model, stream, c.train)
     tracks = attach(plugins, model)
-    if cfg.train.compile:
+    if c.train.compile:
         compile_in_place(model)
     continual = None
-    if cfg.eval.every_n_steps:
-        continual = ContinualEvalPlugin(stream, tracks, cfg.eval.every_n_steps, cfg.eval.subset_size, cfg.seed,
-                                        cfg.train.eval_batch_size)  # fmt: skip
+    if c.eval.every_n_steps:
+        continual = ContinualEvalPlugin(
+            stream, tracks, c.eval.every_n_steps, c.eval.subset_size, c.seed, c.train.eval_batch_size
+        )
     strategy = build_strategy(
-        cfg,
+        checked,
         model=model,
-        training_model=distributed_model(model, cfg, processes),
+        training_model=distributed_model(model, c.train.sync_batchnorm, processes),
         stream=stream,
-        plugins=[*plugins.values(), *training_plugins(cfg, device, processes.main)],
+        plugins=[*plugins.values(), *training_plugins(c.train, device, processes.main)],
         after_clock=[continual] if continual else [],
         device=device,
         world_size=processes.world_size,
     )
-    meta = run_meta(cfg, stream, tracks, config, processes.world_size)
+    meta = run_meta(c, stream, tracks, config, processes.world_size)
     results = Results([t.name for t in tracks], stream.num_tasks, meta)
     if state is not None:
-        restore(state, state_path or out_dir, model=model, strategy=strategy, plugins=plugins, continual=continual,
-                results=results, stream=stream, world_size=processes.world_size)  # fmt: skip
+        restore(
+            state,
+            state_path or out_dir,
+            model=model,
+            strategy=strategy,
+            plugins=plugins,
+            continual=continual,
+            results=results,
+            stream=stream,
+            train=c.train,
+            world_size=processes.world_size,
+        )
     else:
-        results.record_baseline(evaluate(model, stream, -1, batch_size=cfg.train.eval_batch_size))
-    loggers = build_loggers(cfg, out_dir, processes, results, state)
-    return Run(cfg, out_dir, processes, stream, model, plugins, tracks, strategy, continual, results, loggers)
+        results.record_baseline(evaluate(model, stream, -1, batch_size=c.train.eval_batch_size))
+    loggers = build_loggers(checked, out_dir, processes, results, state)
+    return Run(checked, out_dir, processes, stream, model, plugins, tracks, strategy, continual, results, loggers)
 
 
-def steps_per_task(cfg: DictConfig, samples: int) -> int:
-    """Optimizer steps of a task of ``samples`` training samples under ``cfg.train``."""
-    per_epoch = samples // cfg.train.batch_size if cfg.train.drop_last else -(-samples // cfg.train.batch_size)
-    return cfg.train.epochs * per_epoch
+def steps_per_task(train: TrainConfig, samples: int) -> int:
+    """Optimizer steps of a task of ``samples`` training samples under ``train``."""
+    per_epoch = samples // train.batch_size if train.drop_last else -(-samples // train.batch_size)
+    return train.epochs * per_epoch
 
 
-def run_meta(cfg: DictConfig, stream: TaskStream, tracks: list[Track], config: dict, world_size: int) -> dict:
+def refuse_single_sample_batches(model: nn.Module, stream: TaskStream, train: TrainConfig) -> None:
+    """A task whose last batch holds one sample: BatchNorm cannot train on it (one value per channel)."""
+    if train.drop_last or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    for task, experience in enumerate(stream.benchmark.train_stream):
+        if len(experience.dataset) % train.batch_size == 1:
+            raise UserError(
+                f"train.batch_size={train.batch_size}: task {task + 1}'s last batch holds one sample, which the "
+                "model's BatchNorm cannot train on: set train.drop_last=true, or another batch size"
+            )
+
+
+def samples_trained(train: TrainConfig, samples: int) -> int:
+    """Training samples the steps of a task of ``samples`` samples go through (``drop_last`` drops a remainder)."""
+    per_epoch = samples // train.batch_size * train.batch_size if train.drop_last else samples
+    return train.epochs * per_epoch
+
+
+def run_meta(c: Config, stream: TaskStream, tracks: list[Track], config: dict, world_size: int) -> dict:
     return {
-        "experiment": cfg.choices.experiment,
-        "strategy": cfg.choices.strategy,
-        "seed": cfg.seed,
+        "experiment": c.choices.experiment,
+        "strategy": c.choices.strategy,
+        "seed": c.seed,
         "device": str(stream.train.device),
         "world_size": world_size,
         "class_order": stream.class_order,
@@ -189,10 +232,12 @@ def restore(
     continual: ContinualEvalPlugin | None,
     results: Results,
     stream: TaskStream,
+    train: TrainConfig,
     world_size: int,
 ) -> None:
     """Load a validated checkpoint into freshly built parts; nothing is written. What a checkpoint that
-    does not fit makes each part raise becomes one UserError naming the file; anything else is a bug."""
+    does not fit makes each part raise becomes one UserError naming the file; anything else is a bug. Each
+    plugin checks its loaded state against where the run stands (``Position``)."""
     saved = stateful(plugins)
     if set(saved) != set(state["plugins"]):
         raise UserError(f"{path}: holds the state of plugins {sorted(state['plugins'])}, this run has {sorted(saved)}")
@@ -209,14 +254,17 @@ def restore(
     try:
         checkpoint.check_optimizer_state(state["optimizer"], strategy.optimizer.state_dict())
         strategy.optimizer.load_state_dict(state["optimizer"])
+        results.load(state["results"])
+        at = position(results, stream, train, state["train_iterations"])
         for name, plugin in saved.items():
             try:
                 plugin.load_state_dict(state["plugins"][name])
-            except ValueError as err:
-                raise UserError(f"the state of plugin {name} does not fit ({err})") from None
+                if isinstance(plugin, Positioned):
+                    plugin.check_position(at)
+            except (ValueError, TypeError, KeyError) as err:
+                raise UserError(f"the state of plugin {name} does not fit ({first_line(err)})") from None
         if continual:
             continual.load_state_dict(state["continual"])
-        results.load(state["results"])
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
     except ValueError as err:  # the optimizer's or the results' own checks
@@ -230,29 +278,49 @@ def restore(
         raise UserError(f"{path}: its random generator states are not readable ({first_line(err)})") from None
 
 
+def position(results: Results, stream: TaskStream, train: TrainConfig, steps: int) -> Position:
+    """Where a run restored from a checkpoint stands."""
+    done = results.tasks_done
+    samples = [len(stream.benchmark.train_stream[t].dataset) for t in range(done)]
+    return Position(
+        tasks_done=done,
+        steps=steps,
+        last_task_start=steps - results.meta["steps_per_task"][-1],
+        samples_seen=sum(samples_trained(train, n) for n in samples),
+        num_classes=stream.num_classes,
+        train_samples=len(stream.train),
+    )
+
+
 def build_loggers(
-    cfg: DictConfig, out_dir: Path, processes: Processes, results: Results, state: dict[str, Any] | None
+    checked: Checked, out_dir: Path, processes: Processes, results: Results, state: dict[str, Any] | None
 ) -> Loggers:
     """The loggers of ``logger=`` (the main process only)."""
     if not processes.main:
         return Loggers({})
-    info = RunInfo(out_dir, results.meta["config"], cfg.choices.experiment, cfg.choices.strategy, cfg.seed,
-                   results.tracks, setting_id(results.meta["config"]), results.tasks_done,
-                   world_size=processes.world_size)  # fmt: skip
+    c = checked.config
+    info = RunInfo(
+        out_dir,
+        results.meta["config"],
+        c.choices.experiment,
+        c.choices.strategy,
+        c.seed,
+        results.tracks,
+        setting_id(results.meta["config"]),
+        results.tasks_done,
+        world_size=processes.world_size,
+    )
     saved = (state or {}).get("loggers", {})
     return Loggers.start(
-        {
-            name: partial(build, node, f"logger.{name}", run=info, resumed=saved.get(name))
-            for name, node in cfg.logger.items()
-        }
+        {name: partial(spec.build, run=info, resumed=saved.get(name)) for name, spec in checked.loggers.items()}
     )
 
 
-def distributed_model(model: nn.Module, cfg: DictConfig, processes: Processes) -> nn.Module:
+def distributed_model(model: nn.Module, sync_batchnorm: bool, processes: Processes) -> nn.Module:
     """``model``, wrapped for data parallel training when there are several processes."""
     if processes.world_size == 1:
         return model
-    if cfg.train.sync_batchnorm:
+    if sync_batchnorm:
         if model_device(model).type != "cuda":
             raise UserError("train.sync_batchnorm=true needs CUDA devices (SyncBatchNorm has no CPU kernels)")
         nn.SyncBatchNorm.convert_sync_batchnorm(model)  # reuses the parameters and buffers: the views stay valid

@@ -1,4 +1,4 @@
-"""Checkpoint files: writing, reading and validating them, and finding the run to resume.
+"""Checkpoint files: writing, reading and validating them.
 
 ``checkpoints/last.pt`` (written atomically after every task) holds what ``Run.state_dict()``
 (``cl_ema.assembly``) gives: everything that decides what happens next. It contains only tensors
@@ -10,6 +10,7 @@ run code. It is validated before anything is restored, and a checkpoint that doe
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 from pathlib import Path
@@ -18,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cl_ema.config import LAST_CHECKPOINT, result_keys
-from cl_ema.errors import UserError, first_line, warn
+from cl_ema.config import result_keys
+from cl_ema.errors import UserError, first_line
 from cl_ema.files import atomic_write
 
 FORMAT = "cl_ema-checkpoint-3"
@@ -45,11 +46,16 @@ def rng_state(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     assert isinstance(keys, np.ndarray)
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }  # fmt: skip
+    }
     return state | (extra or {})
 
 
@@ -104,8 +110,10 @@ def check_optimizer_state(saved: Any, fresh: dict[str, Any]) -> None:
     (a hand-edited ``lr='abc'`` would otherwise fail only at the first step)."""
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     if not isinstance(groups, list) or len(groups) != len(fresh["param_groups"]):
-        raise UserError(f"the optimizer state has {len(groups or [])} parameter groups, this run's optimizer has "
-                        f"{len(fresh['param_groups'])}")  # fmt: skip
+        raise UserError(
+            f"the optimizer state has {len(groups or [])} parameter groups, this run's optimizer has "
+            f"{len(fresh['param_groups'])}"
+        )
     for group, expected in zip(groups, fresh["param_groups"]):
         for key, value in expected.items():
             got = group.get(key) if isinstance(group, dict) else None
@@ -117,40 +125,15 @@ def check_optimizer_state(saved: Any, fresh: dict[str, Any]) -> None:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys (dotted) whose values differ, leaving out those that never change results."""
+    """Keys (dotted) whose values differ, leaving out those that never change results; values compare by value
+    (``1`` is ``1.0``, ``[1, 2]`` is ``[1.0, 2.0]``)."""
     a, b = result_keys(saved), result_keys(current)
-    return [f"{k}: {a.get(k, 'absent')} in the checkpoint, {b.get(k, 'absent')} now"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]  # fmt: skip
+    return [
+        f"{k}: {a.get(k, 'absent')} in the checkpoint, {b.get(k, 'absent')} now"
+        for k in sorted(set(a) | set(b))
+        if _value(a.get(k)) != _value(b.get(k))
+    ]
 
 
-def resume_from(request: Path | bool, out_dir: Path, config: dict) -> tuple[Path, dict[str, Any]]:
-    """The run directory to continue and its validated checkpoint: ``resume=<run dir>``, or
-    ``resume=true`` for the newest run of the same configuration next to this run's directory
-    (runs whose checkpoint cannot be read are skipped, and said so)."""
-    if isinstance(request, Path):
-        state = load(request / LAST_CHECKPOINT)
-        differences = config_differences(state["config"], config)
-        if differences:
-            raise UserError(
-                f"{request / LAST_CHECKPOINT} was written by a different configuration ({'; '.join(differences[:3])})"
-            )
-        return request, state
-    candidates = sorted(
-        (p for p in {out_dir, *out_dir.parent.glob("*")} if (p / LAST_CHECKPOINT).is_file()),
-        key=lambda p: (p / LAST_CHECKPOINT).stat().st_mtime,
-        reverse=True,
-    )
-    from cl_ema.rundirs import still_running
-
-    for run_dir in candidates:
-        if still_running(run_dir) is not None:
-            warn(f"resume=true: skipping {run_dir} (its run is still training)")
-            continue
-        try:
-            state = load(run_dir / LAST_CHECKPOINT)
-        except UserError as err:
-            warn(f"resume=true: skipping {run_dir} ({err})")
-            continue
-        if not config_differences(state["config"], config):
-            return run_dir, state
-    raise UserError(f"resume=true: no checkpoint of this configuration in {out_dir.parent} (give resume=<run dir>)")
+def _value(text: str | None) -> Any:
+    return None if text is None else json.loads(text)

@@ -13,7 +13,7 @@ limit) or resumed with ``resume=true``, it continues from its last finished task
 from __future__ import annotations
 
 import os
-import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -21,10 +21,8 @@ from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, read_write
-from omegaconf.errors import OmegaConfBaseException
 
 from cl_ema.config import (
     CONFIG_DIR,
@@ -37,10 +35,9 @@ from cl_ema.config import (
     unused_overrides,
 )
 from cl_ema.environment import is_main
-from cl_ema.errors import Interrupted, Refused, UserError, warn
-from cl_ema.files import WRITE_CAUSES, write_error
+from cl_ema.errors import Interrupted, Refused, UserError, describe, user_error, warn
 from cl_ema.plugins import LIVE
-from cl_ema.rundirs import claim_job, release
+from cl_ema.rundirs import NEXT_TO, claim_job, release, release_all, resumed_config
 from cl_ema.sweep import SWEEP
 
 
@@ -51,26 +48,33 @@ def _run(cfg: DictConfig) -> float | None:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             resume_own_folder(cfg, hydra_cfg)
         record_choices(cfg, hydra_cfg.runtime.choices)
-        check(cfg)
+        checked = check(cfg)
         for key in unused_overrides(cfg, list(hydra_cfg.overrides.task)):
-            warn(f"{key}: no plugin of strategy={cfg.choices.strategy} reads it (plugins: "
-                 f"{', '.join(plugin_nodes(cfg)) or 'none'}); it changes nothing")  # fmt: skip
-        from cl_ema.runner import run  # heavy imports only once the config is known to be good
-
-        single = hydra_cfg.mode != RunMode.MULTIRUN  # known before: a Ctrl-C finds no work left between
-        results = run(cfg, Path(hydra_cfg.runtime.output_dir))
-        if single:
-            _quiet_exit()  # the run is complete and said so: a Ctrl-C from here on changes nothing
-        return results.metrics(LIVE, results.tasks_done - 1)["avg_acc"]  # the objective for sweepers
+            warn(
+                f"{key}: no plugin of strategy={cfg.choices.strategy} reads it (plugins: "
+                f"{', '.join(plugin_nodes(cfg)) or 'none'}); it changes nothing"
+            )
+        out_dir = NEXT_TO[0] or Path(hydra_cfg.runtime.output_dir)  # resume=true: the runs next to it are candidates
+        return _launched(checked, out_dir, single=hydra_cfg.mode != RunMode.MULTIRUN)
     except Exception as err:
         if not user_error(err):
             raise  # a bug: its traceback, in a single run and in a multirun alike
-        message = describe(err)
+        message = describe(err, SCHEMA_KEYS)
         if hydra_cfg.mode != RunMode.MULTIRUN:
             release(Path(hydra_cfg.runtime.output_dir))  # refused before writing: leave no empty run folder
             _fail(message, said_by_main=not isinstance(err, OSError))
         SWEEP.failed(hydra_cfg.job.num, list(hydra_cfg.overrides.task), message, Path(hydra_cfg.runtime.output_dir))
         return None  # the sweep goes on; the summary at its end reports this job
+
+
+def _launched(checked: Any, out_dir: Path, single: bool) -> float:
+    """Run a checked config; the live weights' final ACC, the objective for sweepers."""
+    from cl_ema.launch import launch  # torch and Avalanche: only once the config is known to be good
+
+    results = launch(checked, out_dir)
+    if single:
+        _quiet_exit()  # the run is complete and said so: a Ctrl-C from here on changes nothing
+    return float(results.metrics(LIVE, results.tasks_done - 1)["avg_acc"] or 0.0)
 
 
 def resume_own_folder(cfg: DictConfig, hydra_cfg: Any) -> None:
@@ -80,59 +84,6 @@ def resume_own_folder(cfg: DictConfig, hydra_cfg: Any) -> None:
     own = claim_job(folder, str(hydra_cfg.sweep.dir), int(hydra_cfg.job.num))
     with read_write(cfg):
         cfg.resume = str(folder) if own and (folder / LAST_CHECKPOINT).is_file() else None
-
-
-# keys of earlier versions → where the setting lives now (said when an override names the old key)
-RENAMED = {
-    "train.lr": "optimizer.lr",
-    "train.momentum": "optimizer.momentum",
-    "train.weight_decay": "optimizer.weight_decay",
-    "train.optimizer": "the optimizer group (optimizer=adam)",
-    "strategy.name": "strategy=<name> (its file's name)",
-    "ema.warmup": "ema.schedule=warmup",
-    "model.name": "the model group (model=timm, model=torchvision, …)",
-    **{f"logger.{key}": f"logger.wandb.{key}" for key in ("mode", "project", "entity", "group", "tags")},
-}
-
-
-NO_TEMPORARY_FOLDER = "No usable temporary directory"  # what tempfile.gettempdir() says when it can write nowhere
-
-
-def user_error(err: BaseException) -> bool:
-    """Whether the user can act on ``err`` (bad input, a file, a resource): one line, exit 2. Anything
-    else is a bug, shown with its traceback (exit 1)."""
-    if isinstance(err, (UserError, HydraException, OmegaConfBaseException, OverflowError, MemoryError)):
-        return True  # (Hydra's MissingConfigException is an OSError too)
-    if isinstance(err, FileNotFoundError) and NO_TEMPORARY_FOLDER in str(err):
-        return True
-    return isinstance(err, OSError) and err.filename is not None  # an OSError without a file: not the user's
-
-
-def describe(err: BaseException) -> str:
-    """One line for an error a user can act on."""
-    if isinstance(err, (HydraException, OmegaConfBaseException)):
-        message = one_line(err)
-        renamed = [f"{old} is {new} now" for old, new in RENAMED.items() if f"override '{old}'" in message]
-        if renamed:
-            return f"{message} ({'; '.join(renamed)})"
-        missing = re.search(r"Could not override '([^']+)'", message)
-        if missing and "." in missing.group(1) and missing.group(1).split(".")[0] not in SCHEMA_KEYS:  # a plugin's
-            key = missing.group(1)
-            return (f"{key}: this strategy has no plugin {key.split('.')[0]}, or the plugin no option of that name "
-                    "(a strategy places its plugins under their names: conf/strategy/*.yaml)")  # fmt: skip
-        return message
-    if isinstance(err, UserError):
-        return str(err)
-    if isinstance(err, OverflowError):
-        return f"a value is too large for the computation ({err})"
-    if isinstance(err, MemoryError):
-        return f"not enough memory: {err}" if str(err) else "not enough memory"
-    if isinstance(err, FileNotFoundError) and NO_TEMPORARY_FOLDER in str(err):
-        return ("no temporary file can be written (in /tmp, /var/tmp, … or TMPDIR): the disk is full, or a "
-                "file-size limit (ulimit -f) leaves no room")  # fmt: skip
-    if isinstance(err, OSError):  # a file Hydra writes at the start (.hydra/), or another's
-        return str(write_error(err)) if err.errno in WRITE_CAUSES else f"{err.filename}: {err.strerror or err}"
-    return one_line(err)
 
 
 def _fail(message: str, status: int = 2, said_by_main: bool = True) -> NoReturn:
@@ -168,41 +119,35 @@ def _quiet_exit() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def one_line(err: BaseException) -> str:
-    """A Hydra / OmegaConf error and its cause on one line, without their diagnostic dumps."""
-    parts: list[str] = []
-    cause: BaseException | None = err
-    while cause is not None and len(parts) < 3:
-        message = getattr(cause, "msg", None) if isinstance(cause, OmegaConfBaseException) else None
-        if message:
-            key = getattr(cause, "full_key", None)
-            line = message.splitlines()[0]  # later lines repeat full_key / object types
-            parts.append(f"{key}: {line}" if key else line)
-        else:
-            # Hydra appends the config search path; the options before it are what matters.
-            parts.append(str(cause).split("Config search path")[0])
-        cause = cause.__cause__
-    return "; ".join(" ".join(p.split()).rstrip(".") for p in parts if p.strip())
-
-
 def interrupted(err: BaseException) -> NoReturn:
     """One line for a run stopped by a signal, saying what can be done with it; exit 128 + the signal."""
     stop = err if isinstance(err, Interrupted) else Interrupted("SIGINT")
+    if not stop.run_dir:  # stopped before the run began: a folder claimed for it goes back
+        release_all()
     if not is_main(strict=False):  # under torchrun the main process says it
         _quiet_exit()
         sys.exit(stop.exit_status)
     where = ""
     if stop.run_dir and stop.completed:
-        where = (f" after the run completed: results.json in {stop.run_dir} has all {stop.tasks_done} tasks; a logger "
-                 "(W&B) may not have finished writing")  # fmt: skip
+        where = (
+            f" after the run completed: results.json in {stop.run_dir} has all {stop.tasks_done} tasks; a logger "
+            "(W&B) may not have finished writing"
+        )
     elif stop.run_dir and stop.resumable:
-        where = (f" after {stop.tasks_done} finished task(s); results.json in {stop.run_dir} says 'interrupted' "
-                 f"and resume={stop.run_dir} continues it")  # fmt: skip
+        where = (
+            f" after {stop.tasks_done} finished task(s); results.json in {stop.run_dir} says 'interrupted' "
+            f"and `python -m cl_ema {shlex.quote('resume=' + stop.run_dir)}` continues it"
+        )
     elif stop.run_dir and stop.tasks_done:
-        where = (f" after {stop.tasks_done} finished task(s), kept in {stop.run_dir}/results.json (checkpoint=false: "
-                 "it cannot be resumed)")  # fmt: skip
+        where = (
+            f" after {stop.tasks_done} finished task(s), kept in {stop.run_dir}/results.json (checkpoint=false: "
+            "it cannot be resumed)"
+        )
     elif stop.run_dir:
-        where = f" before its first task ended: nothing to continue; resume={stop.run_dir} starts it again there"
+        where = (
+            f" before its first task ended: nothing to continue; `python -m cl_ema "
+            f"{shlex.quote('resume=' + stop.run_dir)}` starts it again there"
+        )
     _fail(f"interrupted by {stop.signal_name}{where}{SWEEP.not_run()}", stop.exit_status)
 
 
@@ -220,17 +165,27 @@ def check_file_size_limit() -> None:
 
 def check_arguments(arguments: list[str]) -> list[str]:
     """What Hydra would take badly from the command line, in one line: two of its modes (``-m --cfg``), a
-    config group set to null (its parser raises), ``choices.*`` (which ``experiment=`` and ``strategy=``
-    set). ``best_args=null`` is the default, and dropped."""
+    config group set to null (its parser raises) or to a path out of its folder (``best_args=../strategy/ema``
+    would place another group's file), ``choices.*`` (which ``experiment=`` and ``strategy=`` set).
+    ``best_args=null`` is the default, and dropped."""
     from hydra._internal.utils import get_args_parser  # Hydra's own parser: the flags as Hydra reads them
 
     flags, _ = get_args_parser().parse_known_args(arguments)
-    given = {"--run": flags.run, "--multirun": flags.multirun, "--cfg": flags.cfg, "--info": flags.info,
-             "--shell-completion": flags.shell_completion}  # fmt: skip
+    given = {
+        "--run": flags.run,
+        "--multirun": flags.multirun,
+        "--cfg": flags.cfg,
+        "--info": flags.info,
+        "--shell-completion": flags.shell_completion,
+    }
     modes = [name for name, value in given.items() if value]
     if len(modes) > 1:  # Hydra raises a ValueError with a traceback
         raise UserError(f"{' and '.join(modes)}: give only one of them (a sweep's config: --cfg job without -m)")
-    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    groups = {
+        p.name: sorted(f.relative_to(p).with_suffix("").as_posix() for f in p.rglob("*.yaml"))
+        for p in CONFIG_DIR.iterdir()
+        if p.is_dir()
+    }
     kept = []
     for argument in arguments:
         key, equals, value = argument.partition("=")
@@ -240,6 +195,8 @@ def check_arguments(arguments: list[str]) -> list[str]:
                 continue
             options = ", ".join(groups[name]) + (" (logger=none: no logger)" if name == "logger" else "")
             raise UserError(f"{argument}: {name} is a config group: choose one of {options}")
+        if equals and name in groups and ("/.." in f"/{value}" or value.startswith("/")):  # another group's file
+            raise UserError(f"{argument}: not a config of the {name} group (choose one of {', '.join(groups[name])})")
         if name.startswith("choices."):
             raise UserError(f"{argument}: the choices are what experiment= and strategy= selected; set those instead")
         kept.append(argument)
@@ -251,9 +208,16 @@ def run() -> None:
     user_wants_traceback = bool(os.environ.get("HYDRA_FULL_ERROR"))
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
     register_schema()
+    SWEEP.reset()
+    NEXT_TO[0] = None
     try:
         check_file_size_limit()
-        sys.argv[1:] = check_arguments(sys.argv[1:])
+        arguments = check_arguments(sys.argv[1:])
+        resumed = resumed_config(arguments)
+        if resumed is not None:  # resume=<run dir>: that run, as it was configured, in its own folder
+            _launched(check(resumed.cfg), resumed.folder, single=True)
+            return
+        sys.argv[1:] = arguments
         _run()
     except (KeyboardInterrupt, Interrupted) as err:
         if user_wants_traceback:
@@ -264,7 +228,7 @@ def run() -> None:
     except Exception as err:
         if user_wants_traceback or not user_error(err):
             raise
-        _fail(describe(err), said_by_main=not isinstance(err, OSError))
+        _fail(describe(err, SCHEMA_KEYS), said_by_main=not isinstance(err, OSError))
     summary = SWEEP.summary()
     if summary:
         _fail(summary)

@@ -19,7 +19,7 @@ class Console:
         print(text, file=self.file, flush=True)
 
     def task(self, results: Results, task: int, steps: int, classes: list[int]) -> None:
-        width = max(len(t) for t in results.tracks) + 2
+        width = _width(results)
         self.print(f"\ntask {task + 1}/{results.num_tasks} (classes {classes}): {steps} optimizer steps")
         head = "".join(f"{'T' + str(j + 1):>7}" for j in range(task + 1))
         self.print(f"{'class-IL %':<{width}}{head}{ACC.label:>8}{TASK_IL_ACC.label:>10}")
@@ -32,7 +32,7 @@ class Console:
 
     def final(self, results: Results) -> None:
         last = results.tasks_done - 1
-        width = max(len(t) for t in results.tracks) + 2
+        width = _width(results)
         self.print(f"\nfinal metrics, class-IL ({TASK_IL_ACC.label} last), % after {results.tasks_done} tasks")
         self.print(f"{'track':<{width}}" + "".join(f"{m.label:>9}" for m in (*METRICS, TASK_IL_ACC)))
         for track in results.tracks:
@@ -46,6 +46,11 @@ class Console:
             for track in results.tracks:
                 values = results.stability[track]
                 self.print(f"{track:<{width}}" + "".join(_cell(values[m.key], 15) for m in STABILITY_METRICS))
+
+
+def _width(results: Results) -> int:
+    """The track column: wide enough for every name and for the headers of the tables."""
+    return max(len(name) for name in (*results.tracks, "class-IL %", "track")) + 2
 
 
 def _cell(value: float | None, width: int, digits: int = 2) -> str:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from cl_ema.config import Precision
 from cl_ema.environment import local_rank, rank, world_size
 from cl_ema.errors import UserError, first_line
 
@@ -117,3 +118,30 @@ def my_share(index: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         return index.tensor_split(dist.get_world_size())[dist.get_rank()]
     return index
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; a device this machine lacks is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"device={name!r}: must be auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise UserError(f"device={name!r}: must be auto, cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return torch.device("cpu")  # cpu:0 is the one CPU device
+    if not torch.cuda.is_available():
+        raise UserError(f"device={name}: CUDA is not available on this machine (use device=cpu or auto)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for training (None: plain fp32)."""
+    if precision == Precision.auto:
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if use_bf16 else None
+    return torch.bfloat16 if precision == Precision.bf16 else None

@@ -9,9 +9,6 @@ import os
 
 from cl_ema.errors import UserError
 
-# set for the jobs of a multirun by cl_ema.rundirs: how many of them the launcher runs at once on a node
-CONCURRENT_JOBS = "CL_EMA_CONCURRENT_JOBS"
-
 
 def _integer(name: str, default: int, low: int) -> int:
     text = os.environ.get(name)
@@ -50,8 +47,8 @@ def is_main(strict: bool = True) -> bool:
 
 
 def local_processes() -> int:
-    """Processes sharing this node's CPUs: torchrun's on this node, or the jobs a local launcher runs at once."""
-    return max(_integer("LOCAL_WORLD_SIZE", 1, 1), _integer(CONCURRENT_JOBS, 1, 1))
+    """Processes of this run sharing this node's CPUs: torchrun's on this node."""
+    return _integer("LOCAL_WORLD_SIZE", 1, 1)
 
 
 def usable_cpus() -> int:
@@ -63,7 +60,8 @@ def usable_cpus() -> int:
 
 def torch_threads(requested: int | None) -> int:
     """Threads for torch's CPU work: ``requested``, else OMP_NUM_THREADS when set, else the usable CPUs
-    divided among the processes sharing them (more threads than cores make every process wait)."""
+    divided among this run's processes on the node (never among other runs that happen to share them: the
+    thread count changes a CPU run's results)."""
     if requested:
         return requested
     if os.environ.get("OMP_NUM_THREADS"):

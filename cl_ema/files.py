@@ -9,14 +9,13 @@ temporary file is removed and the previous version is untouched.
 
 from __future__ import annotations
 
-import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cl_ema.errors import UserError
+from cl_ema.errors import write_error
 
 
 def file_mode() -> int:
@@ -24,25 +23,6 @@ def file_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
-
-
-WRITE_CAUSES = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file too large (a file-size limit, e.g. ulimit -f)",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.ENOTDIR: "a path component is not a directory",
-    errno.EISDIR: "it is a directory",
-}
-
-
-def write_error(err: OSError, path: Path | str | None = None) -> UserError:
-    """One line naming the file and the cause of a failed write."""
-    where = path if path is not None else (err.filename or "a file")
-    cause = WRITE_CAUSES.get(err.errno or -1, err.strerror or type(err).__name__)
-    return UserError(f"cannot write {where}: {cause}; files written before are kept")
 
 
 @contextmanager

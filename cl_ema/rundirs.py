@@ -22,25 +22,27 @@ A Hydra callback, run before Hydra creates the run folder or writes its ``.hydra
 from __future__ import annotations
 
 import atexit
-import copy
 import json
 import os
 import shutil
 import signal
 import socket
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from cl_ema.__main__ import STOP_SIGNALS
-from cl_ema.config import LAST_CHECKPOINT, resume_request
-from cl_ema.environment import is_main
-from cl_ema.errors import Refused, UserError, first_line
+from cl_ema.config import LAST_CHECKPOINT, NEUTRAL_KEYS, compose, resume_request
+from cl_ema.environment import is_main, torch_threads, usable_cpus
+from cl_ema.errors import STOP_SIGNALS, Refused, UserError, describe, first_line, one_line, user_error, warn
+from cl_ema.files import atomic_write
+from cl_ema.sweep import grid
 
 MARKER = ".cl_ema_run"
 _RUN_FILES = (MARKER, "results.json", str(LAST_CHECKPOINT), ".hydra", "config.yaml")
@@ -58,7 +60,7 @@ def me(**job: Any) -> dict[str, Any]:
 
 
 def owner(folder: Path) -> dict[str, Any]:
-    """Who claimed ``folder`` (empty: nobody, or a marker of an earlier version)."""
+    """Who claimed ``folder`` (empty: nobody, or a claim whose marker is being written)."""
     try:
         data = json.loads((folder / MARKER).read_text() or "{}")
     except (OSError, ValueError):
@@ -93,8 +95,6 @@ def take_over(folder: Path, **job: Any) -> None:
 
 
 def _write_owner(folder: Path, who: dict[str, Any]) -> None:
-    from cl_ema.files import atomic_write
-
     atomic_write(folder / MARKER, json.dumps(who) + "\n")
 
 
@@ -213,6 +213,104 @@ def release(folder: Path) -> None:
         return  # what cannot be removed stays; the run's own error is what the user needs to read
 
 
+@dataclass
+class Resumed:
+    """A run to continue as it was configured: its own config, in its own folder."""
+
+    cfg: DictConfig
+    folder: Path
+
+
+CHOSEN = ("experiment", "strategy")  # config groups whose choice a run records (``choices``)
+
+
+def resumed_config(arguments: list[str]) -> Resumed | None:
+    """``resume=<run dir>`` among the command line's ``arguments``: that run's own config (its config.yaml),
+    with the other arguments, which may change only the keys that never change results (device, logger,
+    checkpoint, …) or repeat the run's own values; None for a command that names no run folder.
+
+    Nothing is composed from conf/ and no folder is made: the run continues where it is, as it was."""
+    requests = [a.split("=", 1)[1] for a in arguments if a.split("=", 1)[0] == "resume"]
+    folder = resume_request(requests[-1]) if requests else False
+    if not isinstance(folder, Path):
+        return None
+    if any(a in ("-m", "--multirun") for a in arguments):
+        raise UserError(f"resume={folder}: names one run; a multirun resumes its jobs with resume=true")
+    saved = folder / "config.yaml"
+    if not saved.is_file():
+        if holds_run(folder):  # claimed, stopped before it wrote its config: it starts again with the overrides
+            return None
+        raise UserError(f"resume={folder}: no run there (no config.yaml in that folder)")
+    try:
+        cfg = OmegaConf.load(saved)
+    except (OSError, ValueError, OmegaConfBaseException) as err:
+        raise UserError(f"{saved}: not a readable run config ({first_line(err)})") from None
+    if not isinstance(cfg, DictConfig) or "choices" not in cfg:
+        raise UserError(f"{saved}: not the config of a cl_ema run")
+    refused = []
+    others = [a for a in arguments if a.split("=", 1)[0] != "resume"]
+    for argument, override in zip(others, OverridesParser.create().parse_overrides(others)):
+        key, value = override.key_or_group, override.value()
+        if key.startswith("hydra.") or key.startswith("hydra/"):  # where a new run would go: a resume stays put
+            warn(f"{argument}: not used, the run continues in its own folder {folder}")
+        elif key == "logger":  # a config group whose every key is neutral
+            with read_write(cfg), open_dict(cfg):
+                cfg.logger = compose(argument).logger
+        elif _is_neutral(key):
+            with read_write(cfg), open_dict(cfg):
+                OmegaConf.update(cfg, key, value, force_add=True)
+        elif not _same(cfg, key, value):
+            refused.append(f"{key}={_as_override(value)}")
+    if refused:
+        raise UserError(
+            f"resume={folder} continues that run as it was configured: {', '.join(refused)} would change its results "
+            f"(beside resume= only {', '.join(k for k in NEUTRAL_KEYS if k != 'resume')} may change)"
+        )
+    with read_write(cfg), open_dict(cfg):
+        cfg.resume = str(folder)
+    return Resumed(cfg, folder)
+
+
+def _is_neutral(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in NEUTRAL_KEYS)
+
+
+def _same(cfg: DictConfig, key: str, value: Any) -> bool:
+    """Whether an override repeats the run's value (``experiment=seq_mnist``, ``ema.decay=0.99``), by value."""
+    if key in CHOSEN:
+        return cfg.choices.get(key) == value
+    found = OmegaConf.select(cfg, key, default=_ABSENT)
+    if found is _ABSENT:
+        return False
+    plain = OmegaConf.to_container(found, resolve=True) if OmegaConf.is_config(found) else found
+    return bool(plain == value)
+
+
+_ABSENT = object()
+
+
+def _as_override(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+NEXT_TO: list[Path | None] = [None]  # resume=true: the folder the run would have had (its neighbours are candidates)
+
+
+def _scratch(config: DictConfig) -> None:
+    """Run in a temporary folder that nothing is written to, removed when the process ends."""
+    scratch = tempfile.mkdtemp(prefix="cl_ema_")
+    atexit.register(shutil.rmtree, scratch, True)
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.run.dir = scratch
+        config.hydra.output_subdir = None
+
+
+def release_all() -> None:
+    """``release`` every folder this process claimed (a run stopped before it wrote anything of its own)."""
+    for folder in list(_MADE):
+        release(folder)
+
+
 def _overridden(config: DictConfig, key: str) -> bool:
     return any(o.split("=", 1)[0].lstrip("+~") == key for o in config.hydra.overrides.hydra)
 
@@ -230,12 +328,8 @@ def _refuse_on_error(claim_in: Any, config: DictConfig) -> None:
     except UserError as err:
         raise Refused(str(err)) from None
     except OmegaConfBaseException as err:  # an interpolation of the config (seed=${oc.env:NOPE}): name its key
-        from cl_ema.cli import one_line
-
         raise Refused(one_line(err)) from None
     except FileNotFoundError as err:  # no temporary folder can be written (an import needs one)
-        from cl_ema.cli import describe, user_error
-
         if user_error(err):
             raise Refused(describe(err)) from None
         raise
@@ -252,8 +346,6 @@ def _jobs_at_once(config: DictConfig) -> int:
     launcher = str(config.hydra.launcher.get("_target_", ""))
     if "LocalLauncher" not in launcher:
         return 1
-    from cl_ema.sweep import grid
-
     jobs = len(grid([str(o) for o in config.hydra.overrides.task]) or [None])
     return max(1, min(jobs, int(config.hydra.launcher.get("array_parallelism") or jobs)))
 
@@ -269,21 +361,14 @@ class RunDirectories(Callback):
 
     def _claim_run(self, config: DictConfig) -> None:
         if not is_main():  # torchrun: only the main process writes
-            scratch = tempfile.mkdtemp(prefix="cl_ema_rank_")
-            atexit.register(shutil.rmtree, scratch, True)
-            with read_write(config.hydra), open_dict(config.hydra):
-                config.hydra.run.dir = scratch
-                config.hydra.output_subdir = None
+            _scratch(config)
             return
-        from cl_ema.config import check, record_choices
-
-        task_cfg = copy.deepcopy(config)  # what the task function will get, as Hydra's run_job makes it
-        with read_write(task_cfg), open_dict(task_cfg):
-            del task_cfg["hydra"]
-        record_choices(task_cfg, config.hydra.runtime.choices)
-        check(task_cfg)  # a bad value is refused before any folder is made
         folder = Path(str(config.hydra.run.dir)).expanduser()
         resumed = resume_request(config.resume)
+        if resumed is True:  # the run it continues is found later, next to this folder: write nothing here
+            NEXT_TO[0] = folder
+            _scratch(config)
+            return
         if isinstance(resumed, Path) and resumed.resolve() == folder.resolve():
             take_over(folder)  # resume=<this folder>: continue the run in it, if it is not still running
             with read_write(config.hydra):
@@ -294,8 +379,6 @@ class RunDirectories(Callback):
             config.hydra.run.dir = str(claimed)
 
     def _claim_sweep(self, config: DictConfig) -> None:
-        from cl_ema.environment import CONCURRENT_JOBS
-
         folder = Path(str(config.hydra.sweep.dir)).expanduser()
         given = _overridden(config, "hydra.sweep.dir")
         resume = resume_request(config.get("resume"))
@@ -307,9 +390,12 @@ class RunDirectories(Callback):
             claimed = claim(folder, given=given, key="hydra.sweep.dir")
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.sweep.dir = str(claimed)
-            # each job's config is composed again from the overrides: make them name this folder, and say
-            # how many of them may share a node's CPUs at once (torch's threads are chosen from it)
+            # each job's config is composed again from the overrides: make them name this folder
             config.hydra.overrides.hydra.append(f"hydra.sweep.dir={claimed}")
-            at_once = _jobs_at_once(config)
-            if at_once > 1:
-                config.hydra.overrides.hydra.append(f"+hydra.job.env_set.{CONCURRENT_JOBS}={at_once}")
+        at_once, threads, cpus = _jobs_at_once(config), torch_threads(config.get("threads")), usable_cpus()
+        if at_once > 1 and threads * at_once > cpus:
+            warn(
+                f"{at_once} jobs at once, each with {threads} CPU thread(s), share {cpus} CPUs: set "
+                f"threads={max(1, cpus // at_once)} to share them (on the CPU the thread count changes results, so "
+                "every job records it)"
+            )

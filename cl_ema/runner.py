@@ -6,51 +6,56 @@ import contextlib
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from cl_ema import checkpoint, distributed
+from cl_ema import checkpoint
 from cl_ema.assembly import Run, assemble, steps_per_task
-from cl_ema.config import LAST_CHECKPOINT, resolve_device, resume_request, to_container
+from cl_ema.config import LAST_CHECKPOINT, Checked
 from cl_ema.console import Console
 from cl_ema.continual_eval import stability_metrics
-from cl_ema.environment import torch_threads
+from cl_ema.distributed import Processes
 from cl_ema.errors import Interrupted, UserError
-from cl_ema.evaluation import evaluate
+from cl_ema.evaluation import evaluate_tracks
 from cl_ema.files import atomic_write
+from cl_ema.plugins import Summarized
 from cl_ema.results import Results, save_outputs
-from cl_ema.rundirs import take_over
 
 
-def run(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> Results:
-    """Run the configured experiment, writing results into ``out_dir``; return the results."""
-    processes = distributed.from_environment()
+def run(
+    checked: Checked,
+    out_dir: Path,
+    *,
+    processes: Processes,
+    device: torch.device,
+    state: dict[str, Any] | None = None,
+    console: Console | None = None,
+) -> Results:
+    """Run the checked experiment on ``device``, writing results into ``out_dir`` (continuing ``state``, a
+    validated checkpoint of it, when resuming); return the results."""
     console = console or Console(None if processes.main else open(os.devnull, "w"))  # noqa: SIM115
-    torch.set_num_threads(torch_threads(cfg.threads))
-    device = distributed.start(processes, resolve_device(cfg.device))
+    the_run = assemble(checked, out_dir, processes, device, state, out_dir / LAST_CHECKPOINT)
+    if state:
+        console.print(f"resuming {out_dir} after task {the_run.results.tasks_done}/{the_run.stream.num_tasks}")
+    print_header(console, the_run, device)
+    if processes.main:
+        atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(checked.cfg, resolve=True))
     try:
-        out_dir, state = resume_point(cfg, out_dir)
-        the_run = assemble(cfg, out_dir, processes, device, state, out_dir / LAST_CHECKPOINT)
-        if state:
-            console.print(f"resuming {out_dir} after task {the_run.results.tasks_done}/{the_run.stream.num_tasks}")
-        print_header(console, the_run, device)
-        if processes.main:
-            atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         try:
-            try:
-                train_all_tasks(the_run, console)
-                console.final(the_run.results)
-                console.print(f"\nresults: {out_dir / 'results.json'} ({the_run.results.meta['elapsed_s']:.1f} s "
-                              "training + evaluation)")  # fmt: skip
-            finally:
-                the_run.loggers.finish(the_run.results)  # last: W&B prints how to upload an offline run
-        except (KeyboardInterrupt, Interrupted) as err:
-            if isinstance(err, Interrupted) and err.run_dir:  # training's own: it says where it stopped
-                raise
-            raise stopped(the_run, err) from None
-    finally:
-        distributed.stop()
+            train_all_tasks(the_run, console)
+            console.final(the_run.results)
+            console.print(
+                f"\nresults: {out_dir / 'results.json'} ({the_run.results.meta['elapsed_s']:.1f} s "
+                "training + evaluation)"
+            )
+        finally:
+            the_run.loggers.finish(the_run.results)  # last: W&B prints how to upload an offline run
+    except (KeyboardInterrupt, Interrupted) as err:
+        if isinstance(err, Interrupted) and err.run_dir:  # training's own: it says where it stopped
+            raise
+        raise stopped(the_run, err) from None
     return the_run.results
 
 
@@ -59,55 +64,33 @@ def stopped(run: Run, err: BaseException) -> Interrupted:
     or while the results are printed or the loggers finish (W&B writes and syncs its run); the results
     stay as they are, complete or resumable."""
     results = run.results
-    return Interrupted(err.signal_name if isinstance(err, Interrupted) else "SIGINT", str(run.out_dir),
-                       results.tasks_done, completed=results.status == "completed",
-                       resumable=bool(run.cfg.checkpoint and results.tasks_done))  # fmt: skip
-
-
-def resume_point(cfg: DictConfig, out_dir: Path) -> tuple[Path, dict | None]:
-    """The folder the run writes to, and the checkpoint it continues from (None for a new run).
-
-    The main process decides (``resume=true`` picks among the runs next to its folder); the others
-    take its folder and read the same checkpoint.
-    """
-    request, config = resume_request(cfg.resume), to_container(cfg)
-    found: dict[str, tuple[Path, dict]] = {}
-
-    def decide() -> tuple[str, bool]:
-        if isinstance(request, Path) and not (request / LAST_CHECKPOINT).is_file():
-            take_over(request)
-            return str(request), False  # a run that finished no task: it starts again in its folder
-        if request:
-            found["main"] = checkpoint.resume_from(request, out_dir, config)
-            take_over(found["main"][0])  # refused while that run still trains: one writer per folder
-            return str(found["main"][0]), True
-        return str(out_dir), False
-
-    folder, resuming = distributed.from_main(decide)
-    if "main" in found:
-        return found["main"]
-    return Path(folder), checkpoint.load(Path(folder) / LAST_CHECKPOINT) if resuming else None
+    return Interrupted(
+        err.signal_name if isinstance(err, Interrupted) else "SIGINT",
+        str(run.out_dir),
+        results.tasks_done,
+        completed=results.status == "completed",
+        resumable=bool(run.config.checkpoint and results.tasks_done),
+    )
 
 
 def train_all_tasks(run: Run, console: Console) -> None:
     """Train the remaining tasks; after each, evaluate every track and save results and checkpoint."""
-    results, strategy, stream, cfg = run.results, run.strategy, run.stream, run.cfg
+    results, strategy, stream, train = run.results, run.strategy, run.stream, run.config.train
     started = time.perf_counter() - results.meta["elapsed_s"]
     logged = len(run.continual.points()) if run.continual else 0  # continual evaluations given to the loggers
     try:
         for task in range(results.tasks_done, stream.num_tasks):
             steps_before, train_started = strategy.clock.train_iterations, time.perf_counter()
-            strategy.train(stream.benchmark.train_stream[task], drop_last=cfg.train.drop_last)
+            strategy.train(stream.benchmark.train_stream[task], drop_last=train.drop_last)
             results.meta["train_s"] = round(results.meta["train_s"] + time.perf_counter() - train_started, 3)
             results.meta["steps_per_task"].append(strategy.clock.train_iterations - steps_before)
-            for track in run.tracks:
-                with track.swap_in():
-                    results.record(
-                        track.name, task, evaluate(run.model, stream, task, batch_size=cfg.train.eval_batch_size)
-                    )
+            # every track in one pass: each test batch built once for all of them
+            evaluated = evaluate_tracks(run.model, run.tracks, stream, task, batch_size=train.eval_batch_size)
+            for name, accuracies in evaluated.items():
+                results.record(name, task, accuracies)
             results.tasks_done = task + 1
             results.meta["elapsed_s"] = round(time.perf_counter() - started, 2)
-            save(run, with_checkpoint=cfg.checkpoint, final=False)
+            save(run, with_checkpoint=run.config.checkpoint, final=False)
             console.task(results, task, results.meta["steps_per_task"][-1], stream.task_classes[task])
             if run.continual:  # the task's continual evaluations, once they are in a checkpoint
                 for point in run.continual.points(logged):
@@ -144,17 +127,22 @@ def save(run: Run, with_checkpoint: bool, final: bool) -> None:
 
 
 def print_header(console: Console, run: Run, device: object) -> None:
-    cfg, stream = run.cfg, run.stream
+    c, stream = run.config, run.stream
     console.print(
-        f"{cfg.choices.experiment}: {stream.num_tasks} tasks, {stream.num_classes} classes, "
-        f"{len(stream.train)} train samples, strategy={cfg.choices.strategy}, "
-        f"model={cfg.model._target_.rsplit('.', 1)[-1]}, device={device}, "
-        f"seed={cfg.seed}, precision={'bf16 autocast' if run.strategy.autocast_dtype else 'fp32'}"
-        f"{', compiled' if cfg.train.compile else ''}"
+        f"{c.choices.experiment}: {stream.num_tasks} tasks, {stream.num_classes} classes, "
+        f"{len(stream.train)} train samples, strategy={c.choices.strategy}, "
+        f"model={run.checked.model.target.__name__}, device={device}, seed={c.seed}, threads={c.threads}, "
+        f"precision={'bf16 autocast' if run.strategy.autocast_dtype else 'fp32'}"
+        f"{', compiled' if c.train.compile else ''}"
         f"{f', {run.world_size} processes' if run.world_size > 1 else ''}"
     )
-    steps = steps_per_task(cfg, len(stream.benchmark.train_stream[0].dataset))
+    for plugin in run.plugins.values():
+        if isinstance(plugin, Summarized):
+            console.print(f"  {plugin.summary()}")
+    steps = steps_per_task(c.train, len(stream.benchmark.train_stream[0].dataset))
     for track in run.tracks:
         if track.horizon is not None:
-            console.print(f"  {track.name}: decay {track.decay:.6g}, averages over ~{track.horizon:,.0f} steps; task 1 "
-                          f"has {steps:,} steps")  # fmt: skip
+            console.print(
+                f"  {track.name}: decay {track.decay:.6g}, averages over ~{track.horizon:,.0f} steps; task 1 "
+                f"has {steps:,} steps"
+            )

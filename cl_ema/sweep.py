@@ -26,6 +26,12 @@ class Sweep:
         self.started: set[int] = set()
         self.failures: dict[int, tuple[list[str], str]] = {}
 
+    def reset(self) -> None:
+        """No sweep (a command run in a process that ran a sweep before: a test, a notebook)."""
+        self.jobs, self.folder = None, None
+        self.started.clear()
+        self.failures.clear()
+
     def start(self, jobs: list[list[str]] | None, folder: Path) -> None:
         self.jobs, self.folder = jobs, folder
         self.started.clear()
@@ -81,8 +87,10 @@ def grid(overrides: list[str]) -> list[list[str]] | None:
 class SweepReport(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         overrides = [str(o) for o in config.hydra.overrides.task]
-        SWEEP.start(grid(overrides) if config.hydra.sweeper._target_.endswith("BasicSweeper") else None,
-                    Path(str(config.hydra.sweep.dir)))  # fmt: skip
+        SWEEP.start(
+            grid(overrides) if config.hydra.sweeper._target_.endswith("BasicSweeper") else None,
+            Path(str(config.hydra.sweep.dir)),
+        )
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.mode is not None and str(config.hydra.mode).endswith("MULTIRUN"):

@@ -12,8 +12,8 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor
 
 from cl_ema.config import LossClasses
-from cl_ema.data import TaskStream
 from cl_ema.data.loader import DeviceBatches, IndexBatches
+from cl_ema.data.stream import TaskStream
 from cl_ema.distributed import my_share
 from cl_ema.evaluation import class_masks
 

@@ -10,9 +10,11 @@ os.environ.setdefault("CL_EMA_STRICT_LOGGERS", "1")  # a logger that fails fails
 
 
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests skip cleanly where there is no CUDA device (CI never has one)."""
+    """The slowest tests first (those that start fresh Python processes), so that the workers that steal
+    the rest finish together; ``gpu`` tests skip cleanly where there is no CUDA device (CI never has one)."""
     import torch
 
+    items.sort(key=lambda item: "slow" not in item.keywords)  # stable: otherwise in collection order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
@@ -25,6 +27,24 @@ def pytest_collection_modifyitems(config, items):
 def _offline_wandb(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+
+
+@pytest.fixture(scope="session")
+def shared_runs(tmp_path_factory):
+    """Runs made once per test worker and shared by every test that asks for the same overrides (they must
+    not change the folder): ``shared_runs(*overrides)`` → (results, folder, console text)."""
+    from helpers import run_experiment
+
+    made = {}
+
+    def get(*overrides: str):
+        if overrides not in made:
+            folder = tmp_path_factory.mktemp("shared") / "run"
+            results, text = run_experiment(folder, *overrides)
+            made[overrides] = (results, folder, text)
+        return made[overrides]
+
+    return get
 
 
 @pytest.fixture(scope="session")

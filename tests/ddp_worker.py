@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from cl_ema import runner
 from cl_ema.config import check, compose
+from cl_ema.launch import launch
 
 
 def main() -> None:
@@ -25,9 +26,7 @@ def main() -> None:
         torch.save(run.state_dict(), out / f"rank{dist.get_rank()}.pt")
 
     runner.train_all_tasks = train_and_keep
-    cfg = compose("logger=none", "checkpoint=false", "device=cpu", *overrides)
-    check(cfg)
-    runner.run(cfg, out / "run")
+    launch(check(compose("logger=none", "checkpoint=false", "device=cpu", *overrides)), out / "run")
 
 
 if __name__ == "__main__":

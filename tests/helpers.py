@@ -23,12 +23,11 @@ def compose_config(*overrides: str) -> DictConfig:
 def run_experiment(out_dir: Path, *overrides: str):
     """Compose, check and run like ``python -m cl_ema``; returns (results, console text)."""
     from cl_ema.console import Console
-    from cl_ema.runner import run
+    from cl_ema.launch import launch
 
     cfg = compose_config("logger=none", "checkpoint=false", *overrides)
-    check(cfg)
     text = io.StringIO()
-    results = run(cfg, out_dir, console=Console(file=text))
+    results = launch(check(cfg), out_dir, console=Console(file=text))
     return results, text.getvalue()
 
 

@@ -10,7 +10,9 @@ from helpers import run_experiment
 from torch.utils.data import DataLoader
 
 from cl_ema.config import Scenario
-from cl_ema.data import CropFlip, experience_indices, sources, stream_from_stores
+from cl_ema.data import sources
+from cl_ema.data.storage import CropFlip
+from cl_ema.data.stream import experience_indices, stream_from_stores
 from cl_ema.errors import UserError
 
 CPU = torch.device("cpu")
@@ -183,9 +185,10 @@ def _avalanche_loaders(s):
     memory = previous.subset(range(0, len(previous), 7))
     return {
         "task-balanced": TaskBalancedDataLoader(current, oversample_small_groups=True, batch_size=16, shuffle=True),
-        "replay": ReplayDataLoader(current, memory, oversample_small_tasks=True, batch_size=16, batch_size_mem=8,
-                                   shuffle=True),
-    }  # fmt: skip
+        "replay": ReplayDataLoader(
+            current, memory, oversample_small_tasks=True, batch_size=16, batch_size_mem=8, shuffle=True
+        ),
+    }
 
 
 @pytest.mark.parametrize("kind", ["task-balanced", "replay"])
@@ -217,13 +220,22 @@ def recording_template(s, plugins):
         def _unpack_minibatch(self) -> None:
             index, labels = self.mbatch[0].clone(), self.mbatch[1].clone()
             super()._unpack_minibatch()
-            self.seen.append((self.experience.current_experience, self.clock.train_exp_epochs, index, labels,
-                              self.mbatch[0].clone()))  # fmt: skip
+            self.seen.append(
+                (self.experience.current_experience, self.clock.train_exp_epochs, index, labels, self.mbatch[0].clone())
+            )
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    strategy = Recording(stream=s, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
-                         criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=2, device=CPU,
-                         plugins=plugins, evaluator=silent_evaluator())  # fmt: skip
+    strategy = Recording(
+        stream=s,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=16,
+        train_epochs=2,
+        device=CPU,
+        plugins=plugins,
+        evaluator=silent_evaluator(),
+    )
     strategy.seen = []
     return strategy
 

@@ -23,6 +23,15 @@ class Normalization:
     std: tuple[float, ...]
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model needs to know about its inputs."""
+
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+    norm: Normalization  # how the stored pixels are normalized into the model's inputs
+
+
 class TensorStore:
     """One split of a dataset on a device: ``inputs[i]`` is sample ``i`` (uint8 or float).
 
@@ -123,8 +132,12 @@ class CropFlip:
         return {str(d): g.get_state() for d, g in self._generators.items()}
 
     def set_state(self, state: dict[str, Tensor]) -> None:
+        """Restore the generators' states; one of a device this machine lacks (a run resumed on another device)
+        is left out: that generator starts again from the seed."""
         for device, value in state.items():
-            self._generator(torch.device(device)).set_state(value)
+            where = torch.device(device)
+            if where.type == "cpu" or (where.type == "cuda" and torch.cuda.is_available()):
+                self._generator(where).set_state(value)
 
     def __call__(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape

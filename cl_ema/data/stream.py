@@ -15,23 +15,13 @@ from avalanche.benchmarks.scenarios.supervised import (
 from avalanche.benchmarks.utils.classification_dataset import (
     _as_taskaware_supervised_classification_dataset,
 )
-from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from cl_ema.building import build
-from cl_ema.config import Scenario, data_root
-from cl_ema.data.storage import CropFlip, Normalization, TensorStore
+from cl_ema.building import Spec
+from cl_ema.config import DataConfig, Scenario, data_root
+from cl_ema.data.storage import CropFlip, DataSpec, TensorStore
 from cl_ema.errors import UserError
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What a model needs to know about its inputs."""
-
-    input_shape: tuple[int, int, int]  # (C, H, W)
-    num_classes: int
-    norm: Normalization  # how the stored pixels are normalized into the model's inputs
 
 
 @dataclass
@@ -56,9 +46,9 @@ class TaskStream:
         return DataSpec(tuple(self.train.inputs.shape[1:]), self.num_classes, self.train.norm)  # type: ignore[arg-type]
 
 
-def build_stream(data: DictConfig, *, seed: int, device: torch.device) -> TaskStream:
-    """The ``data`` section's dataset (built from its ``_target_``), split into tasks on ``device``."""
-    train, test = build(data.dataset, "data.dataset", root=data_root(data.root), download=data.download)
+def build_stream(dataset: Spec, data: DataConfig, *, seed: int, device: torch.device) -> TaskStream:
+    """The checked dataset of the ``data`` section, split into tasks on ``device``."""
+    train, test = dataset.build(root=data_root(data.root), download=data.download)
     return stream_from_stores(
         train,
         test,
@@ -67,7 +57,7 @@ def build_stream(data: DictConfig, *, seed: int, device: torch.device) -> TaskSt
         seed=seed,
         device=device,
         class_order=list(data.class_order) if data.class_order is not None else None,
-        permute_first_task=data.permute_first_task,
+        permute_first_task=bool(data.permute_first_task),
         augment=data.augment,
     )
 
