@@ -49,6 +49,12 @@ class Results:
         self.status = "running"
         self.stability: dict[str, dict[str, Any]] = {}  # track → stability metrics, with continual evaluation
 
+    def add_track(self, track: str) -> None:
+        """A track evaluated after the run (a post-hoc average): its matrices start empty."""
+        self.tracks.append(track)
+        for setting in SETTINGS:
+            self.matrices[track, setting] = np.full((self.num_tasks, self.num_tasks), np.nan)
+
     def record(self, track: str, task: int, accuracies: Accuracies) -> None:
         self.matrices[track, "class_il"][task] = accuracies.class_il
         self.matrices[track, "task_il"][task] = accuracies.task_il
@@ -128,8 +134,10 @@ class Results:
                 if matrix.shape != (self.num_tasks, self.num_tasks):
                     raise ValueError(f"the {track} {setting} accuracy matrix has shape {matrix.shape}")
                 if not np.isfinite(matrix[:done]).all() or ((matrix[:done] < 0) | (matrix[:done] > 1)).any():
-                    raise ValueError(f"the {track} {setting} accuracy matrix lacks rows of finished tasks, or holds "
-                                     "values outside [0, 1]")  # fmt: skip
+                    raise ValueError(
+                        f"the {track} {setting} accuracy matrix lacks rows of finished tasks, or holds "
+                        "values outside [0, 1]"
+                    )
                 matrices[track, setting] = matrix
         baseline = saved.get("baseline")
         if not isinstance(baseline, dict) or not all(_is_numbers(baseline.get(s), self.num_tasks) for s in SETTINGS):

@@ -1,0 +1,189 @@
+"""Post-hoc averaging (EDM2's, Karras et al., CVPR 2024; exact in discrete optimizer steps): during training a
+small basis of EMAs is saved now and then; after the run ``python -m cl_ema.posthoc`` rebuilds from those
+snapshots an average of any horizon (``cl_ema.profiles``: the profiles, the least-squares fit).
+
+Options: ``cl_ema.plugins.options.PostHoc``. Files, in the run folder:
+
+- ``posthoc/<step>.pt``: one snapshot: its rows (each basis EMA, and at task ends the live weights) as the
+  engine's flat tensors, one per (device, dtype) group, in the storage dtype, on the CPU;
+- ``posthoc/manifest.json``: what the snapshots are, exactly: each basis row's rule and decay, each
+  snapshot's step, task and rows, the task ends, and the layout of the flat tensors (names and sizes).
+
+The snapshots are part of the resumable run: the checkpoint holds the list written up to it, and a run
+resumed from it removes any written after it (by the run that was stopped), then writes them again, the same.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cl_ema.environment import is_main
+from cl_ema.errors import UserError
+from cl_ema.files import atomic_write
+from cl_ema.plugins import Position
+from cl_ema.plugins.averaging import AveragingPlugin
+from cl_ema.plugins.options import PostHoc
+from cl_ema.rules import EMARule, Rule, horizon_decay, number
+
+FOLDER, MANIFEST, FORMAT = "posthoc", "manifest.json", "cl_ema-posthoc-1"
+LIVE_ROW = "live"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[call-arg]
+    """Keeps the basis of EMAs and writes its snapshots (see the module docstring). ``task_steps``: the first
+    task's optimizer steps (the cadence is a share of it); ``num_tasks``: the stream's tasks (the disk the
+    snapshots need is known before training); ``run_dir``: where they go. A cl_ema run gives all three."""
+
+    def __init__(
+        self,
+        options: PostHoc | None = None,
+        /,
+        *,
+        task_steps: int | None = None,
+        num_tasks: int = 1,
+        run_dir: str | Path | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.options = options if options is not None else PostHoc(**kwargs)
+        if task_steps is None or run_dir is None:
+            raise UserError(
+                "posthoc: needs the first task's optimizer steps and a run folder (a cl_ema run gives both)"
+            )
+        per_task = self.options.per_task
+        self.decays = [horizon_decay(b / per_task, task_steps) for b in self.options.basis]
+        self.row_names = [f"ema_{number(b)}x" for b in self.options.basis]  # horizon in units of the cadence
+        self.task_steps, self.num_tasks = task_steps, num_tasks
+        self.folder = Path(run_dir) / FOLDER
+        self.dtype = DTYPES[str(self.options.dtype)]
+        self.snapshots: list[dict[str, Any]] = []
+        self.task_ends: list[int] = []
+        self.plan: set[int] = set()  # steps of the current task at which the basis is saved (its end apart)
+
+    def engine_rules(self) -> list[Rule]:
+        return [EMARule(decay) for decay in self.decays]
+
+    # ------------------------------------------------------------------ disk
+    def disk_needed(self) -> int:
+        """Bytes of every snapshot of the run: the basis ``per_task`` times a task, the live weights at step 0 and
+        at every task end."""
+        rows = self.num_tasks * (self.options.per_task * len(self.decays) + 1) + 1
+        elements = sum(group.live.numel() for group in self.engine.groups)
+        return rows * elements * torch.finfo(self.dtype).bits // 8
+
+    def summary(self) -> str:
+        horizons = ", ".join(f"{1 / (1 - d):,.0f}" for d in self.decays)
+        return (
+            f"posthoc: EMAs of horizons {horizons} steps, saved {self.options.per_task} times a task and the live "
+            f"weights at each task end, {self.options.dtype}: {self.disk_needed() / 2**20:,.1f} MiB in "
+            f"{self.folder}"
+        )
+
+    def registered(self) -> None:
+        if not is_main(strict=False):
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.folder).free
+        if self.disk_needed() > free:
+            raise UserError(
+                f"posthoc: the snapshots need {self.disk_needed() / 2**30:.2f} GiB, {self.folder} has "
+                f"{free / 2**30:.2f} GiB free (posthoc.per_task or posthoc.dtype=bfloat16 need less)"
+            )
+        self.save(0, live=True, basis=False)
+
+    # ------------------------------------------------------------------ training
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        start, steps = self.engine.step, len(strategy.dataloader) * strategy.train_epochs
+        per_task = self.options.per_task
+        self.plan = {start + round(j * steps / per_task) for j in range(1, per_task)}
+
+    def after_update(self, strategy, **kwargs) -> None:
+        self.engine.update()
+        if self.engine.step in self.plan:
+            self.save(self.engine.step, live=False, basis=True)
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        self.task_ends.append(self.engine.step)
+        self.save(self.engine.step, live=True, basis=True)
+
+    def save(self, step: int, *, live: bool, basis: bool) -> None:
+        """Write one snapshot (the main process only) and the manifest that lists it."""
+        rows: dict[str, list[torch.Tensor]] = {}
+        if basis:
+            rows |= {name: self.engine.shadow_rows(k) for k, name in enumerate(self.row_names)}
+        if live:
+            rows[LIVE_ROW] = [group.live for group in self.engine.groups]
+        file = f"{step:09d}.pt"
+        self.snapshots.append({"step": step, "task": len(self.task_ends), "file": file, "rows": list(rows)})
+        if not is_main(strict=False):
+            return
+        buffer = io.BytesIO()
+        torch.save({name: [t.detach().to("cpu", self.dtype) for t in row] for name, row in rows.items()}, buffer)
+        atomic_write(self.folder / file, buffer.getvalue())
+        self.write_manifest()
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "dtype": str(self.options.dtype),
+            "basis": [
+                {"row": name, "rule": "ema", "decay": decay, "horizon_steps": 1 / (1 - decay)}
+                for name, decay in zip(self.row_names, self.decays)
+            ],
+            "per_task": self.options.per_task,
+            "first_task_steps": self.task_steps,
+            "task_ends": self.task_ends,
+            "layout": [list(zip(group.names, group.sizes)) for group in self.engine.groups],
+            "snapshots": self.snapshots,
+        }
+
+    def write_manifest(self) -> None:
+        atomic_write(self.folder / MANIFEST, json.dumps(self.manifest(), indent=1) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"averages": self.engine.state_dict(), "snapshots": self.snapshots, "task_ends": self.task_ends}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        snapshots, ends = state.get("snapshots"), state.get("task_ends")
+        if not isinstance(snapshots, list) or not isinstance(ends, list) or not all(_count(e) for e in ends):
+            raise ValueError("the post-hoc state lacks its snapshots or task ends")
+        for entry in snapshots:
+            if not (
+                isinstance(entry, dict)
+                and _count(entry.get("step"))
+                and entry.get("file") == f"{entry['step']:09d}.pt"
+                and isinstance(entry.get("rows"), list)
+                and set(entry["rows"]) <= {*self.row_names, LIVE_ROW}
+            ):
+                raise ValueError(f"a post-hoc snapshot entry is not one this plugin writes: {str(entry)[:80]}")
+        self.engine.load_state_dict(state.get("averages") or {})
+        self.snapshots, self.task_ends = list(snapshots), list(ends)
+        if is_main(strict=False):  # snapshots the stopped run wrote after its checkpoint: written again, the same
+            kept = {entry["file"] for entry in self.snapshots}
+            for path in self.folder.glob("*.pt"):
+                if path.name not in kept:
+                    path.unlink()
+            self.write_manifest()
+
+    def check_position(self, at: Position) -> None:
+        self.check_steps(at)
+        if len(self.task_ends) != at.tasks_done or (self.task_ends and self.task_ends[-1] != at.steps):
+            raise ValueError(f"its task ends {self.task_ends[-3:]} do not end the run's {at.tasks_done} tasks")
+        if any(entry["step"] > at.steps for entry in self.snapshots):
+            raise ValueError("it lists snapshots after the run's last step")
+        files: list[str] = [entry["file"] for entry in self.snapshots]
+        missing = [file for file in files if is_main(strict=False) and not (self.folder / file).is_file()]
+        if missing:
+            raise ValueError(f"its snapshot {self.folder / missing[0]} is missing")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

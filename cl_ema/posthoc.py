@@ -1,0 +1,203 @@
+"""Any EMA horizon, chosen after the run: ``python -m cl_ema.posthoc RUN_DIR --horizons 0.25 0.5 1 2 4 --decays 0.999``.
+
+For each run below ``RUN_DIR`` that saved post-hoc snapshots (``+plugin@posthoc=posthoc``,
+``cl_ema.plugins.posthoc``), each target — an EMA of a horizon in tasks (``d = 1 − 1/(h·S)``, ``S`` the first
+task's optimizer steps) or of a decay — is rebuilt at every task end from the snapshots taken at or before it
+(``cl_ema.profiles``: the exact discrete profiles, their least-squares fit), evaluated on every test task as
+the run evaluated its tracks, and added to the run's ``results.json`` as track ``posthoc_ema_h<h>`` or
+``posthoc_ema_<decay>``, with ``track_info`` saying ``posthoc: true`` and its largest relative residual. The
+report and ``cl_ema.load`` read them like any track. Tracks a run has already are left as they are, so a
+second call with other targets only adds. An unfinished run, a run without snapshots, or a target whose
+residual exceeds ``--max-residual`` at some task end is one line (exit 2), and nothing of that run is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cl_ema.config import check
+from cl_ema.data.stream import build_stream
+from cl_ema.distributed import resolve_device
+from cl_ema.ema import WeightAverages
+from cl_ema.errors import UserError
+from cl_ema.evaluation import evaluate
+from cl_ema.models import build_model
+from cl_ema.options import OptionError
+from cl_ema.plugins.posthoc import FOLDER, FORMAT, LIVE_ROW, MANIFEST
+from cl_ema.profiles import combine, ema_target, profiles_at, reconstruct_all
+from cl_ema.results import Results, save_outputs
+from cl_ema.rules import EMARule, Frozen, horizon_decay, number
+
+DEFAULT_MAX_RESIDUAL = 0.02  # the default basis rebuilds EMAs of 0.05 to 8 tasks within 0.9 % (cl_ema.profiles)
+
+
+@dataclass(frozen=True)
+class Target:
+    """An EMA to rebuild: its track name, decay, and horizon in tasks (when it was asked so)."""
+
+    name: str
+    decay: float
+    horizon_tasks: float | None
+
+
+def targets(horizons: Sequence[float], decays: Sequence[float], first_task_steps: int) -> list[Target]:
+    try:
+        made = [Target(f"posthoc_ema_h{number(h)}", horizon_decay(h, first_task_steps), h) for h in horizons]
+    except OptionError as err:
+        raise UserError(f"--horizons {err.value:g}: {err.expected}") from None
+    return made + [Target(f"posthoc_ema_{number(d)}", d, None) for d in decays]
+
+
+def post_hoc_runs(root: Path) -> list[Path]:
+    """The run folders below (or at) ``root``."""
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder")
+    runs = sorted(path.parent for path in root.rglob("results.json"))
+    if not runs:
+        raise UserError(f"{root}: no run below it (no results.json)")
+    return runs
+
+
+def add_tracks(run_dir: Path, horizons: Sequence[float], decays: Sequence[float], max_residual: float) -> list[str]:
+    """Rebuild, evaluate and record the targets that ``run_dir`` does not have yet; their names."""
+    results = Results.from_dict(json.loads((run_dir / "results.json").read_text()))
+    if results.status != "completed":
+        raise UserError(
+            f"{run_dir}: the run is {results.status} after {results.tasks_done}/{results.num_tasks} tasks "
+            "(post-hoc tracks are rebuilt at every task end of a completed run)"
+        )
+    manifest = read_manifest(run_dir)
+    wanted = [t for t in targets(horizons, decays, manifest["first_task_steps"]) if t.name not in results.tracks]
+    if not wanted:
+        return []
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert isinstance(cfg, DictConfig)
+    checked = check(cfg)
+    c = checked.config
+    device = resolve_device(c.device)
+    stream = build_stream(checked.dataset, c.data, seed=c.seed, device=device)
+    model = build_model(checked.model, stream.spec).to(device)
+    if c.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    engine = WeightAverages(model, [Frozen()])
+    engine.register()
+    layout = [[[name, size] for name, size in zip(group.names, group.sizes)] for group in engine.groups]
+    if [list(map(list, group)) for group in manifest["layout"]] != layout:
+        raise UserError(f"{run_dir / FOLDER / MANIFEST}: its snapshots do not fit the run's model (another layout)")
+    snapshots = Snapshots(run_dir / FOLDER, manifest)
+    fits: dict[str, list[tuple[float, list[torch.Tensor]]]] = {t.name: [] for t in wanted}  # per task end
+    for task, end in enumerate(manifest["task_ends"]):
+        basis, tensors = snapshots.basis_at(end)
+        profiles = torch.stack([ema_target(t.decay, end) for t in wanted])
+        for target, fit in zip(wanted, reconstruct_all(basis, profiles)):
+            if fit.residual > max_residual:
+                raise UserError(
+                    f"{run_dir}: {target.name} cannot be rebuilt from the snapshots at task {task + 1} (relative "
+                    f"residual {fit.residual:.3f} > --max-residual {max_residual}): its horizon is shorter than the "
+                    "snapshots' cadence, or the basis too narrow (posthoc.per_task, posthoc.basis)"
+                )
+            fits[target.name].append((fit.residual, [combine(fit.coefficients, group) for group in zip(*tensors)]))
+    for target in wanted:
+        results.add_track(target.name)
+        for task, (_, weights) in enumerate(fits[target.name]):
+            for row, value in zip(engine.shadow_rows(0), weights):
+                row.copy_(value.to(row.device))
+            with engine.swapped(0):
+                results.record(target.name, task, evaluate(model, stream, task, batch_size=c.train.eval_batch_size))
+        results.meta["track_info"][target.name] = {
+            "rule": "ema",
+            "decay": target.decay,
+            "horizon": float(f"{1 / (1 - target.decay):.12g}"),
+            "horizon_tasks": target.horizon_tasks,
+            "posthoc": True,
+            "residual": float(f"{max(r for r, _ in fits[target.name]):.6g}"),
+        }
+    save_outputs(results, run_dir)
+    return [t.name for t in wanted]
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / FOLDER / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no post-hoc snapshots (train with +plugin@posthoc=posthoc to keep them)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not readable ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path}: not a post-hoc manifest of this version (format {FORMAT})")
+    return manifest
+
+
+class Snapshots:
+    """A run's snapshots: their profiles at a step, and their tensors (read once each)."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+        self.folder, self.manifest = folder, manifest
+        self.decays = {b["row"]: b["decay"] for b in manifest["basis"]}
+        self.loaded: dict[str, dict[str, list[torch.Tensor]]] = {}
+
+    def tensors(self, file: str) -> dict[str, list[torch.Tensor]]:
+        if file not in self.loaded:
+            try:
+                self.loaded[file] = torch.load(self.folder / file, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - a missing, truncated or foreign file
+                raise UserError(f"{self.folder / file}: not a readable snapshot ({type(err).__name__})") from None
+        return self.loaded[file]
+
+    def basis_at(self, step: int) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """The profiles (rows, step + 1) of every snapshot row saved at or before ``step``, and their tensors."""
+        entries = [e for e in self.manifest["snapshots"] if e["step"] <= step]
+        rows, tensors = [], []
+        by_rule = {
+            name: profiles_at(EMARule(decay), [e["step"] for e in entries], step) for name, decay in self.decays.items()
+        }
+        for i, entry in enumerate(entries):
+            saved = self.tensors(entry["file"])
+            for name in entry["rows"]:
+                if name == LIVE_ROW:
+                    one = torch.zeros(step + 1, dtype=torch.float64)
+                    one[entry["step"]] = 1.0
+                    rows.append(one)
+                else:
+                    rows.append(by_rule[name][i])
+                tensors.append([t.to(torch.float32) for t in saved[name]])
+        return torch.stack(rows), tensors
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cl_ema.posthoc", description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="a run folder, or a folder of runs (outputs/, multirun/)")
+    parser.add_argument("--horizons", type=float, nargs="*", default=[], help="EMA horizons in tasks")
+    parser.add_argument("--decays", type=float, nargs="*", default=[], help="EMA decays")
+    parser.add_argument(
+        "--max-residual",
+        type=float,
+        default=DEFAULT_MAX_RESIDUAL,
+        help="the largest relative L2 residual of a rebuilt profile (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        if not args.horizons and not args.decays:
+            raise UserError("give --horizons (in tasks) or --decays: the EMAs to rebuild")
+        if any(not (h > 0) for h in args.horizons) or any(not (0 <= d < 1) for d in args.decays):
+            raise UserError("--horizons must be > 0 and --decays in [0, 1)")
+        for run_dir in post_hoc_runs(args.root):
+            added = add_tracks(run_dir, args.horizons, args.decays, args.max_residual)
+            print(f"{run_dir}: " + (f"added {', '.join(added)}" if added else "has every track asked for already"))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
