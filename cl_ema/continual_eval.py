@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from avalanche.core import SupervisedPlugin
-from torch import Tensor
+from torch import Tensor, nn
 
-from cl_ema.data import TaskStream
-from cl_ema.evaluation import evaluate
+from cl_ema.data.stream import TaskStream
+from cl_ema.evaluation import evaluate_tracks
 from cl_ema.metrics import STABILITY_METRICS
 from cl_ema.plugins import Track
 
@@ -116,10 +116,14 @@ class ContinualEvalPlugin(SupervisedPlugin):
     def _evaluate(self, strategy) -> None:
         task = strategy.experience.current_experience
         step = strategy.clock.train_iterations
-        for track in self.tracks:
-            with track.swap_in():
-                result = evaluate(strategy.model, self.stream, task, range(task + 1), self.subsets, self.batch_size)
-            self.curves[track.name].add(step, task, result.class_il)
+        model = strategy.model  # the tracks swap into the model itself, not its data-parallel wrapper
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        evaluated = evaluate_tracks(
+            model, self.tracks, self.stream, task, range(task + 1), self.subsets, self.batch_size
+        )
+        for name, result in evaluated.items():
+            self.curves[name].add(step, task, result.class_il)
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         self._evaluate(strategy)

@@ -57,7 +57,7 @@ def test_periodic_evaluation_does_not_change_training(tmp_path):
     b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # final live weights, BN included
-    shadows = [state["plugins"]["ema"]["shadows"] for state in (a, b)]
+    shadows = [state["plugins"]["ema"]["averages"]["shadows"] for state in (a, b)]
     assert all(torch.equal(x, y) for x, y in zip(*shadows))
     assert with_eval.tracks == without.tracks
     data = json.loads((tmp_path / "a" / "results.json").read_text())
@@ -70,8 +70,14 @@ def test_periodic_evaluation_does_not_change_training(tmp_path):
 
 
 def test_continual_evaluation_is_logged_against_the_training_step_and_reported(tmp_path):
-    results, _ = run_experiment(tmp_path / "run", "logger=wandb", "strategy=ema", "data.n_tasks=2",
-                                "eval.every_n_steps=30", "eval.subset_size=20")  # fmt: skip
+    results, _ = run_experiment(
+        tmp_path / "run",
+        "logger=wandb",
+        "strategy=ema",
+        "data.n_tasks=2",
+        "eval.every_n_steps=30",
+        "eval.subset_size=20",
+    )
     logged = read_run(find_run_file(tmp_path / "run"))
     rows = [r for r in logged.history if "continual/ema_0.99/acc_task_1" in r]
     expected, start = [], 0
