@@ -1,13 +1,15 @@
-"""Many runs → tables and plots: ``python -m cl_ema.report <outputs or multirun dir> [--out DIR]``.
+"""Many runs → tables and figures: ``python -m cl_ema.report <outputs or multirun dir> [--out DIR]``.
 
-Reads every ``results.json`` below the directory and groups the runs into *settings*: runs whose
-resolved configs agree up to the seed and the keys that never change results
-(``cl_ema.config.setting``) and that evaluated the same tracks. For each setting and track it
-writes the mean ± std over seeds of the final metrics to ``report.md``, and PNG plots: EMA
-horizon vs final accuracy and forgetting, mean accuracy matrices, and accuracy over tasks (live
-vs EMA). Runs that failed, were interrupted or whose results cannot be read (not JSON, or not
-shaped like cl_ema's results) are listed in the report, never a reason to stop; so is a seed run
-again in the same setting (the newest run counts: a repeat would shrink the std).
+Reads every ``results.json`` below the directory into one tidy table (``cl_ema.runs``) and groups the
+runs into *settings*: runs whose resolved configs agree up to the seed and the keys that never change
+results (``cl_ema.config.setting``), with the same task count and tracks. ``report.md`` gets, per setting
+and track, the mean ± std over seeds of the final metrics, the continual-evaluation metrics where present,
+and each track's paired difference to ``live`` with its 95 % Student-t interval; and links the figures
+(PNG, each with a caption): mean accuracy matrices, accuracy over tasks, the difference to live against
+the EMA horizon, and every track's difference to live (a forest plot). Runs that failed, were interrupted
+or whose results cannot be read (not JSON, another format, not shaped like cl_ema's results) are listed in
+the report, never a reason to stop; so is a seed run again in the same setting (the newest run counts: a
+repeat would shrink the std).
 """
 
 from __future__ import annotations
@@ -16,420 +18,368 @@ import argparse
 import json
 import math
 import sys
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from cl_ema.config import setting
 from cl_ema.errors import UserError
 from cl_ema.files import atomic_write
-from cl_ema.metrics import ACC, FORGETTING, HEADLINE, METRICS, SETTINGS, STABILITY_METRICS, TASK_IL_ACC, Metric
+from cl_ema.metrics import HEADLINE, METRICS, STABILITY_METRICS, TASK_IL_ACC, Metric
 from cl_ema.plugins import LIVE
+from cl_ema.runs import CONFIG, Runs, read
 
-
-@dataclass
-class Run:
-    path: Path
-    data: dict[str, Any]
-    mtime: float = 0.0  # of results.json: the newest run of a repeated seed counts
-
-    @property
-    def tracks(self) -> list[str]:
-        return list(self.data["tracks"])
-
-    @property
-    def setting(self) -> tuple[tuple[str, str], ...]:
-        """Runs average over seeds when they agree on this: tracks, task count and every result key."""
-        shape = (("tracks", json.dumps(self.tracks)), ("num_tasks", json.dumps(self.data["num_tasks"])))
-        return (*shape, *sorted(setting(self.data.get("config", {})).items()))
-
-    def horizon(self, track: str) -> float | None:
-        """Optimizer steps an EMA track averages over (from its record, or its name for older runs)."""
-        info = self.data.get("track_info", {}).get(track)
-        if isinstance(info, dict):
-            return info.get("horizon")
-        try:
-            decay = float(track.removeprefix("ema_"))
-        except ValueError:
-            return None
-        return 1 / (1 - decay) if track.startswith("ema_") and decay < 1 else None
+COLUMNS = (*((m, "class_il") for m in METRICS), (TASK_IL_ACC, "task_il"))  # of the table of means
+STABILITY_COLUMNS = tuple((m, "class_il") for m in STABILITY_METRICS)
+# Accuracies are shares of a test set, so two seeds' differences that agree to 1e-9 differ only by the
+# rounding of the subtraction (a real difference is at least one test sample in a billion).
+NO_SPREAD = 1e-9
 
 
 @dataclass
 class Setting:
+    """Runs whose seeds average together, and what the tables and figures say of them."""
+
     experiment: str
     strategy: str
-    label: str  # the config keys that tell this setting apart from the others
-    runs: list[Run] = field(default_factory=list)
+    label: str  # what tells it apart from the other settings of its experiment and strategy
+    rows: pd.DataFrame  # its rows of the tidy table
+    matrices: pd.DataFrame  # its rows of the matrices' table
+
+    @property
+    def runs(self) -> list[str]:
+        return list(dict.fromkeys(self.rows["run"]))
 
     @property
     def tracks(self) -> list[str]:
-        return self.runs[0].tracks
+        return list(dict.fromkeys(self.rows["track"]))
+
+    @property
+    def title(self) -> str:
+        return f"{self.experiment} / {self.strategy}" + ("" if self.label == "-" else f" ({self.label})")
+
+    @cached_property
+    def effects(self) -> pd.DataFrame:
+        """Each track's paired difference to live in each headline metric: one row per track and metric
+        (``metric``: its label) with ``mean``, ``low``, ``high`` (its 95 % interval, NaN where there is none),
+        ``n`` (the seeds with both values) and the track's ``rule``, ``posthoc`` and ``horizon_tasks``."""
+        columns = ["track", "metric", "mean", "low", "high", "n", "rule", "posthoc", "horizon_tasks"]
+        if LIVE not in self.tracks:
+            return pd.DataFrame(columns=columns)
+        records = []
+        for metric, setting_name in HEADLINE:
+            values = values_by_run(self, metric, setting_name)
+            for track in self.tracks:
+                if track == LIVE:
+                    continue
+                differences = (values[track] - values[LIVE]).dropna().to_numpy()
+                mean, low, high = paired_interval(differences) if len(differences) else (math.nan,) * 3
+                records.append(
+                    {
+                        "track": track,
+                        "metric": metric.label,
+                        "mean": mean,
+                        "low": low,
+                        "high": high,
+                        "n": len(differences),
+                    }
+                )
+        return pd.DataFrame(records).merge(self.track_info, left_on="track", right_index=True)[columns]
+
+    @property
+    def track_info(self) -> pd.DataFrame:
+        """Each track's ``rule``, ``posthoc`` and ``horizon_tasks``, indexed by track."""
+        return self.rows.groupby("track", sort=False)[["rule", "posthoc", "horizon_tasks"]].first()
 
 
-def _number(value: Any, low: float = -1.0, high: float = 1.0) -> bool:
-    """A finite number in [low, high]: accuracies and their differences (forgetting, BWT, FWT) lie in [-1, 1]."""
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (low <= value <= high)
-    )
-
-
-def check_shape(data: Any) -> None:
-    """Raise ValueError unless ``data`` is shaped like a cl_ema results.json, its values in their ranges."""
-    if not isinstance(data, dict) or not isinstance(data.get("tracks"), dict) or not data["tracks"]:
-        raise ValueError("no tracks")
-    num_tasks, done = data.get("num_tasks"), data.get("tasks_done")
-    if not (isinstance(num_tasks, int) and isinstance(done, int) and 0 <= done <= num_tasks):
-        raise ValueError("task counts")
-    if data.get("status") == "completed" and done != num_tasks:
-        raise ValueError(f"completed after {done} of {num_tasks} tasks")
-    if not isinstance(data.get("config", {}), dict):
-        raise ValueError("config")
-    for track, entry in data["tracks"].items():
-        if not isinstance(entry, dict):
-            raise ValueError(f"track {track}")
-        for setting_name in SETTINGS:
-            values = entry if setting_name == "class_il" else entry.get(setting_name)
-            if not isinstance(values, dict):
-                raise ValueError(f"{track} {setting_name}")
-            matrix = np.array(values.get("acc_matrix"), dtype=float)
-            if matrix.shape != (num_tasks, num_tasks) or not ((matrix[:done] >= 0) & (matrix[:done] <= 1)).all():
-                raise ValueError(f"{track} accuracy matrix (shape {matrix.shape}, or values outside [0, 1])")
-            for metric in METRICS:
-                value = values.get(metric.key)
-                if value is not None and not _number(value):
-                    raise ValueError(f"{track} {metric.key}={value!r}")
-        stability = entry.get("stability", {})
-        if not isinstance(stability, dict) or not all(
-            stability.get(m.key) is None or _number(stability.get(m.key)) for m in STABILITY_METRICS
-        ):
-            raise ValueError(f"{track} stability")
-    for track, info in (data.get("track_info") or {}).items():
-        horizon = info.get("horizon") if isinstance(info, dict) else "?"
-        if horizon is not None and not _number(horizon, 0.0, math.inf):
-            raise ValueError(f"{track} horizon={horizon!r}")
-    if not isinstance(data.get("seed", 0), int):
-        raise ValueError("seed")
-
-
-def collect(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
-    """Completed runs, and (path, reason) for every results.json that is not one."""
-    if not root.is_dir():
-        raise UserError(f"{root}: no such directory")
-    files = sorted(root.rglob("results.json"))
-    if not files:
-        raise UserError(f"{root}: no results.json below this directory (point at an outputs/ or multirun/ folder)")
-    completed, skipped = [], []
-    for path in files:
-        if not path.is_file():  # a folder, a FIFO (reading it would wait forever), a device
-            skipped.append((path, "unreadable (not a regular file)"))
-            continue
-        try:
-            data, mtime = json.loads(path.read_text()), path.stat().st_mtime
-            check_shape(data)
-        except (OSError, ValueError, TypeError, AttributeError) as err:
-            skipped.append((path, f"unreadable ({type(err).__name__}: {err})"))
-            continue
-        if data.get("status") != "completed":
-            status = data.get("status", "unknown")
-            skipped.append((path, f"{status} after {data['tasks_done']}/{data['num_tasks']} tasks"))
-            continue
-        completed.append(Run(path, data, mtime))
-    return completed, skipped
-
-
-def one_run_per_seed(runs: list[Run], root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
-    """The newest run of each seed in each setting, and (path, why) for the repeats left out."""
-
-    def seed_of(run: Run) -> tuple:
-        return run.setting, json.dumps(run.data.get("seed"))
-
-    newest: dict[tuple, Run] = {}
-    for run in sorted(runs, key=lambda r: r.mtime, reverse=True):
-        newest.setdefault(seed_of(run), run)
-    repeats = [(run.path, f"seed {run.data.get('seed')} again; the newer run "
-                f"{newest[seed_of(run)].path.parent.relative_to(root)} counts")
-               for run in runs if newest[seed_of(run)] is not run]  # fmt: skip
-    return [run for run in runs if newest[seed_of(run)] is run], repeats
-
-
-def group(runs: list[Run]) -> list[Setting]:
-    by_setting: dict[tuple, list[Run]] = defaultdict(list)
-    for run in runs:
-        by_setting[run.setting].append(run)
-    families: dict[tuple[str, str], list[tuple]] = defaultdict(list)  # settings of one experiment and strategy
-    for key, members in by_setting.items():
-        families[str(members[0].data.get("experiment", "?")), str(members[0].data.get("strategy", "?"))].append(key)
+def settings_of(runs: Runs) -> list[Setting]:
+    """The settings of the runs read, sorted by experiment, strategy and label."""
     settings = []
-    for (experiment, strategy), keys in families.items():
-        # label each setting by the keys whose values differ between the settings of its family
-        varying = sorted({k for key in keys for k, _ in key if len({dict(other).get(k) for other in keys}) > 1})
-        for key in keys:
-            values = dict(key)
-            label = ", ".join(f"{k}={json.loads(values[k])}" for k in varying if k in values and k != "tracks")
-            settings.append(Setting(experiment, strategy, label or "-", by_setting[key]))
+    for (experiment, strategy), family in runs.table.groupby(["experiment", "strategy"], sort=False):
+        groups = dict(list(family.groupby("group", sort=False)))
+        labels = _labels(groups)
+        for key, rows in groups.items():
+            matrices = runs.matrices[runs.matrices["run"].isin(rows["run"].unique())]
+            settings.append(Setting(str(experiment), str(strategy), labels[key], rows, matrices))
     return sorted(settings, key=lambda s: (s.experiment, s.strategy, s.label))
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def mean_std(values: list[float | None]) -> tuple[float, float, int]:
-    present = [v for v in values if v is not None]
-    if not present:
-        return math.nan, math.nan, 0
-    return float(np.mean(present)), float(np.std(present, ddof=1)) if len(present) > 1 else 0.0, len(present)
-
-
-def paired_interval(differences: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of paired differences and its Student-t confidence interval over them (scipy): the effect of a
-    track against ``live``, which shares its training run, seed by seed. One difference: no interval."""
-    from scipy import stats
-
-    mean = float(np.mean(differences))
-    if len(differences) < 2:
-        return mean, math.nan, math.nan
-    if float(np.std(differences)) == 0.0:  # every seed gives the same difference: no spread to widen it
-        return mean, mean, mean
-    low, high = stats.ttest_1samp(differences, 0.0).confidence_interval(level)
-    return mean, float(low), float(high)
-
-
-def metric_of(entry: dict[str, Any], metric: Metric, setting_name: str) -> float | None:
-    """One track's final value of ``metric`` in ``setting`` from its results.json entry."""
-    values = entry if setting_name == "class_il" else entry.get(setting_name, {})
-    return values.get(metric.key)
-
-
-def _difference_cell(differences: list[float]) -> str:
-    if not differences:
-        return "–"
-    mean, low, high = paired_interval(differences)
-    if math.isnan(low):
-        return f"{100 * mean:+.2f}"
-    excludes_zero = low > 0 or high < 0
-    return f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]" + (" *" if excludes_zero else "")
-
-
-def paired_rows(settings: list[Setting]) -> list[str]:
-    """Per setting and track, each headline metric's mean difference to live with its 95 % interval."""
-    rows = []
-    for setting_ in settings:
-        if LIVE not in setting_.tracks:
+def _labels(groups: dict[Any, pd.DataFrame]) -> dict[Any, str]:
+    """Each group of one experiment and strategy labelled by the config keys whose values differ between
+    the groups, and, where those agree, by the tracks that differ."""
+    configs = {key: _config(rows) for key, rows in groups.items()}
+    keys = sorted({k for config in configs.values() for k in config})
+    varying = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs.values()}) > 1]
+    labels = {key: ", ".join(f"{k}={_shown(configs[key].get(k))}" for k in varying) for key in groups}
+    for label in set(labels.values()):
+        alike = [key for key in groups if labels[key] == label]
+        if len(alike) < 2:
             continue
-        for track in setting_.tracks:
-            if track == LIVE:
-                continue
-            cells = []
-            for metric, setting_name in HEADLINE:
-                differences = []
-                for run in setting_.runs:
-                    mine = metric_of(run.data["tracks"][track], metric, setting_name)
-                    live = metric_of(run.data["tracks"][LIVE], metric, setting_name)
-                    if mine is not None and live is not None:
-                        differences.append(mine - live)
-                cells.append(_difference_cell(differences))
-            rows.append(f"| {setting_.experiment} | {setting_.strategy} | {setting_.label} | {track} | "
-                        f"{len(setting_.runs)} | " + " | ".join(cells) + " |")  # fmt: skip
-    return rows
+        tracks = {key: list(dict.fromkeys(groups[key]["track"])) for key in alike}
+        every = list(dict.fromkeys(t for names in tracks.values() for t in names))
+        shared = [t for t in every if all(t in names for names in tracks.values())]
+        for key in alike:
+            extra = [t for t in tracks[key] if t not in shared]
+            lacking = [t for t in every if t not in tracks[key]]
+            parts = [label] if label else []
+            parts += [f"with {_names(extra)}"] if extra else []
+            parts += [f"without {_names(lacking)}"] if lacking else []
+            labels[key] = "; ".join(parts) or f"group {key}"  # the same tracks in another order or task count
+    return {key: label or "-" for key, label in labels.items()}
 
 
-def _cell(values: list[float | None]) -> str:
-    mean, std, n = mean_std(values)
-    if n == 0:
-        return "–"
-    return f"{100 * mean:.2f}" if n == 1 else f"{100 * mean:.2f} ± {100 * std:.2f}"
-
-
-def markdown(settings: list[Setting], skipped: list[tuple[Path, str]], root: Path) -> str:
-    columns = [*METRICS, TASK_IL_ACC]
-    lines = [
-        f"# cl_ema report: {root}",
-        "",
-        f"{_count(sum(len(s.runs) for s in settings), 'completed run')} in {_count(len(settings), 'setting')}; "
-        "mean ± std (sample std) over seeds, in %. Class-IL unless marked TIL.",
-        "",
-        "| experiment | strategy | setting | track | seeds | " + " | ".join(m.label for m in columns) + " |",
-        "|---|---|---|---|---|" + "---|" * len(columns),
-    ]
-    for setting_ in settings:
-        for track in setting_.tracks:
-            entries = [run.data["tracks"][track] for run in setting_.runs]
-            cells = [_cell([e.get(m.key) for e in entries]) for m in METRICS]
-            cells.append(_cell([e["task_il"].get(TASK_IL_ACC.key) for e in entries]))
-            seeds = {run.data.get("seed") for run in setting_.runs}
-            lines.append(f"| {setting_.experiment} | {setting_.strategy} | {setting_.label} | {track} | {len(seeds)} | "
-                         + " | ".join(cells) + " |")  # fmt: skip
-    stability_rows = []
-    for setting_ in settings:
-        for track in setting_.tracks:
-            entries = [run.data["tracks"][track].get("stability") for run in setting_.runs]
-            if any(isinstance(e, dict) for e in entries):
-                entries = [e if isinstance(e, dict) else {} for e in entries]
-                cells = [_cell([e.get(m.key) for e in entries]) for m in STABILITY_METRICS]
-                stability_rows.append(
-                    f"| {setting_.experiment} | {setting_.strategy} | {setting_.label} | {track} | "
-                    f"{sum(bool(e) for e in entries)} | " + " | ".join(cells) + " |"
-                )
-    if stability_rows:
-        lines += [
-            "",
-            "## Continual evaluation (stability gap)",
-            "",
-            "| experiment | strategy | setting | track | runs | "
-            + " | ".join(m.label for m in STABILITY_METRICS)
-            + " |",
-            "|---|---|---|---|---|" + "---|" * len(STABILITY_METRICS),
-            *stability_rows,
-        ]
-    paired = paired_rows(settings)
-    if paired:
-        lines += [
-            "",
-            "## Effect of each track against live (paired over seeds)",
-            "",
-            "Every track of a run is evaluated on the same training run as `live`, so its effect is the "
-            "difference to `live` seed by seed: its mean and 95 % Student-t confidence interval over seeds, in "
-            "percentage points; `*` where the interval excludes 0.",
-            "",
-            "| experiment | strategy | setting | track | seeds | "
-            + " | ".join(f"Δ{m.label}" for m, _ in HEADLINE)
-            + " |",
-            "|---|---|---|---|---|" + "---|" * len(HEADLINE),
-            *paired,
-        ]
-    if skipped:
-        lines += ["", "## Runs not included", "", "| results file | why |", "|---|---|"]
-        lines += [f"| {path.relative_to(root)} | {why} |" for path, why in skipped]
-    return "\n".join(lines) + "\n"
-
-
-def horizons_figure(settings: list[Setting]):
-    """Final ACC and forgetting against the EMA horizon, per experiment/strategy; live as a dashed line."""
-    import matplotlib.pyplot as plt
-
-    shown = (ACC, FORGETTING)
-    curves: dict[str, dict[str, list[tuple[float, list[float | None]]]]] = defaultdict(lambda: defaultdict(list))
-    live: dict[str, dict[str, list[float | None]]] = defaultdict(lambda: defaultdict(list))
-    for setting_ in settings:
-        name = f"{setting_.experiment} / {setting_.strategy}"
-        for track in setting_.tracks:
-            for metric in shown:
-                for run in setting_.runs:
-                    value = run.data["tracks"][track].get(metric.key)
-                    horizon = run.horizon(track)
-                    if track == LIVE:
-                        live[name][metric.key].append(value)
-                    elif horizon is not None:
-                        curves[name][metric.key].append((horizon, [value]))
-    if not curves:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
-    for ax, metric in zip(axes, shown):
-        for index, (name, by_metric) in enumerate(sorted(curves.items())):
-            points: dict[float, list[float | None]] = defaultdict(list)
-            for horizon, values in by_metric[metric.key]:
-                points[horizon] += values
-            horizons = sorted(points)
-            stats = [mean_std(points[h]) for h in horizons]
-            ax.errorbar(horizons, [100 * m for m, _, _ in stats], [100 * s for _, s, _ in stats], marker="o",
-                        capsize=3, label=name, color=f"C{index}")  # fmt: skip
-            live_mean, _, n = mean_std(live[name][metric.key])
-            if n:
-                ax.axhline(100 * live_mean, color=f"C{index}", linestyle="--", linewidth=1)
-        ax.set_xscale("log")
-        ax.set_ylabel(f"{metric.title} (%)")
-        ax.set_title(metric.title)
-        ax.grid(alpha=0.3)
-    fig.supxlabel("EMA horizon (optimizer steps averaged over); dashed: live weights")
-    axes[0].legend(fontsize=8)
-    return fig
-
-
-def over_tasks_figure(setting_: Setting):
-    """Mean accuracy on the tasks seen so far, after each task, per track."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for track in setting_.tracks:
-        curves = []
-        for run in setting_.runs:
-            matrix = np.array(run.data["tracks"][track]["acc_matrix"], dtype=float)
-            curves.append([np.mean(matrix[i, : i + 1]) for i in range(len(matrix))])
-        mean, std = np.mean(curves, axis=0), np.std(curves, axis=0)
-        tasks = np.arange(1, len(mean) + 1)
-        ax.plot(tasks, 100 * mean, marker="o", label=track, linestyle="--" if track == LIVE else "-")
-        ax.fill_between(tasks, 100 * (mean - std), 100 * (mean + std), alpha=0.15)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole tasks
-    ax.set_xlabel("tasks trained")
-    ax.set_ylabel("accuracy on tasks seen (%)")
-    ax.set_title(f"{setting_.experiment} / {setting_.strategy} ({setting_.label}), {len(setting_.runs)} runs",
-                 fontsize=9)  # fmt: skip
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def mean_matrices(setting_: Setting) -> dict[str, np.ndarray]:
+def _config(rows: pd.DataFrame) -> dict[str, Any]:
+    """A group's result config keys (its runs agree on them up to the seed), without those it lacks."""
+    first = rows.iloc[0]
     return {
-        track: np.mean([np.array(run.data["tracks"][track]["acc_matrix"], dtype=float) for run in setting_.runs], 0)
-        for track in setting_.tracks
+        c.removeprefix(CONFIG): first[c].item() if isinstance(first[c], np.generic) else first[c]
+        for c in rows.columns
+        if c.startswith(CONFIG) and c != f"{CONFIG}seed" and not _missing(first[c])
     }
 
 
-def write_report(root: Path, out: Path) -> Path:
-    """Write report.md and the plots into ``out``; return the path of report.md."""
-    from cl_ema.plots import figure_png, heatmaps_png
+def _missing(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)  # results.json is strict JSON: NaN is an absent key
 
-    runs, skipped = collect(root)
-    runs, repeats = one_run_per_seed(runs, root)
-    skipped += repeats
-    if not runs:
-        reasons = "; ".join(f"{p.relative_to(root)}: {why}" for p, why in skipped[:5])
-        raise UserError(f"{root}: no completed run to report ({reasons})")
-    settings = group(runs)
-    text = markdown(settings, skipped, root)
-    figures: list[tuple[str, str]] = []
-    horizons = horizons_figure(settings)
-    if horizons:
-        atomic_write(out / "decay_vs_metrics.png", figure_png(horizons))
-        figures.append(("EMA horizon vs final accuracy and forgetting", "decay_vs_metrics.png"))
-    for index, setting_ in enumerate(settings):
-        stem = f"{index:02d}_{setting_.experiment}_{setting_.strategy}"
-        title = f"{setting_.experiment} / {setting_.strategy} ({setting_.label})"
-        atomic_write(out / f"{stem}_matrices.png", heatmaps_png(mean_matrices(setting_), f"{title}: mean class-IL R"))
-        atomic_write(out / f"{stem}_over_tasks.png", figure_png(over_tasks_figure(setting_)))
-        figures += [
-            (f"{title}: accuracy matrices", f"{stem}_matrices.png"),
-            (f"{title}: over tasks", f"{stem}_over_tasks.png"),
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _names(tracks: list[str]) -> str:
+    return ", ".join(tracks) if len(tracks) <= 3 else f"{len(tracks)} tracks: {tracks[0]} … {tracks[-1]}"
+
+
+def count(n: int, noun: str) -> str:
+    """``1 run``, ``2 runs``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def paired_interval(differences: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of paired differences and its Student-t confidence interval over them (scipy): the effect of a
+    track against ``live``, which shares its training run, seed by seed. No interval (nan) from one
+    difference, nor from differences without spread (equal up to rounding): a t interval of zero width
+    would claim certainty that a few equal seeds cannot give."""
+    from scipy import stats
+
+    values = np.asarray(differences, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2 or np.ptp(values) <= NO_SPREAD:
+        return mean, math.nan, math.nan
+    low, high = stats.ttest_1samp(values, 0.0).confidence_interval(level)
+    return mean, float(low), float(high)
+
+
+def values_by_run(setting: Setting, metric: Metric, setting_name: str) -> pd.DataFrame:
+    """A metric's final values: one row per run, one column per track (NaN where a run lacks it)."""
+    rows = setting.rows
+    chosen = rows[(rows["metric"] == metric.key) & (rows["setting"] == setting_name)]
+    return chosen.pivot(index="run", columns="track", values="value").reindex(columns=setting.tracks)
+
+
+def _summary_cell(values: pd.Series, row_count: int) -> str:
+    present = values.dropna()
+    if present.empty:
+        return "–"
+    mean = 100 * present.mean()
+    text = f"{mean:.2f}" if len(present) == 1 else f"{mean:.2f} ± {100 * present.std(ddof=1):.2f}"
+    return text + _fewer(len(present), row_count)
+
+
+def _fewer(n: int, row_count: int) -> str:
+    """Marks a cell over fewer runs than its row counts."""
+    return f" (n={n})" if n < row_count else ""
+
+
+def _summary_rows(setting: Setting, columns: Sequence[tuple[Metric, str]]) -> list[str]:
+    """One table row per track with any of the columns' values: its mean ± std over the runs that have
+    each; the runs column counts the runs with a value (cells over fewer say how many)."""
+    by_column = [values_by_run(setting, metric, setting_name) for metric, setting_name in columns]
+    rows = []
+    for track in setting.tracks:
+        series = [values[track] for values in by_column]
+        counts = [int(s.notna().sum()) for s in series]
+        if max(counts) == 0:
+            continue
+        cells = [_summary_cell(s, max(counts)) for s in series]
+        rows.append(
+            f"| {setting.experiment} | {setting.strategy} | {setting.label} | {track} | {max(counts)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return rows
+
+
+def _difference_cell(effect: pd.Series, row_count: int) -> str:
+    if effect["n"] == 0:
+        return "–"
+    text = f"{100 * effect['mean']:+.2f}"
+    if not math.isnan(effect["low"]):
+        excludes_zero = effect["low"] > 0 or effect["high"] < 0
+        text += f" [{100 * effect['low']:+.2f}, {100 * effect['high']:+.2f}]" + (" *" if excludes_zero else "")
+    elif effect["n"] > 1:
+        text += " (no spread)"
+    return text + _fewer(effect["n"], row_count)
+
+
+def _paired_rows(setting: Setting) -> list[str]:
+    rows = []
+    for track, of_track in setting.effects.groupby("track", sort=False):
+        by_metric = of_track.set_index("metric")
+        row_count = int(by_metric["n"].max())
+        cells = [_difference_cell(by_metric.loc[metric.label], row_count) for metric, _ in HEADLINE]
+        rows.append(
+            f"| {setting.experiment} | {setting.strategy} | {setting.label} | {track} | {row_count} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return rows
+
+
+def _table(count_header: str, headers: list[str], rows: list[str]) -> list[str]:
+    return [
+        f"| experiment | strategy | setting | track | {count_header} | " + " | ".join(headers) + " |",
+        "|---|---|---|---|---|" + "---|" * len(headers),
+        *rows,
+        "",
+    ]
+
+
+def markdown(settings: list[Setting], skipped: list[tuple[Path, str]], root: Path) -> str:
+    """report.md without its figures."""
+    lines = [
+        f"# cl_ema report: {root}",
+        "",
+        f"{count(sum(len(s.runs) for s in settings), 'completed run')} in {count(len(settings), 'setting')}; "
+        "mean ± std (sample std) over seeds, in %. Class-IL unless marked TIL. The seeds column counts the "
+        "runs with a value; a cell over fewer says (n=…).",
+        "",
+        *_table("seeds", [m.label for m, _ in COLUMNS], [row for s in settings for row in _summary_rows(s, COLUMNS)]),
+    ]
+    stability = [row for s in settings for row in _summary_rows(s, STABILITY_COLUMNS)]
+    if stability:
+        lines += ["## Continual evaluation (stability gap)", ""]
+        lines += _table("runs", [m.label for m, _ in STABILITY_COLUMNS], stability)
+    paired = [row for s in settings for row in _paired_rows(s)]
+    if paired:
+        lines += [
+            "## Effect of each track against live (paired over seeds)",
+            "",
+            "Every track of a run is evaluated on the same training run as `live`, so its effect is the difference "
+            "to `live` seed by seed: its mean and 95 % Student-t confidence interval over seeds, in percentage "
+            "points; `*` where the interval excludes 0; (no spread) where every seed gives the same difference, "
+            "which leaves no interval.",
+            "",
+            *_table("seeds", [f"Δ{m.label}" for m, _ in HEADLINE], paired),
         ]
-    text += "\n## Figures\n\n" + "".join(f"### {caption}\n\n![{caption}]({name})\n\n" for caption, name in figures)
+    if skipped:
+        lines += ["## Runs not included", "", "| results file | why |", "|---|---|"]
+        lines += [f"| {path.relative_to(root)} | {why} |" for path, why in skipped]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def mean_matrices(setting: Setting) -> dict[str, np.ndarray]:
+    """Each track's class-IL accuracy matrix, averaged over the setting's runs."""
+    cells = setting.matrices[setting.matrices["setting"] == "class_il"]
+    mean = cells.groupby(["track", "trained", "task"])["value"].mean()
+    return {track: mean.loc[track].unstack().to_numpy() for track in setting.tracks}
+
+
+def over_tasks(setting: Setting) -> pd.DataFrame:
+    """Accuracy on the tasks seen so far after each task: one row per track, setting (class-IL, task-IL)
+    and tasks ``trained``, with its ``mean`` over the runs and the track's ``rule`` and ``posthoc``."""
+    cells = setting.matrices[setting.matrices["task"] <= setting.matrices["trained"]]
+    per_run = cells.groupby(["track", "setting", "trained", "run"], sort=False)["value"].mean()
+    curves = per_run.groupby(["track", "setting", "trained"], sort=False).mean().rename("mean").reset_index()
+    return curves.merge(setting.track_info, left_on="track", right_index=True)
+
+
+def write_report(root: Path, out: Path, figures: bool = True) -> Path:
+    """Write report.md and, with ``figures``, the figures into ``out``; return the path of report.md."""
+    runs = read(root)
+    if runs.table.empty:
+        reasons = "; ".join(f"{p.relative_to(root)}: {why}" for p, why in runs.skipped[:5])
+        raise UserError(f"{root}: no completed run to report ({reasons})")
+    settings = settings_of(runs)
+    text = markdown(settings, runs.skipped, root)
+    if figures:
+        text += write_figures(settings, out)
     atomic_write(out / "report.md", text)
     return out / "report.md"
+
+
+def write_figures(settings: list[Setting], out: Path) -> str:
+    """Write each setting's figures into ``out``; return report.md's section that links them, with captions."""
+    from cl_ema import plots
+
+    section = "## Figures\n\n"
+
+    def add(name: str, figure: Any, heading: str, caption: str) -> None:
+        nonlocal section
+        atomic_write(out / name, plots.figure_png(figure))
+        section += f"### {heading}\n\n![{heading}]({name})\n\n{caption}\n\n"
+
+    for index, setting in enumerate(settings):
+        stem, seeds = f"{index:02d}_{setting.experiment}_{setting.strategy}", count(len(setting.runs), "seed")
+        title = f"{setting.title}, {seeds}"
+        add(
+            f"{stem}_matrices.png",
+            plots.heatmaps_figure(mean_matrices(setting), f"{title}: mean class-IL R"),
+            f"{setting.title}: accuracy matrices",
+            f"Each track's class-IL accuracy R[i, j] (in %) after training tasks 1…i (rows) on test task j "
+            f"(columns), mean over {seeds}.",
+        )
+        add(
+            f"{stem}_over_tasks.png",
+            plots.over_tasks_figure(over_tasks(setting), title),
+            f"{setting.title}: accuracy over tasks",
+            f"Accuracy on the tasks seen so far after each task, class-IL and task-IL, mean over {seeds}; "
+            "`live` black and dashed, one colour and marker per rule family.",
+        )
+        if setting.effects.empty:
+            continue
+        horizon = plots.horizon_figure(setting.effects, title)
+        if horizon is not None:
+            add(
+                f"{stem}_horizon.png",
+                horizon,
+                f"{setting.title}: EMA horizon",
+                "Difference to `live` (percentage points) of accuracy, forgetting and task-IL accuracy against "
+                "the EMA horizon in tasks (log scale): the line, post-hoc EMAs computed after training, its band "
+                "their 95 % paired interval over seeds; the points, EMAs tracked during training, with theirs; "
+                "dotted: a horizon of one task. Above 0 in the accuracy panels: more accurate than `live`; below 0 "
+                "in the forgetting panel: forgets less.",
+            )
+        add(
+            f"{stem}_forest.png",
+            plots.forest_figure(setting.effects, title),
+            f"{setting.title}: effect of each track",
+            "Each track's paired difference to `live` over seeds (percentage points) with its 95 % Student-t "
+            "interval, tracks sorted by their accuracy difference, coloured by rule family.",
+        )
+    return section
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cl_ema.report", description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="a run, outputs/ or multirun/ directory")
     parser.add_argument("--out", type=Path, help="where to write report.md and plots (default: <root>/report)")
+    parser.add_argument("--no-figures", action="store_true", help="the tables alone (figures take seconds a setting)")
     args = parser.parse_args(argv)
     out = args.out or args.root / "report"
     try:
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: is a file, not a folder")
-        path = write_report(args.root, out)
+        path = write_report(args.root, out, figures=not args.no_figures)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(path.read_text().split("\n## Figures")[0])
+    print(path.read_text().split("## Figures")[0].rstrip())
     print(f"report: {path}")
 
 
