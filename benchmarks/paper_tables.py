@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cl_ema.config import check, compose
-from cl_ema.console import Console
+import cl_ema
+from cl_ema.config import compose
 from cl_ema.plugins import LIVE
 from cl_ema.report import paired_interval
 from cl_ema.results import Results
-from cl_ema.runner import run
 
 # Published: Mammoth's README (Buzzega et al. 2020; aimagelab/mammoth, first commit's table) and
 # CLS-ER's README (NeurAI-Lab/CLS-ER), per column below.
@@ -68,8 +68,11 @@ class Job:
 
 def jobs(experiment: str) -> list[Job]:
     out = [Job("sgd", ["strategy=ema", EMA], "SGD")]
-    for method, strategy, files in (("ER", "ema_replay", "er"), ("DER", "ema_der", "der"),
-                                    ("DER++", "ema_derpp", "derpp")):  # fmt: skip
+    for method, strategy, files in (
+        ("ER", "ema_replay", "er"),
+        ("DER", "ema_der", "der"),
+        ("DER++", "ema_derpp", "derpp"),
+    ):
         for buffer in (200, 500):
             protocol = f"best_args={experiment}/{files}_{buffer}"
             out.append(Job(f"{files}_{buffer}", [f"strategy={strategy}", protocol, EMA], f"{method} {buffer}"))
@@ -84,11 +87,20 @@ def run_one(out: Path, experiment: str, seed: int, job: Job, data_root: Path) ->
     folder = out / experiment / job.name / f"seed{seed}"
     if done := finished(folder):
         return done, done.meta["elapsed_s"]
-    cfg = compose(f"experiment={experiment}", *job.overrides, f"seed={seed}", f"data.root={data_root}",
-                  "data.download=false", "logger=none", "checkpoint=false", "device=cpu")  # fmt: skip
-    check(cfg)
+    shutil.rmtree(folder, ignore_errors=True)  # the study's own run, unfinished or unreadable: run again
     started = time.perf_counter()
-    results = run(cfg, folder, console=Console(file=io.StringIO()))
+    results = cl_ema.run(
+        f"experiment={experiment}",
+        *job.overrides,
+        f"seed={seed}",
+        f"data.root={data_root}",
+        "data.download=false",
+        "logger=none",
+        "checkpoint=false",
+        "device=cpu",
+        folder=folder,
+        output=io.StringIO(),
+    )
     return results, time.perf_counter() - started
 
 
@@ -130,9 +142,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("paper_tables"))
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
     names = [job.name for job in jobs(EXPERIMENTS[0])]
-    parser.add_argument("--only", nargs="+", metavar="JOB", choices=names,
-                        help="only these runs, to share a table among processes (a last call without it reads "
-                        f"every run back): {', '.join(names)}")  # fmt: skip
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="JOB",
+        choices=names,
+        help="only these runs, to share a table among processes (a last call without it reads "
+        f"every run back): {', '.join(names)}",
+    )
     parser.add_argument("--timing-rounds", type=int, default=3, help="rounds of the time-per-step comparison")
     args = parser.parse_args()
     values: dict[tuple[str, str, str], list[float]] = {}  # (row, experiment, setting) → accuracy per seed
@@ -152,9 +169,11 @@ def main() -> None:
                     for setting in ("class_il", "task_il"):
                         acc = results.metrics(track, last, setting)["avg_acc"]
                         values.setdefault((row, experiment, setting), []).append(acc)
-                print(f"{experiment} {job.name} seed {seed}: {wall:.1f} s, "
-                      + ", ".join(f"{row} {100 * values[row, experiment, 'class_il'][-1]:.2f}" for row in rows),
-                      flush=True)  # fmt: skip
+                print(
+                    f"{experiment} {job.name} seed {seed}: {wall:.1f} s, "
+                    + ", ".join(f"{row} {100 * values[row, experiment, 'class_il'][-1]:.2f}" for row in rows),
+                    flush=True,
+                )
     total = sum(t for v in times.values() for t in v)  # a run read back counts its training + evaluation
     lines = [
         f"mean ± std over {args.seeds} seeds, in % (published value in parentheses; † more than 2 std away). "
@@ -176,13 +195,18 @@ def main() -> None:
             else:
                 cells.append(cell(values[row, experiment, setting], published))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines += ["", "| run | " + " | ".join(f"{e} s / run" for e in EXPERIMENTS) + " |",
-              "|---|" + "---|" * len(EXPERIMENTS)]  # fmt: skip
+    lines += [
+        "",
+        "| run | " + " | ".join(f"{e} s / run" for e in EXPERIMENTS) + " |",
+        "|---|" + "---|" * len(EXPERIMENTS),
+    ]
     for name in dict.fromkeys(n for (_, n) in times):
         cells = [f"{np.mean(times[e, name]):.1f}" if (e, name) in times else "–" for e in EXPERIMENTS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append(f"\nall {len([t for v in times.values() for t in v])} runs: {total / 60:.1f} min "
-                 f"({torch.get_num_threads()} CPU threads)")  # fmt: skip
+    lines.append(
+        f"\nall {len([t for v in times.values() for t in v])} runs: {total / 60:.1f} min "
+        f"({torch.get_num_threads()} CPU threads)"
+    )
     lines += ["", step_costs(args)]
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -200,8 +224,11 @@ def step_costs(args) -> str:
             protocol = [f"best_args=seq_mnist/{files}_{buffer}", f"best_args.strategies=[{method},replay]"]
             replayed = "der.batch_size_mem" if method == "derpp" else "replay.batch_size_mem"
             cfg = compose("experiment=seq_mnist", f"strategy={method}", *protocol)
-            er = ["replay.policy=reservoir", f"replay.mem_size={buffer}",
-                  f"replay.batch_size_mem={cfg[replayed.split('.')[0]].batch_size_mem}"]  # fmt: skip
+            er = [
+                "replay.policy=reservoir",
+                f"replay.mem_size={buffer}",
+                f"replay.batch_size_mem={cfg[replayed.split('.')[0]].batch_size_mem}",
+            ]
             per_step: dict[str, list[float]] = {"replay": [], method: []}
             for round_ in range(args.timing_rounds):
                 for strategy in per_step:
@@ -212,8 +239,10 @@ def step_costs(args) -> str:
                     per_step[strategy].append(1000 * results.meta["train_s"] / sum(results.meta["steps_per_task"]))
             if args.timing_rounds:
                 replay, other = (float(np.median(v)) for v in per_step.values())
-                out.append(f"seq-MNIST, {method}'s protocol with buffer {buffer}: ER {replay:.2f} ms/step, {method} "
-                           f"{other:.2f} ms/step ({other / replay:.2f}x; median of {args.timing_rounds})")  # fmt: skip
+                out.append(
+                    f"seq-MNIST, {method}'s protocol with buffer {buffer}: ER {replay:.2f} ms/step, {method} "
+                    f"{other:.2f} ms/step ({other / replay:.2f}x; median of {args.timing_rounds})"
+                )
     return "\n".join(out)
 
 

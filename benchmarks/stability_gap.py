@@ -20,10 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cl_ema.config import check, compose
-from cl_ema.console import Console
+import cl_ema
 from cl_ema.metrics import STABILITY_METRICS
-from cl_ema.runner import run
 
 # experiment → EMA decays: horizons of 100 steps and about one task
 STUDIES = {
@@ -34,10 +32,8 @@ STUDIES = {
 
 
 def run_once(out: Path, *overrides: str):
-    cfg = compose("logger=none", "checkpoint=false", *overrides)
-    check(cfg)
     started = time.perf_counter()
-    results = run(cfg, out, console=Console(file=io.StringIO()))
+    results = cl_ema.run("logger=none", "checkpoint=false", *overrides, folder=out, output=io.StringIO())
     return results, time.perf_counter() - started
 
 
@@ -56,8 +52,10 @@ def main() -> None:
     parser.add_argument("--experiments", nargs="+", choices=list(STUDIES), default=list(STUDIES))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cl_ema_gap_"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, eval.every_n_steps={args.every}, "
-          f"eval.subset_size=200, seeds 0..{args.seeds - 1}\n")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, eval.every_n_steps={args.every}, "
+        f"eval.subset_size=200, seeds 0..{args.seeds - 1}\n"
+    )
     print(f"{'experiment':<16}{'track':<12}" + "".join(f"{m.label:>16}" for m in STABILITY_METRICS) + f"{'ACC':>16}")
     for name in args.experiments:
         if name != "split_digits" and args.data_root is None:
@@ -66,20 +64,24 @@ def main() -> None:
         overrides = [f"experiment={name}", f"ema.decays=[{','.join(map(str, STUDIES[name]))}]", "device=cpu", *data]
         runs = []
         for seed in range(args.seeds):
-            results, _ = run_once(work / name / str(seed), "strategy=ema", f"eval.every_n_steps={args.every}",
-                                  f"seed={seed}", *overrides)  # fmt: skip
+            results, _ = run_once(
+                work / name / str(seed), "strategy=ema", f"eval.every_n_steps={args.every}", f"seed={seed}", *overrides
+            )
             runs.append(results)
         for track in runs[0].tracks:
             cells = [summary([r.stability[track][m.key] for r in runs]) for m in STABILITY_METRICS]
             final = summary([r.metrics(track, r.num_tasks - 1)["avg_acc"] for r in runs])
             print(f"{name:<16}{track:<12}" + "".join(f"{c:>16}" for c in (*cells, final)), flush=True)
-        _, with_eval = run_once(work / name / "timed_eval", "strategy=ema", f"eval.every_n_steps={args.every}",
-                                *overrides)  # fmt: skip
+        _, with_eval = run_once(
+            work / name / "timed_eval", "strategy=ema", f"eval.every_n_steps={args.every}", *overrides
+        )
         _, without = run_once(work / name / "timed_plain", "strategy=ema", *overrides)
         evaluations = sum(runs[0].meta["steps_per_task"]) // args.every
         tracks = len(runs[0].tracks)
-        print(f"{'':<16}cost: {with_eval:.1f} s with continual evaluation vs {without:.1f} s without "
-              f"({with_eval / without:.2f}x; ~{evaluations} evaluations of {tracks} tracks)\n")  # fmt: skip
+        print(
+            f"{'':<16}cost: {with_eval:.1f} s with continual evaluation vs {without:.1f} s without "
+            f"({with_eval / without:.2f}x; ~{evaluations} evaluations of {tracks} tracks)\n"
+        )
 
 
 if __name__ == "__main__":

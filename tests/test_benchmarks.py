@@ -30,12 +30,37 @@ def test_the_gpu_checks_scripts_run_and_make_one_table(tmp_path):
     import subprocess
 
     ema = run_script("ema_update.py", "--repeats", "2", "--widths", "4", "8", "--no-train-step")
-    for row in ("flat lerp_ (floor)", "cl_ema K=1 ema", "cl_ema K=1 mean uniform (SWA)", "cl_ema K=1 CLS-ER ema",
-                "cl_ema K=4 ema", "cl_ema K=7 every rule", "per-parameter loop", "torch AveragedModel"):  # fmt: skip
+    for row in (
+        "flat lerp_ (floor)",
+        "cl_ema K=1 ema",
+        "cl_ema K=1 mean uniform (SWA)",
+        "cl_ema K=1 CLS-ER ema",
+        "cl_ema K=4 ema",
+        "cl_ema K=7 every rule",
+        "per-parameter loop",
+        "torch AveragedModel",
+    ):
         assert row in ema, row
     assert "K=7 every rule" in ema.split("ratios")[1] and "device: cpu" in ema
-    throughput = run_script("throughput.py", "--device", "cpu", "--steps", "2", "--warmup", "1", "--width", "4",
-                            "--batch-size", "8", "--samples", "1000", "--workers", "0", "--rounds", "1")  # fmt: skip
+    throughput = run_script(
+        "throughput.py",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--width",
+        "4",
+        "--batch-size",
+        "8",
+        "--samples",
+        "1000",
+        "--workers",
+        "0",
+        "--rounds",
+        "1",
+    )
     for row in ("(a) cl_ema", "(a) cl_ema + EMA", "(b) Avalanche Naive + DataLoader", "(c) bare loop", "(a) / (b) ="):
         assert row in throughput
     (tmp_path / "ema_update.txt").write_text(ema)
@@ -63,8 +88,19 @@ def test_paper_tables_script_on_generated_mnist(tmp_path):
     from fake_datasets import write_mnist
 
     write_mnist(tmp_path / "data", per_class=6, test_per_class=3)
-    run_script("paper_tables.py", "--data-root", str(tmp_path / "data"), "--seeds", "2", "--experiments", "seq_mnist",
-               "--timing-rounds", "1", "--out", str(tmp_path / "out"))  # fmt: skip
+    run_script(
+        "paper_tables.py",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--seeds",
+        "2",
+        "--experiments",
+        "seq_mnist",
+        "--timing-rounds",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+    )
     table = (tmp_path / "out" / "paper_tables.md").read_text()
     assert "| ER 200 |" in table and "(80.43" in table and "| CLS-ER 500 |" in table and "(92.05" in table
     assert "| DER++ 500 |" in table and "(91.00" in table and "| DER 200 + EMA |" in table and ", Δ " in table
@@ -74,10 +110,25 @@ def test_paper_tables_script_on_generated_mnist(tmp_path):
     # finished runs are read back, not rerun: a third seed of one job runs that one run alone
     written = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("results.json")}
     (tmp_path / "out" / "seq_mnist" / "sgd" / "seed0" / "results.json").write_text("{not json")  # run again
-    run_script("paper_tables.py", "--data-root", str(tmp_path / "data"), "--seeds", "3", "--experiments", "seq_mnist",
-               "--timing-rounds", "0", "--only", "sgd", "--out", str(tmp_path / "out"))  # fmt: skip
+    run_script(
+        "paper_tables.py",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--seeds",
+        "3",
+        "--experiments",
+        "seq_mnist",
+        "--timing-rounds",
+        "0",
+        "--only",
+        "sgd",
+        "--out",
+        str(tmp_path / "out"),
+    )
     changed = {p for p in (tmp_path / "out").rglob("results.json") if written.get(p) != p.stat().st_mtime_ns}
     assert {p.relative_to(tmp_path / "out").as_posix() for p in changed} == {
-        "seq_mnist/sgd/seed0/results.json", "seq_mnist/sgd/seed2/results.json"}  # fmt: skip
+        "seq_mnist/sgd/seed0/results.json",
+        "seq_mnist/sgd/seed2/results.json",
+    }
     only = (tmp_path / "out" / "paper_tables.md").read_text()
     assert "| SGD + EMA |" in only and "| ER 200 |" not in only and "over 3 seeds" in only

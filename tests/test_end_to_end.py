@@ -14,41 +14,34 @@ import pytest
 import torch
 import yaml
 from helpers import ROOT, run_experiment
+from pinned import PINNED, STRATEGIES, matrices_of, pinned_overrides
 from wandb_records import find_run_file, read_run
 
 DECAYS = "ema.decays=[0.9,0.99,0.995]"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Runs shared by the tests below, made once: name → (results, out_dir, console text)."""
-    made = {}
-
-    def get(name: str, *overrides: str):
-        if name not in made:
-            out = tmp_path_factory.mktemp(name)
-            results, text = run_experiment(out, *overrides)
-            made[name] = (results, out, text)
-        return made[name]
-
-    return get
+@pytest.fixture
+def runs(shared_runs):
+    """Runs shared by the tests (of every file) that make the same one: name → (results, out_dir, console text)."""
+    return lambda name, *overrides: shared_runs(*overrides)
 
 
 def matrices(results, track: str):
     return [results.matrices[track, s] for s in ("class_il", "task_il")]
 
 
-def test_every_strategy_gives_the_pinned_matrices(runs):
-    """Refactoring must not change results: split digits, seed 0, bit for bit on CPU."""
-    pinned = json.loads((ROOT / "tests" / "data" / "pinned_split_digits.json").read_text())
-    for strategy, expected in pinned.items():
-        results, _, _ = runs(strategy, f"strategy={strategy}")
-        got = {f"{t}/{s}": results.matrices[t, s].tolist() for t in results.tracks for s in ("class_il", "task_il")}
-        assert got == expected, strategy
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_gives_the_pinned_matrices(runs, strategy):
+    """Refactoring must not change results: split digits, seed 0, one thread, bit for bit on CPU. A change of
+    results on purpose regenerates them: ``python tests/pinned.py`` (docs/development.md)."""
+    pinned = json.loads(PINNED.read_text())
+    assert strategy in pinned, f"no pinned matrices for strategy={strategy}: run python tests/pinned.py"
+    results, _, _ = runs(f"pinned_{strategy}", *pinned_overrides(strategy))
+    assert matrices_of(results) == pinned[strategy]
 
 
 def test_plain_fine_tuning_forgets(runs):
-    results, _, _ = runs("plain", "strategy=plain")
+    results, _, _ = runs("plain", *pinned_overrides("plain"))
     final = results.metrics("live", 4)
     assert final["avg_forgetting"] > 0.8  # class-IL fine-tuning: old classes are all but lost
     assert final["learning_acc"] > 0.9  # while each task is learned well
@@ -56,15 +49,15 @@ def test_plain_fine_tuning_forgets(runs):
 
 
 def test_replay_forgets_clearly_less_than_plain(runs):
-    plain, _, _ = runs("plain", "strategy=plain")
-    replay, _, _ = runs("replay", "strategy=replay")
+    plain, _, _ = runs("plain", *pinned_overrides("plain"))
+    replay, _, _ = runs("replay", *pinned_overrides("replay"))
     assert replay.metrics("live", 4)["avg_forgetting"] < plain.metrics("live", 4)["avg_forgetting"] - 0.4
     assert replay.metrics("live", 4)["avg_acc"] > plain.metrics("live", 4)["avg_acc"] + 0.3
 
 
 def test_ema_does_not_change_training(runs):
-    plain, _, _ = runs("plain", "strategy=plain")
-    ema, _, _ = runs("ema", "strategy=ema")
+    plain, _, _ = runs("plain", *pinned_overrides("plain"))
+    ema, _, _ = runs("ema", *pinned_overrides("ema"))
     for a, b in zip(matrices(plain, "live"), matrices(ema, "live")):
         assert np.array_equal(a, b)
     assert ema.tracks == ["live", "ema_0.99"]
@@ -72,12 +65,12 @@ def test_ema_does_not_change_training(runs):
 
 
 def test_many_decays_from_one_run_leave_training_alone(runs):
-    plain, _, _ = runs("plain", "strategy=plain")
+    plain, _, _ = runs("plain", *pinned_overrides("plain"))
     multi, _, text = runs("multi", "strategy=ema", DECAYS)
     assert multi.tracks == ["live", "ema_0.9", "ema_0.99", "ema_0.995"]
     for a, b in zip(matrices(plain, "live"), matrices(multi, "live")):
         assert np.array_equal(a, b)
-    single, _, _ = runs("ema", "strategy=ema")  # decay 0.99 alone gives the same track
+    single, _, _ = runs("ema", *pinned_overrides("ema"))  # decay 0.99 alone gives the same track
     for a, b in zip(matrices(single, "ema_0.99"), matrices(multi, "ema_0.99")):
         assert np.array_equal(a, b)
     for track in multi.tracks:
@@ -88,8 +81,9 @@ def test_many_decays_from_one_run_leave_training_alone(runs):
 def test_recompute_bn_leaves_training_alone_and_changes_the_ema_tracks(runs):
     plain, _, _ = runs("plain_cnn", "strategy=plain", "model=cnn", "train.epochs=3")
     averaged, _, _ = runs("ema_cnn", "strategy=ema", "model=cnn", "train.epochs=3", "ema.decay=0.9")
-    recomputed, _, _ = runs("ema_cnn_bn", "strategy=ema", "model=cnn", "train.epochs=3", "ema.decay=0.9",
-                            "ema.recompute_bn=true")  # fmt: skip
+    recomputed, _, _ = runs(
+        "ema_cnn_bn", "strategy=ema", "model=cnn", "train.epochs=3", "ema.decay=0.9", "ema.recompute_bn=true"
+    )
     for other in (averaged, recomputed):
         for a, b in zip(matrices(plain, "live"), matrices(other, "live")):
             assert np.array_equal(a, b)
@@ -97,21 +91,21 @@ def test_recompute_bn_leaves_training_alone_and_changes_the_ema_tracks(runs):
 
 
 def test_checkpointing_does_not_change_the_run(runs, tmp_path):
-    replay, _, _ = runs("replay", "strategy=replay")
+    replay, _, _ = runs("replay", *pinned_overrides("replay"))
     again, _ = run_experiment(tmp_path, "strategy=replay", "checkpoint=true")
     for a, b in zip(matrices(replay, "live"), matrices(again, "live")):
         assert np.array_equal(a, b)
 
 
 def test_ema_replay_live_track_equals_replay(runs):
-    replay, _, _ = runs("replay", "strategy=replay")
+    replay, _, _ = runs("replay", *pinned_overrides("replay"))
     both, _, _ = runs("ema_replay", "strategy=ema_replay", "ema.decays=[0.9,0.99]")
     for a, b in zip(matrices(replay, "live"), matrices(both, "live")):
         assert np.array_equal(a, b)
 
 
 def test_sync_task_end_changes_training(runs):
-    ema, _, _ = runs("ema", "strategy=ema")
+    ema, _, _ = runs("ema", *pinned_overrides("ema"))
     synced, _, _ = runs("synced", "strategy=ema", "ema.sync=task_end")
     assert not np.array_equal(synced.matrices["live", "class_il"], ema.matrices["live", "class_il"])
     # right after each task the live weights *are* the EMA weights
@@ -160,23 +154,31 @@ def test_checkpoint_holds_every_shadow_and_loads_safely(tmp_path):
     model.load_state_dict(state["model"])
     ema = EMA(model, [0.9, 0.99])
     ema.register()
-    ema.load_state_dict(state["plugins"]["ema"])
-    for got, saved in zip(ema.state_dict()["shadows"], state["plugins"]["ema"]["shadows"]):
+    ema.load_state_dict(state["plugins"]["ema"]["averages"])
+    assert state["plugins"]["ema"]["tasks"] == 2
+    for got, saved in zip(ema.state_dict()["shadows"], state["plugins"]["ema"]["averages"]["shadows"]):
         assert torch.equal(got, saved)
     assert ema.step == sum(state["results"]["steps_per_task"]) == state["train_iterations"]
 
 
 def digits_mlp():
-    from cl_ema.data import DataSpec
     from cl_ema.data.sources import DIGITS_NORM
+    from cl_ema.data.storage import DataSpec
     from cl_ema.models import MLP
 
     return MLP(DataSpec((1, 8, 8), 10, DIGITS_NORM), hidden=100, layers=2)
 
 
 def test_bf16_autocast_and_channels_last(tmp_path):
-    results, text = run_experiment(tmp_path, "model=cnn", "train.precision=bf16", "train.channels_last=true",
-                                   "train.epochs=2", "data.n_tasks=2", "checkpoint=true")  # fmt: skip
+    results, text = run_experiment(
+        tmp_path,
+        "model=cnn",
+        "train.precision=bf16",
+        "train.channels_last=true",
+        "train.epochs=2",
+        "data.n_tasks=2",
+        "checkpoint=true",
+    )
     assert "precision=bf16 autocast" in text and results.status == "completed"
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     conv = state["model"]["features.0.weight"]
@@ -187,7 +189,7 @@ def test_bf16_autocast_and_channels_last(tmp_path):
 def test_compiled_model_trains_like_the_eager_one_and_saves_plain_keys(runs, tmp_path):
     from torch._dynamo.utils import counters
 
-    eager, _, _ = runs("ema", "strategy=ema")
+    eager, _, _ = runs("ema", *pinned_overrides("ema"))
     graphs_before = counters["stats"]["unique_graphs"]
     compiled, text = run_experiment(tmp_path, "strategy=ema", "train.compile=true", "checkpoint=true")
     assert "compiled" in text and counters["stats"]["unique_graphs"] > graphs_before  # dynamo really ran
@@ -200,8 +202,9 @@ def test_compiled_model_trains_like_the_eager_one_and_saves_plain_keys(runs, tmp
 
 @pytest.mark.gpu
 def test_cuda_run_with_bf16_autocast_learns(tmp_path):
-    results, text = run_experiment(tmp_path, "device=cuda", "model=cnn", "train.precision=auto",
-                                   "train.channels_last=true", "data.n_tasks=2")  # fmt: skip
+    results, text = run_experiment(
+        tmp_path, "device=cuda", "model=cnn", "train.precision=auto", "train.channels_last=true", "data.n_tasks=2"
+    )
     expected = "bf16 autocast" if torch.cuda.is_bf16_supported() else "fp32"
     assert "device=cuda" in text and f"precision={expected}" in text
     assert results.status == "completed" and results.metrics("live", 1)["learning_acc"] > 0.5
@@ -317,8 +320,9 @@ def test_cli_default_run_from_a_non_editable_install(tmp_path):
 def test_tensorboard_and_wandb_at_once(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    results, _ = run_experiment(tmp_path, "logger=[wandb,tensorboard]", "strategy=ema", "eval.every_n_steps=50",
-                                "data.n_tasks=2")  # fmt: skip
+    results, _ = run_experiment(
+        tmp_path, "logger=[wandb,tensorboard]", "strategy=ema", "eval.every_n_steps=50", "data.n_tasks=2"
+    )
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
     acc = events.Scalars("ema_0.99/class_il/avg_acc")
     assert [e.step for e in acc] == [1, 2] and acc[-1].value == pytest.approx(results.metrics("ema_0.99", 1)["avg_acc"])
@@ -338,9 +342,15 @@ def test_mammoth_protocols_run_on_mnist_files(tmp_path, experiment, strategy, pr
     from fake_datasets import write_mnist
 
     write_mnist(tmp_path / "data", per_class=8, test_per_class=2)
-    results, text = run_experiment(tmp_path / "out", f"experiment={experiment}", f"strategy={strategy}",
-                                   f"best_args={protocol}", f"data.root={tmp_path / 'data'}", "data.download=false",
-                                   "data.n_tasks=5" if experiment == "seq_mnist" else "data.n_tasks=3")  # fmt: skip
+    results, text = run_experiment(
+        tmp_path / "out",
+        f"experiment={experiment}",
+        f"strategy={strategy}",
+        f"best_args={protocol}",
+        f"data.root={tmp_path / 'data'}",
+        "data.download=false",
+        "data.n_tasks=5" if experiment == "seq_mnist" else "data.n_tasks=3",
+    )
     assert results.status == "completed"
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     if experiment == "seq_mnist":
