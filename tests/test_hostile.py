@@ -162,7 +162,7 @@ def _edit_checkpoint(path: Path, edit) -> None:
         (lambda s: s.pop("optimizer"), "field 'optimizer' is missing or not a dict"),
         (lambda s: s.update(train_iterations="many"), "field 'train_iterations' is missing or not a int"),
         (
-            lambda s: s["plugins"]["ema"]["shadows"][0].resize_(3),
+            lambda s: s["plugins"]["ema"]["averages"]["shadows"][0].resize_(3),
             "the state of plugin ema does not fit .the saved shadows do not match",
         ),
         (
@@ -176,7 +176,7 @@ def _edit_checkpoint(path: Path, edit) -> None:
          .__setitem__(1, [None, None]), "lacks rows of finished tasks"),
         (lambda s: s["results"].update(baseline="none"), "baseline accuracies are not one number per task"),
         (lambda s: s["results"].update(steps_per_task="many"), "steps_per_task='many' is not one step count"),
-        (lambda s: s["plugins"]["ema"]["shadows"][0].fill_(float("nan")), "the saved shadows hold NaN"),
+        (lambda s: s["plugins"]["ema"]["averages"]["shadows"][0].fill_(float("nan")), "the saved shadows hold NaN"),
     ],
     ids=["tasks_done", "missing", "ill-typed", "shadow-shape", "model-shape", "plugin-missing", "optimizer", "bool",
          "tasks-done-edited-upward", "baseline", "steps_per_task", "nan-shadows"],
@@ -268,7 +268,7 @@ def test_a_failed_multirun_job_does_not_stop_the_sweep_and_is_named_at_the_end(t
                                     cwd=tmp_path)  # fmt: skip
     assert status == 2 and "Traceback" not in err and "Error executing job" not in err
     lines = err.strip().splitlines()
-    failure = "#1 (logger=none train.epochs=2 ema.decay=1.5): ema.decay=1.5: must be a number in [0, 1]"
+    failure = "#1 (logger=none train.epochs=2 ema.decay=1.5): ema.decay=1.5: Input should be less than or equal to 1"
     assert lines[0] == f"error: job {failure}"
     assert (
         lines[-1] == f"error: 1 of 3 jobs failed, the others completed: {failure} (error.txt in their folders in "
@@ -297,14 +297,15 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, {str(ROOT / "tests")!r})
 from helpers import compose_config
-from cl_ema.building import build
+from cl_ema.building import check_node
 from cl_ema.loggers import RunInfo
 
 node = compose_config("logger=wandb").logger.wandb
 assert node.init_timeout == 15, node.init_timeout  # the default
+spec = check_node(node, "logger.wandb", given=("run", "resumed"))
 started = time.perf_counter()
 try:
-    build(node, "logger.wandb", run=RunInfo(Path(sys.argv[1]), {{}}, "x", "y", 0, ["live"], "id"), resumed=None)
+    spec.build(run=RunInfo(Path(sys.argv[1]), {{}}, "x", "y", 0, ["live"], "id"), resumed=None)
 except RuntimeError as err:
     print(time.perf_counter() - started)
     print(err)
@@ -339,8 +340,8 @@ def test_the_report_refuses_an_unwritable_out_in_one_line(tmp_path):
         (["experiment=null"], "experiment=null: experiment is a config group: choose one of perm_mnist, "),
         (["logger=null"], "(logger=none: no logger)"),
         (["choices.strategy=ema"], "the choices are what experiment= and strategy= selected"),
-        (["optimizer=adam", "+optimizer.betas=[0.9]"], "optimizer: "),
-        (["strategy.name=ema"], "strategy.name is strategy=<name> (its file's name) now"),
+        (["optimizer=adam", "+optimizer.betas=[0.9]"], "optimizer.betas: must have 2 items"),
+        (["strategy.name=ema"], "strategy.name: this strategy has no plugin strategy"),
         (["strategy=ema", "cls_er.reg_weight=2"], "cls_er.reg_weight: this strategy has no plugin cls_er"),
         (["hydra.run.dir="], "hydra.run.dir is empty"),
         (["hydra.run.dir=/dev/null"], "hydra.run.dir=/dev/null: not a folder"),
@@ -527,7 +528,7 @@ def test_a_run_interrupted_before_its_first_task_ended_can_be_started_again(tmp_
     run_dir = tmp_path / "run"
     status, _, err = cli_in_process("logger=none", "data.n_tasks=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert status == 130
-    assert f"before its first task ended: nothing to continue; resume={run_dir} starts it again there" in err
+    assert f"nothing to continue; `python -m cl_ema resume={run_dir}` starts it again" in err
     status, out, err = cli_in_process("logger=none", "data.n_tasks=2", f"resume={run_dir}", cwd=tmp_path)
     assert status == 0, err
     assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
@@ -691,3 +692,379 @@ def test_a_resumed_offline_wandb_run_names_every_folder_to_sync(tmp_path, monkey
     folders = sorted((tmp_path / "stopped" / "wandb").glob("offline-run-*"))
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("W&B offline run:")]
     assert len(folders) == 2 and f"wandb sync {folders[0]} {folders[1]}" in said[-2], said
+
+
+# ---------------------------------------------------------------------------- round four: what a resume loads
+STOPPED = {  # runs stopped in their second task, after one finished task: each plugin's state in a checkpoint
+    "averages_replay": ("strategy=averages_replay",),  # ema, averages, class-balanced replay
+    "cls_er": ("strategy=cls_er", "replay.policy=reservoir"),  # reservoir replay, cls_er
+    "derpp": ("strategy=derpp", "+plugin@lwf=lwf", "+plugin@posthoc=posthoc"),  # der, lwf, posthoc
+    "cofima": ("strategy=cofima",),  # coma
+}
+SMALL = ("data.n_tasks=2", "train.epochs=1")
+
+
+@pytest.fixture(scope="session")
+def _stopped_runs(tmp_path_factory):
+    """``name`` → the folder of the run ``STOPPED[name]``, interrupted in its second task; each made once."""
+    from cl_ema.errors import Interrupted
+
+    made: dict[str, Path] = {}
+
+    def stopped(name: str) -> Path:
+        if name not in made:
+            folder = tmp_path_factory.mktemp(name) / "run"
+            with pytest.MonkeyPatch.context() as patch:
+                interrupt_in_task(patch, task=1, step=1)
+                with pytest.raises(Interrupted):
+                    run_experiment(folder, *SMALL, "checkpoint=true", *STOPPED[name])
+            made[name] = folder
+        return made[name]
+
+    return stopped
+
+
+@pytest.fixture
+def stopped_run(_stopped_runs, tmp_path):
+    """A copy of a stopped run (``STOPPED``) under ``tmp_path``, for a test to break or resume."""
+
+    def copy(name: str) -> Path:
+        shutil.copytree(_stopped_runs(name), tmp_path / name)
+        return tmp_path / name
+
+    return copy
+
+
+def _at(path: str, value):
+    """An edit of one plugin's saved state: the entry at ``path`` (keys and list positions, '/'-separated)
+    set to ``value``, or to ``value(entry)`` when it is a function."""
+    *parents, last = [int(k) if k.isdigit() else k for k in path.split("/")]
+
+    def edit(state: dict) -> None:
+        for key in parents:
+            state = state[key]
+        state[last] = value(state[last]) if callable(value) else value
+
+    return edit
+
+
+def _first_set_to(number: int):
+    return lambda tensor: tensor.index_fill(0, torch.tensor([0]), number)
+
+
+def _fp16(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.half()
+
+
+def _class_99(state: dict) -> None:
+    """The first class group of a class-balanced memory made class 99's (its key and its labels)."""
+    group = state["groups"][0]
+    group.update(key=99, targets=torch.full_like(group["targets"], 99))
+
+
+CUDA_GENERATOR_STATE = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state: 16 bytes, not a CPU one's
+FP16_SHADOWS = "the saved shadows are torch.float16, not torch.float32"
+
+
+def _broken(run: str, plugin: str, edit, expected: str, id: str, xfail: str | None = None):
+    marks = [pytest.mark.xfail(strict=True, reason=xfail)] if xfail else []
+    return pytest.param(run, plugin, edit, expected, id=id, marks=marks)
+
+
+BROKEN_PLUGIN_STATES = [
+    # the EMA plugin and the averages plugin (AveragesPlugin: {"averages": the engine's state, "tasks": n})
+    _broken("averages_replay", "ema", _at("averages/shadows/0", _fp16), FP16_SHADOWS, "ema-fp16-shadows"),
+    _broken("averages_replay", "ema", _at("tasks", 7), "its task count 7 is not the run's 1", "ema-tasks"),
+    _broken("averages_replay", "averages", _at("averages/shadows/0", _fp16), FP16_SHADOWS, "averages-fp16-shadows"),
+    _broken("averages_replay", "averages", _at("averages/shadows/0", lambda t: t[:, 1:].contiguous()),
+            "the saved shadows do not match this model's parameters", "averages-shape"),
+    _broken("averages_replay", "averages", _at("tasks", 7), "its task count 7 is not the run's 1",
+            "averages-merge-tasks"),
+    _broken("averages_replay", "averages", _at("averages/rules/0/due", 0), r"was due 0 updates, not \d+",
+            "averages-temporal-ensemble-due"),
+    _broken("averages_replay", "averages", _at("averages/step", 10**6),
+            r"its averages saw 1000000 optimizer steps, the run \d+", "averages-steps"),
+    # class-balanced replay (Avalanche's buffer: sample indices, labels, reservoir weights per class)
+    _broken("averages_replay", "replay", _at("groups/0/index", lambda t: t.int()),
+            "the replay memory's index is not a 1-d tensor of int64", "class-balanced-dtype"),
+    _broken("averages_replay", "replay", _at("groups/0/index", lambda t: t.reshape(1, -1)),
+            "the replay memory's index is not a 1-d tensor of int64", "class-balanced-shape"),
+    _broken("averages_replay", "replay", _at("groups/0/index", _first_set_to(10**6)),
+            r"the replay memory of class \d+ names samples outside 0..1346", "class-balanced-index"),
+    _broken("averages_replay", "replay", _class_99, "the replay memory holds class 99, outside the stream's 0..9",
+            "class-balanced-label"),
+    _broken("averages_replay", "replay", _at("groups/0/weights", _fp16), r"has no finite fp32 weights",
+            "class-balanced-weights-dtype"),
+    # reservoir replay (StreamReservoir: what DER's memory is too)
+    _broken("cls_er", "replay", _at("index", lambda t: t.int()), "the replay memory's index is not 50 int64 values",
+            "reservoir-dtype"),
+    _broken("cls_er", "replay", _at("index", lambda t: torch.cat([t, t[:1]])),
+            "the replay memory's index is not 50 int64 values", "reservoir-shape"),
+    _broken("cls_er", "replay", _at("index", _first_set_to(10**6)), "the replay memory names samples outside 0..1346",
+            "reservoir-index"),
+    _broken("cls_er", "replay", _at("labels", _first_set_to(99)),
+            "the replay memory holds labels outside the stream's 0..9", "reservoir-label"),
+    _broken("cls_er", "replay", _at("generator", CUDA_GENERATOR_STATE),
+            "the replay memory's generator state is not a CPU generator's", "reservoir-generator"),
+    _broken("cls_er", "replay", _at("num_seen", 10**12), "the replay memory saw 1000000000000 samples, the run trained",
+            "reservoir-num-seen"),
+    # CLS-ER's two EMAs and its coin flips
+    _broken("cls_er", "cls_er", _at("ema/shadows/0", _fp16), FP16_SHADOWS, "cls_er-fp16-shadows"),
+    _broken("cls_er", "cls_er", _at("generator", CUDA_GENERATOR_STATE),
+            "the CLS-ER generator state is not a CPU generator's", "cls_er-generator"),
+    _broken("cls_er", "cls_er", _at("ema/step", 10**6), r"its averages saw 1000000 optimizer steps, the run \d+",
+            "cls_er-steps"),
+    # DER++'s memory (samples, labels and logits)
+    _broken("derpp", "der", _at("labels", lambda t: t.int()), "the replay memory's labels is not 200 int64 values",
+            "der-dtype"),
+    _broken("derpp", "der", _at("index", lambda t: t[:-1]), "the replay memory's index is not 200 int64 values",
+            "der-shape"),
+    _broken("derpp", "der", _at("index", _first_set_to(10**6)), "the replay memory names samples outside 0..1346",
+            "der-index"),
+    _broken("derpp", "der", _at("labels", _first_set_to(99)),
+            "the replay memory holds labels outside the stream's 0..9", "der-label-99"),
+    _broken("derpp", "der", _at("logits", _fp16), "the replay memory's logits are not finite fp32 values",
+            "der-fp16-logits"),
+    _broken("derpp", "der", _at("logits", lambda t: t[:, :7].contiguous()),
+            "the replay memory's logits have 7 classes, the model 10", "der-logits-shape"),
+    _broken("derpp", "der", _at("generator", CUDA_GENERATOR_STATE),
+            "the replay memory's generator state is not a CPU generator's", "der-generator"),
+    _broken("derpp", "der", _at("num_seen", 10**12), "the replay memory saw 1000000000000 samples, the run trained",
+            "der-num-seen"),
+    # LwF's previous model, task count and classes
+    _broken("derpp", "lwf", _at("prev_model/classifier.weight", lambda t: t[:7]),
+            r"its previous model does not fit this model \(size mismatch for classifier.weight", "lwf-shape"),
+    _broken("derpp", "lwf", _at("prev_model/classifier.weight", _fp16),
+            "its previous model's tensors are not of the model's dtypes", "lwf-dtype"),
+    _broken("derpp", "lwf", _at("expcount", 7), "its task count 7 is not the run's 1", "lwf-expcount"),
+    _broken("derpp", "lwf", _at("prev_classes_by_task/0", [99]), "its previous classes lie outside the stream's 0..9",
+            "lwf-classes"),
+    # post-hoc EMA's basis and the task ends it saved at
+    _broken("derpp", "posthoc", _at("averages/shadows/0", _fp16), FP16_SHADOWS, "posthoc-fp16-shadows"),
+    _broken("derpp", "posthoc", _at("task_ends", lambda ends: [*ends, ends[-1]]),
+            r"its task ends \[\d+, \d+\] do not end the run's 1 tasks", "posthoc-task-ends"),
+    # CoFiMA's merge and Fisher rows, its task count and classes
+    _broken("cofima", "coma", _at("averages/shadows/0", _fp16), FP16_SHADOWS, "coma-fp16-shadows"),
+    _broken("cofima", "coma", _at("averages/shadows/0", lambda t: t[:1]),
+            "the saved shadows do not match this model's parameters", "coma-shape"),
+    _broken("cofima", "coma", _at("tasks", 7), "its task count 7 is not the run's 1", "coma-tasks"),
+    _broken("cofima", "coma", _at("seen_classes", [99]), "its seen classes lie outside the stream's 0..9",
+            "coma-classes"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("run,plugin,edit,expected", BROKEN_PLUGIN_STATES)
+def test_every_plugin_checks_the_state_it_loads(stopped_run, tmp_path, run, plugin, edit, expected):
+    """A plugin's state that does not fit the run (dtype, shape, an index or label out of range, a generator
+    that is not a CPU generator's, a counter that disagrees with the run) is one line; results.json untouched."""
+    folder = stopped_run(run)
+    before = (folder / "results.json").read_bytes()
+    _edit_checkpoint(folder / "checkpoints" / "last.pt", lambda state: edit(state["plugins"][plugin]))
+    status, _, err = cli_in_process(f"resume={folder}", cwd=tmp_path)
+    assert status == 2, err[-2000:]
+    line = one_error_line(err)
+    assert line.startswith(f"error: {folder}/checkpoints/last.pt: the state of plugin {plugin} does not fit ("), line
+    assert re.search(expected, line), line
+    assert (folder / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("run,plugin", [("derpp", "der"), ("cls_er", "replay")])
+def test_a_memory_saved_beside_a_cuda_device_resumes_on_the_runs_device(stopped_run, tmp_path, monkeypatch, run,
+                                                                         plugin):  # fmt: skip
+    """A memory's state that names a CUDA device (an older checkpoint's ``device``) is mapped to the run's
+    device: the resume calls no CUDA, and ends like the uninterrupted run."""
+    folder = stopped_run(run)
+    _edit_checkpoint(folder / "checkpoints" / "last.pt", lambda state: state["plugins"][plugin].update(device="cuda:0"))
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("the resume initialized CUDA")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "_lazy_init", no_cuda)
+        status, _, err = cli_in_process(f"resume={folder}", cwd=tmp_path)
+    assert status == 0, err[-2000:]
+    run_experiment(tmp_path / "whole", *SMALL, *STOPPED[run])
+    tracks = [json.loads((d / "results.json").read_text())["tracks"] for d in (folder, tmp_path / "whole")]
+    assert tracks[0] == tracks[1]
+
+
+# ---------------------------------------------------------------------------- round four: values now refused
+@pytest.mark.parametrize(
+    "arguments,expected",
+    [
+        (["strategy=averages", "ema.decay=1.5"], "error: ema.decay=1.5: Input should be less than or equal to 1"),
+        (["best_args=../strategy/ema", "experiment=seq_mnist", "strategy=der"],
+         "error: best_args=../strategy/ema: not a config of the best_args group (choose one of perm_mnist/clser_200, "),
+        (["strategy=averages", "averages.rules=[{rule: magmax, scale: 1e300}]"],
+         "error: averages.rules[0].scale=1e+300: Input should be less than or equal to 1000"),
+        (["strategy=averages", "averages.rules=[{rule: mean, weighting: cubic}]"],
+         "error: averages.rules[0].weighting='cubic': Input should be 'uniform', 'linear' or 'quadratic'"),
+        (["strategy=cofima", "coma.fisher_max=1e300"],
+         "error: coma.fisher_max=1e+300: Input should be less than or equal to 1000000"),
+        (["strategy=plain", "+plugin@clser=cls_er"],
+         "error: clser: CLSERPlugin acts on the samples a replay plugin brings, and this strategy has none: add one "
+         "(+plugin@replay=replay)"),
+        (["model=resnet18", "train.batch_size=263"],
+         "error: train.batch_size=263: task 1's last batch holds one sample, which the model's BatchNorm cannot train "
+         "on: set train.drop_last=true, or another batch size"),
+    ],
+    ids=["decay-beside-horizons", "best-args-out-of-its-group", "merge-scale", "list-element-choice", "fisher-max",
+         "cls-er-without-replay", "batch-of-one-with-batchnorm"],
+)  # fmt: skip
+def test_values_now_refused_are_one_line_and_leave_no_folder(tmp_path, arguments, expected):
+    status, out, err = cli_in_process("logger=none", "train.epochs=1", *arguments, f"hydra.run.dir={tmp_path / 'run'}",
+                                      cwd=tmp_path)  # fmt: skip
+    assert status == 2, err[-2000:]
+    assert one_error_line(err).startswith(expected)
+    assert not list(tmp_path.iterdir())  # refused before the claim, or the claimed folder given back
+
+
+@pytest.mark.parametrize(
+    "free_gib,expected",
+    [(1, "error: not enough memory: a replay memory of 268,435,456 samples needs 4.00 GiB, but cpu has 1.00 GiB free"),
+     (5, "error: not enough memory: the logits of a replay memory of 268,435,456 samples needs 10.00 GiB, but cpu "
+         "has 5.00 GiB free")],
+    ids=["memory", "logits-at-the-first-step"],
+)  # fmt: skip
+def test_a_der_memory_larger_than_the_free_memory_is_one_line(tmp_path, monkeypatch, free_gib, expected):
+    """2**28 slots: 16 bytes each (sample index and label), then 10 logits of 4 bytes when the first step adds
+    them; checked against the free memory (made small here: this machine may well hold 4 GiB) before allocating."""
+    import cl_ema.plugins.replay
+
+    monkeypatch.setattr(cl_ema.plugins.replay, "free_memory", lambda device: free_gib * 2**30)
+    status, _, err = cli_in_process("logger=none", "data.n_tasks=2", "train.epochs=1", "strategy=der",
+                                    "der.mem_size=268435456", f"hydra.run.dir={tmp_path / 'run'}",
+                                    cwd=tmp_path)  # fmt: skip
+    assert status == 2
+    assert one_error_line(err) == expected
+
+
+@pytest.mark.parametrize(
+    "arguments,section,key",
+    [
+        (["strategy=ema", "ema.horizons=[0.5,1,2]", "ema.decay=0.9"], "ema", "decay"),
+        (["strategy=ema", "ema.schedule=step", "ema.step_tasks=1"], "ema", "step_updates"),
+        (["strategy=averages", "averages.rules=[{rule: ema, decay: 0.99, schedule: step, step_tasks: 1}]"],
+         "averages", "rules[0].step_updates"),
+        (["experiment=rot_mnist", "data.permute_first_task=true", "strategy=plain"], "data", "permute_first_task"),
+    ],
+    ids=["ema.decay-beside-horizons", "ema.step_updates-beside-step_tasks", "ema_te-step_updates-in-a-rule-entry",
+         "permute_first_task-on-rot-mnist"],
+)  # fmt: skip
+def test_options_another_option_replaces_are_recorded_as_null(tmp_path, arguments, section, key):
+    from fake_datasets import write_mnist
+    from omegaconf import OmegaConf
+
+    write_mnist(tmp_path / "data")
+    run_experiment(tmp_path / "run", "data.n_tasks=2", "train.epochs=1", f"data.root={tmp_path / 'data'}",
+                   "data.download=false", *arguments)  # fmt: skip
+    recorded = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    results = OmegaConf.create(json.loads((tmp_path / "run" / "results.json").read_text())["config"])
+    for config in (recorded, results):
+        # null, or absent where a rule entry records only the options it was given
+        assert OmegaConf.select(config[section], key, default=None) is None, OmegaConf.to_yaml(config[section])
+
+
+@pytest.mark.parametrize(
+    "arguments,expected",
+    [
+        (["strategy=ema", "ema.schedule=step", "ema.step_tasks=1", "ema.step_updates=50"],
+         "error: ema.step_tasks=1.0: give step_updates or step_tasks, not both"),
+        (["strategy=averages", "averages.rules=[{rule: ema, decay: 0.99, schedule: step, step_tasks: 1, "
+          "step_updates: 50}]"], "error: averages.rules[0].step_tasks=1.0: give step_updates or step_tasks, not both"),
+    ],
+    ids=["ema", "a-rule-entry"],
+)  # fmt: skip
+def test_two_options_that_say_one_thing_are_refused_together(tmp_path, arguments, expected):
+    status, _, err = cli_in_process("logger=none", *arguments, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert status == 2 and one_error_line(err) == expected
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- round four: starting, sweeps, threads
+def outside(run_dir: Path, root: Path) -> dict[Path, int]:
+    """Every file and folder below ``root`` but ``run_dir``'s, with its modification time."""
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p != run_dir and run_dir not in p.parents}
+
+
+@pytest.fixture
+def fresh_sweep_state():
+    """A sweep stopped in this process leaves its jobs in ``SWEEP`` (a process ends after one): start and end clean."""
+    from cl_ema.rundirs import NEXT_TO
+    from cl_ema.sweep import SWEEP
+
+    SWEEP.folder, SWEEP.jobs, NEXT_TO[0] = None, None, None
+    yield
+    SWEEP.folder, SWEEP.jobs, NEXT_TO[0] = None, None, None
+
+
+@pytest.mark.parametrize("hook", ["cl_ema.launch.torch_threads", "cl_ema.assembly.build_stream",
+                                  "cl_ema.assembly.evaluate"], ids=["threads", "stream", "baseline"])  # fmt: skip
+def test_a_sigterm_while_starting_leaves_no_folder_and_the_command_runs_again(tmp_path, monkeypatch,
+                                                                              fresh_sweep_state, hook):  # fmt: skip
+    """Stopped before its first task began (here: at a start-up step raising what SIGTERM raises), the run gives
+    its claimed folder back, and the same command, with the same hydra.run.dir, then runs."""
+    import importlib
+
+    from cl_ema.errors import Interrupted
+
+    module, name = hook.rsplit(".", 1)
+
+    def sigterm(*args, **kwargs):
+        raise Interrupted("SIGTERM")
+
+    command = ("logger=none", "data.n_tasks=2", "train.epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
+    with monkeypatch.context() as patch:
+        patch.setattr(importlib.import_module(module), name, sigterm)
+        status, _, err = cli_in_process(*command, cwd=tmp_path)
+    assert status == 143 and one_error_line(err) == "error: interrupted by SIGTERM"
+    assert not list(tmp_path.iterdir())
+    status, _, err = cli_in_process(*command, cwd=tmp_path)
+    assert status == 0, err[-2000:]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
+
+
+def test_the_resume_command_an_interrupted_sweep_prints_runs_as_shown(tmp_path, monkeypatch, fresh_sweep_state):
+    """The job's folder name holds '=' and ',': the printed command, split as a shell splits it, continues the
+    job alone (nothing else given), in its folder, to the uninterrupted run's results."""
+    import shlex
+
+    sweep = tmp_path / "sweep"
+    interrupt_in_task(monkeypatch, task=1, step=3)
+    status, _, err = cli_in_process("-m", "logger=none", "data.n_tasks=2", "train.epochs=1", "seed=0,1",
+                                    f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
+    assert status == 130
+    line = one_error_line(err)
+    (job,) = [p.parent for p in sweep.glob("*/results.json")]
+    assert "=" in job.name and "," in job.name
+    assert line.endswith("; jobs not run: #1 (logger=none data.n_tasks=2 train.epochs=1 seed=1)"), line
+    command = shlex.split(line.split("`")[1])
+    assert command == ["python", "-m", "cl_ema", f"resume={job}"], command
+    (tmp_path / "elsewhere").mkdir()
+    before = outside(job, tmp_path)
+    status, out, err = cli_in_process(*command[3:], cwd=tmp_path / "elsewhere")
+    assert status == 0, err[-2000:]
+    assert f"resuming {job} after task 1/2" in out
+    assert outside(job, tmp_path) == before  # nothing written outside the job's own folder
+    run_experiment(tmp_path / "whole", "data.n_tasks=2", "train.epochs=1", "seed=0")
+    tracks = [json.loads((d / "results.json").read_text())["tracks"] for d in (job, tmp_path / "whole")]
+    assert tracks[0] == tracks[1]
+
+
+@pytest.mark.slow
+def test_threads_are_the_same_alone_and_in_a_local_sweep_so_are_the_results(tmp_path, monkeypatch):
+    """``threads`` changes results, so it is resolved once (the CPUs this process may use, never divided among a
+    sweep's jobs) and recorded: two jobs at once under submitit_local give what the command alone gives."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # pytest-xdist's workers set it (conftest.py)
+    common = ("logger=none", "data.n_tasks=2", "train.epochs=2")
+    sweep = cli("-m", "hydra/launcher=submitit_local", "seed=0,1", *common, f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                cwd=tmp_path)  # fmt: skip
+    status, _, err = finish(sweep, timeout=600)
+    assert status == 0, err[-3000:]
+    status, _, err = finish(cli("seed=0", *common, f"hydra.run.dir={tmp_path / 'alone'}", cwd=tmp_path))
+    assert status == 0, err[-3000:]
+    (job,) = (tmp_path / "sweep").glob("0_*/results.json")
+    in_sweep, alone = json.loads(job.read_text()), json.loads((tmp_path / "alone" / "results.json").read_text())
+    assert in_sweep["config"]["threads"] == alone["config"]["threads"] == len(os.sched_getaffinity(0))
+    assert "threads: " + str(alone["config"]["threads"]) in (job.parent / "config.yaml").read_text()
+    assert in_sweep["tracks"] == alone["tracks"]

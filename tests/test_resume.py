@@ -139,7 +139,7 @@ def test_nan_loss_stops_with_task_and_step_and_keeps_earlier_results(tmp_path, m
     "args,expected",
     [
         (["hydra.run.dir={blocker}/run"], "error: cannot create the run folder {blocker}/run: Not a directory"),
-        (["resume={tmp}/nowhere"], "error: resume={tmp}/nowhere: no checkpoints/last.pt in that directory"),
+        (["resume={tmp}/nowhere"], "error: resume={tmp}/nowhere: no run there (no config.yaml in that folder)"),
     ],
 )  # fmt: skip
 def test_hostile_inputs_on_the_command_line(tmp_path, args, expected):
@@ -152,3 +152,154 @@ def test_hostile_inputs_on_the_command_line(tmp_path, args, expected):
     assert status == 2, err[-2000:]
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected.format(**fill)), err
+
+
+# ---------------------------------------------------------------------------- resume=<run dir> alone
+def outside(run_dir: Path, root: Path) -> dict[Path, int]:
+    """Every file and folder below ``root`` but ``run_dir``'s, with its modification time."""
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p != run_dir and run_dir not in p.parents}
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "beside",
+    [[], ["device=cpu"], ["logger=none"], ["experiment=split_digits", "seed=0"], ["strategy=ema", "ema.decay=0.99"],
+     ["checkpoint=true", "data.download=false"]],
+    ids=["alone", "device", "logger", "the-runs-own-values", "the-runs-own-choices", "neutral-keys"],
+)  # fmt: skip
+def test_resume_by_folder_accepts_neutral_keys_and_the_runs_own_values(checkpointed_run, tmp_path, beside):
+    """``resume=<run dir>`` continues the run as its config.yaml says; writes nothing outside its folder."""
+    before = outside(checkpointed_run, tmp_path)
+    status, out, err = cli_in_process(f"resume={checkpointed_run}", *beside, cwd=tmp_path)
+    assert status == 0, err[-2000:]
+    assert f"resuming {checkpointed_run} after task 2/2" in out
+    assert outside(checkpointed_run, tmp_path) == before
+    assert json.loads((checkpointed_run / "results.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "beside,named",
+    [(["seed=1"], "seed=1"), (["ema.decay=0.5"], "ema.decay=0.5"), (["threads=7"], "threads=7"),
+     (["strategy=cls_er"], "strategy=cls_er"), (["seed=1", "device=cpu", "ema.decay=0.5"], "seed=1, ema.decay=0.5")],
+    ids=["seed", "plugin-option", "threads", "strategy", "two-keys-and-a-neutral-one"],
+)  # fmt: skip
+def test_resume_by_folder_refuses_what_would_change_the_results_naming_the_keys(checkpointed_run, tmp_path, beside,
+                                                                                named):  # fmt: skip
+    files = {p: p.read_bytes() for p in checkpointed_run.rglob("*") if p.is_file()}
+    status, out, err = cli_in_process(f"resume={checkpointed_run}", *beside, cwd=tmp_path)
+    assert status == 2 and out == ""
+    assert one_error_line(err).startswith(
+        f"error: resume={checkpointed_run} continues that run as it was configured: {named} would change its results "
+        "(beside resume= only "
+    )
+    assert {p: p.read_bytes() for p in checkpointed_run.rglob("*") if p.is_file()} == files
+
+
+def test_resume_by_folder_names_each_key_that_may_change_once(checkpointed_run, tmp_path):
+    import re
+
+    _, _, err = cli_in_process(f"resume={checkpointed_run}", "seed=1", cwd=tmp_path)
+    names = re.search(r"\(beside resume= only (.*) may change\)", err).group(1).split(", ")
+    assert sorted(names) == ["checkpoint", "data.download", "deterministic", "device", "logger"], names
+
+
+@pytest.fixture(scope="module")
+def horizons_run(tmp_path_factory):
+    """A finished run started with ``ema.horizons=[0.5,1,2]`` (integers where floats go)."""
+    folder = tmp_path_factory.mktemp("horizons") / "run"
+    run_experiment(folder, *HORIZONS, "checkpoint=true")
+    return folder
+
+
+HORIZONS = ("strategy=ema", "ema.horizons=[0.5,1,2]", "data.n_tasks=2", "train.epochs=1")
+
+
+def test_resume_by_folder_compares_values_by_value(horizons_run, tmp_path):
+    shutil.copytree(horizons_run, tmp_path / "run")
+    status, out, err = cli_in_process(f"resume={tmp_path / 'run'}", "ema.horizons=[0.5,1.0,2.0]", cwd=tmp_path)
+    assert status == 0, err[-2000:]
+    assert f"resuming {tmp_path / 'run'} after task 2/2" in out
+
+
+@pytest.mark.parametrize("given", [HORIZONS, (*HORIZONS[:1], "ema.horizons=[0.5,1.0,2.0]", *HORIZONS[2:])],
+                         ids=["as-started", "floats"])  # fmt: skip
+def test_resume_true_continues_the_newest_run_of_the_configuration_and_writes_no_folder(horizons_run, tmp_path,
+                                                                                         given):  # fmt: skip
+    runs = tmp_path / "outputs" / "split_digits" / "ema"
+    for name, age in (("older", 100), ("newer", 10)):
+        shutil.copytree(horizons_run, runs / name)
+        os.utime(runs / name / "checkpoints" / "last.pt", (time.time() - age,) * 2)
+    status, out, err = cli_in_process("logger=none", *given, "resume=true", cwd=tmp_path)
+    assert status == 0, err[-2000:]
+    assert "resuming outputs/split_digits/ema/newer after task 2/2" in out
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_dir() and p.parent == runs) == ["newer", "older"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
+
+
+BY_FOLDER = ("logger=none", "data.n_tasks=2", "train.epochs=1", "seed=3")  # `strategy=…` beside it
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """``strategy`` → the tracks of ``BY_FOLDER`` with that strategy, run without a stop (once each)."""
+    made: dict[str, dict] = {}
+
+    def tracks_of(strategy: str) -> dict:
+        if strategy not in made:
+            folder = tmp_path_factory.mktemp(strategy) / "whole"
+            run_experiment(folder, *BY_FOLDER, f"strategy={strategy}")
+            made[strategy] = tracks(folder / "results.json")
+        return made[strategy]
+
+    return tracks_of
+
+
+def _stop_after_the_first_task(proc: subprocess.Popen, checkpoints: Path, pattern: str, signum: int) -> Path:
+    """Send ``signum`` once the first task's checkpoint (``checkpoints.glob(pattern)``) is written; its run folder."""
+    deadline = time.time() + 300
+    while not list(checkpoints.glob(pattern)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signum)  # in task 2, or between task 1's checkpoint and its results.json
+    (found,) = checkpoints.glob(pattern)
+    return found.parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM", "sweep"])
+@pytest.mark.parametrize("strategy", ["ema_derpp", "averages_replay", "cls_er"])
+def test_resume_by_folder_alone_ends_like_the_uninterrupted_run(tmp_path, uninterrupted, strategy, stop):
+    """Killed, stopped by SIGTERM, or stopped in a sweep (a job folder whose name holds '=' and ','): the command
+    the stop prints (``python -m cl_ema resume=<run dir>``, nothing else), run as a shell splits it, continues
+    the run in its folder, writes nothing outside it, and ends with the uninterrupted run's results, bit for bit."""
+    import shlex
+
+    if stop == "sweep":
+        proc = cli("-m", *BY_FOLDER, f"strategy={strategy}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+        run_dir = _stop_after_the_first_task(proc, tmp_path / "sweep", "*/checkpoints/last.pt", signal.SIGTERM)
+        assert "=" in run_dir.name and "," in run_dir.name, run_dir.name
+    else:
+        proc = cli(*BY_FOLDER, f"strategy={strategy}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+        run_dir = _stop_after_the_first_task(proc, tmp_path, "run/checkpoints/last.pt", getattr(signal, stop))
+    _, err = proc.communicate(timeout=300)
+    if stop == "SIGKILL":
+        command = ["python", "-m", "cl_ema", f"resume={run_dir}"]  # what the user types: nothing was printed
+    else:
+        assert proc.returncode == 143, err[-2000:]
+        line = one_error_line(err)
+        assert line.startswith("error: interrupted by SIGTERM after 1 finished task(s)"), line
+        command = shlex.split(line.split("`")[1])
+    assert command == ["python", "-m", "cl_ema", f"resume={run_dir}"], command
+    (tmp_path / "elsewhere").mkdir()
+    before = outside(run_dir, tmp_path)
+    resumed = cli(*command[3:], cwd=tmp_path / "elsewhere")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resuming {run_dir} after task 1/2" in out
+    assert outside(run_dir, tmp_path) == before
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
+    assert tracks(run_dir / "results.json") == uninterrupted(strategy)
