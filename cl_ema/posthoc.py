@@ -18,6 +18,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,12 @@ from omegaconf import DictConfig, OmegaConf
 from cl_ema.config import check
 from cl_ema.data.stream import build_stream
 from cl_ema.distributed import resolve_device
-from cl_ema.ema import WeightAverages
+from cl_ema.ema import WeightAverages, row
 from cl_ema.errors import UserError
-from cl_ema.evaluation import evaluate
+from cl_ema.evaluation import evaluate_tracks
 from cl_ema.models import build_model
 from cl_ema.options import OptionError
+from cl_ema.plugins import Track
 from cl_ema.plugins.posthoc import FOLDER, FORMAT, LIVE_ROW, MANIFEST
 from cl_ema.profiles import combine, ema_target, profiles_at, reconstruct_all
 from cl_ema.results import Results, save_outputs
@@ -88,7 +90,7 @@ def add_tracks(run_dir: Path, horizons: Sequence[float], decays: Sequence[float]
     model = build_model(checked.model, stream.spec).to(device)
     if c.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    engine = WeightAverages(model, [Frozen()])
+    engine = WeightAverages(model, [Frozen() for _ in wanted])  # one row per target, loaded at each task end
     engine.register()
     layout = [[[name, size] for name, size in zip(group.names, group.sizes)] for group in engine.groups]
     if [list(map(list, group)) for group in manifest["layout"]] != layout:
@@ -106,13 +108,18 @@ def add_tracks(run_dir: Path, horizons: Sequence[float], decays: Sequence[float]
                     "snapshots' cadence, or the basis too narrow (posthoc.per_task, posthoc.basis)"
                 )
             fits[target.name].append((fit.residual, [combine(fit.coefficients, group) for group in zip(*tensors)]))
+    tracks = [Track(t.name, partial(engine.swapped, k), state=partial(engine.state, row(k)))
+              for k, t in enumerate(wanted)]  # fmt: skip
     for target in wanted:
         results.add_track(target.name)
-        for task, (_, weights) in enumerate(fits[target.name]):
-            for row, value in zip(engine.shadow_rows(0), weights):
-                row.copy_(value.to(row.device))
-            with engine.swapped(0):
-                results.record(target.name, task, evaluate(model, stream, task, batch_size=c.train.eval_batch_size))
+    for task in range(len(manifest["task_ends"])):  # every target of a task end in one pass over the test sets
+        for k, target in enumerate(wanted):
+            for shadow, value in zip(engine.shadow_rows(k), fits[target.name][task][1]):
+                shadow.copy_(value.to(shadow.device))
+        evaluated = evaluate_tracks(model, tracks, stream, task, batch_size=c.train.eval_batch_size)
+        for name, accuracies in evaluated.items():
+            results.record(name, task, accuracies)
+    for target in wanted:
         results.meta["track_info"][target.name] = {
             "rule": "ema",
             "decay": target.decay,
