@@ -152,3 +152,27 @@ def test_a_run_the_disk_cannot_hold_is_refused_in_one_line(tmp_path, monkeypatch
     )
     assert status == 2 and err.count("\n") == 1
     assert "error: posthoc: the snapshots need" in err and "GiB free (posthoc.per_task or posthoc.dtype=bfloat16" in err
+
+
+def test_every_snapshot_is_on_disk_before_a_checkpoint_or_the_manifest_lists_it(tmp_path, monkeypatch):
+    """Snapshots skip the flush to disk when written (it cost a small model more than its training): each is
+    flushed before the manifest, or a checkpoint's state, names it."""
+    import cl_ema.files
+    import cl_ema.plugins.posthoc as plugin
+
+    synced: set[str] = set()
+    real_sync, real_manifest = cl_ema.files.sync, plugin.PostHocPlugin.write_manifest
+
+    def recording_sync(paths):
+        synced.update(path.name for path in paths)
+        real_sync(paths)
+
+    def checked_manifest(self):
+        assert {entry["file"] for entry in self.snapshots} <= synced
+        real_manifest(self)
+
+    monkeypatch.setattr(plugin, "sync", recording_sync)
+    monkeypatch.setattr(plugin.PostHocPlugin, "write_manifest", checked_manifest)
+    run_experiment(tmp_path / "run", *RUN, "data.n_tasks=2")
+    listed = {entry["file"] for entry in read_manifest(tmp_path / "run")["snapshots"]}
+    assert len(listed) == 1 + 2 * 16 and listed == synced

@@ -11,6 +11,8 @@ Options: ``cl_ema.plugins.options.PostHoc``. Files, in the run folder:
 
 The snapshots are part of the resumable run: the checkpoint holds the list written up to it, and a run
 resumed from it removes any written after it (by the run that was stopped), then writes them again, the same.
+A snapshot is written atomically but flushed to disk, with the manifest, only at task ends and when a checkpoint
+takes the plugin's state: a flush per snapshot cost a small model's run more than its training steps.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from cl_ema.environment import is_main
 from cl_ema.errors import UserError
-from cl_ema.files import atomic_write
+from cl_ema.files import atomic_write, sync
 from cl_ema.plugins import Position
 from cl_ema.plugins.averaging import AveragingPlugin
 from cl_ema.plugins.options import PostHoc
@@ -66,6 +68,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
         self.snapshots: list[dict[str, Any]] = []
         self.task_ends: list[int] = []
         self.plan: set[int] = set()  # steps of the current task at which the basis is saved (its end apart)
+        self.unsynced: list[Path] = []  # snapshots written since the last flush
 
     def engine_rules(self) -> list[Rule]:
         return [EMARule(decay) for decay in self.decays]
@@ -97,6 +100,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
                 f"{free / 2**30:.2f} GiB free (posthoc.per_task or posthoc.dtype=bfloat16 need less)"
             )
         self.save(0, live=True, basis=False)
+        self.flush()
 
     # ------------------------------------------------------------------ training
     def before_training_exp(self, strategy, **kwargs) -> None:
@@ -112,9 +116,10 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
     def after_training_exp(self, strategy, **kwargs) -> None:
         self.task_ends.append(self.engine.step)
         self.save(self.engine.step, live=True, basis=True)
+        self.flush()
 
     def save(self, step: int, *, live: bool, basis: bool) -> None:
-        """Write one snapshot (the main process only) and the manifest that lists it."""
+        """Write one snapshot (the main process only); ``flush`` lists it in the manifest."""
         rows: dict[str, list[torch.Tensor]] = {}
         if basis:
             rows |= {name: self.engine.shadow_rows(k) for k, name in enumerate(self.row_names)}
@@ -126,8 +131,15 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
             return
         buffer = io.BytesIO()
         torch.save({name: [t.detach().to("cpu", self.dtype) for t in row] for name, row in rows.items()}, buffer)
-        atomic_write(self.folder / file, buffer.getvalue())
-        self.write_manifest()
+        atomic_write(self.folder / file, buffer.getvalue(), durable=False)
+        self.unsynced.append(self.folder / file)
+
+    def flush(self) -> None:
+        """The snapshots written so far on disk, then the manifest that lists them (the main process only)."""
+        if is_main(strict=False):
+            sync(self.unsynced)
+            self.unsynced.clear()
+            self.write_manifest()
 
     def manifest(self) -> dict[str, Any]:
         return {
@@ -149,6 +161,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        self.flush()  # a checkpoint must not list a snapshot that a crash of the machine could still lose
         return {"averages": self.engine.state_dict(), "snapshots": self.snapshots, "task_ends": self.task_ends}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -171,6 +184,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
             for path in self.folder.glob("*.pt"):
                 if path.name not in kept:
                     path.unlink()
+            self.unsynced.clear()
             self.write_manifest()
 
     def check_position(self, at: Position) -> None:
