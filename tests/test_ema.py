@@ -546,13 +546,16 @@ def test_parameters_sharing_storage_without_being_one_are_refused_at_register(ho
     assert tied.a.weight is tied.b.weight and "b.weight" not in ema.averaged_state_dict()
 
 
-@pytest.mark.parametrize("change", ["a-layer-replaced", "load_state_dict-assign"])
+@pytest.mark.parametrize("change", ["a-layer-replaced", "load_state_dict-assign", "a-layer-unfrozen"])
 def test_a_model_whose_tensors_were_replaced_is_refused_at_the_next_update(change):
     net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    net[0].requires_grad_(change != "a-layer-unfrozen")
     ema = EMA(net, 0.9)
     ema.register()
     if change == "a-layer-replaced":
         net[2] = nn.Linear(2, 1)
+    elif change == "a-layer-unfrozen":  # not averaged, since frozen at register(), yet trained from now on
+        net[0].requires_grad_(True)
     else:
         net.load_state_dict(copy.deepcopy(net).state_dict(), assign=True)  # new tensors, outside the flat buffer
     with pytest.raises(RuntimeError, match=r"update\(\): the model's tensors were moved, converted or replaced"):
