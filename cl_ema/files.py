@@ -34,8 +34,9 @@ def writing(path: Path | str) -> Iterator[None]:
         raise write_error(err, path) from err
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Replace ``path`` with ``data`` all at once (see the module docstring)."""
+def atomic_write(path: Path, data: str | bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` all at once (see the module docstring). ``durable=False`` skips the flush
+    to disk, for files written often whose writer calls ``sync`` before anything durable refers to them."""
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -44,8 +45,20 @@ def atomic_write(path: Path, data: str | bytes) -> None:
             with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as handle:
                 handle.write(data)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if durable:
+                    os.fsync(handle.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def sync(paths: list[Path]) -> None:
+    """Flush files written with ``atomic_write(durable=False)`` to disk."""
+    for path in paths:
+        with writing(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

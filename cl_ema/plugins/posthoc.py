@@ -11,10 +11,8 @@ Options: ``cl_ema.plugins.options.PostHoc``. Files, in the run folder:
 
 The snapshots are part of the resumable run: the checkpoint holds the list written up to it, and a run
 resumed from it removes any written after it (by the run that was stopped), then writes them again, the same.
-Training does not wait for the disk: a snapshot is copied to the CPU, then serialized and written by a writer
-thread, one at a time (memory for two snapshots at most); the manifest is written, after the writes it lists
-have ended, at every task end and whenever a checkpoint takes the plugin's state. A write that fails stops the
-run at the next snapshot or task end, in one line.
+A snapshot is written atomically but flushed to disk, with the manifest, only at task ends and when a checkpoint
+takes the plugin's state: a flush per snapshot cost a small model's run more than its training steps.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ import torch
 
 from cl_ema.environment import is_main
 from cl_ema.errors import UserError
-from cl_ema.files import atomic_write
+from cl_ema.files import atomic_write, sync
 from cl_ema.plugins import Position
 from cl_ema.plugins.averaging import AveragingPlugin
 from cl_ema.plugins.options import PostHoc
@@ -71,8 +68,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
         self.snapshots: list[dict[str, Any]] = []
         self.task_ends: list[int] = []
         self.plan: set[int] = set()  # steps of the current task at which the basis is saved (its end apart)
-        self.writer: ThreadPoolExecutor | None = None  # the main process's, made at its first snapshot
-        self.writing: Future[None] | None = None  # the snapshot being written
+        self.unsynced: list[Path] = []  # snapshots written since the last flush
 
     def engine_rules(self) -> list[Rule]:
         return [EMARule(decay) for decay in self.decays]
@@ -123,8 +119,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
         self.flush()
 
     def save(self, step: int, *, live: bool, basis: bool) -> None:
-        """Copy one snapshot and have the writer write it (the main process only); ``flush`` lists it in the
-        manifest."""
+        """Write one snapshot (the main process only); ``flush`` lists it in the manifest."""
         rows: dict[str, list[torch.Tensor]] = {}
         if basis:
             rows |= {name: self.engine.shadow_rows(k) for k, name in enumerate(self.row_names)}
@@ -134,27 +129,16 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
         self.snapshots.append({"step": step, "task": len(self.task_ends), "file": file, "rows": list(rows)})
         if not is_main(strict=False):
             return
-        # a copy: on the CPU in fp32, ``to`` would return the engine's own rows, which the next step changes
-        copied = {name: [t.detach().to("cpu", self.dtype, copy=True) for t in row] for name, row in rows.items()}
-        self.wait()
-        if self.writer is None:
-            self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cl_ema-posthoc")
-        self.writing = self.writer.submit(write_snapshot, self.folder / file, copied)
-
-    def wait(self) -> None:
-        """Until the snapshot being written is on disk; its write's error, if it failed."""
-        writing, self.writing = self.writing, None
-        if writing is not None:
-            writing.result()
+        buffer = io.BytesIO()
+        torch.save({name: [t.detach().to("cpu", self.dtype) for t in row] for name, row in rows.items()}, buffer)
+        atomic_write(self.folder / file, buffer.getvalue(), durable=False)
+        self.unsynced.append(self.folder / file)
 
     def flush(self) -> None:
-        """Every snapshot saved so far on disk, then the manifest that lists them (the main process only). The
-        writer thread ends here (the next snapshot starts another): none outlives a run."""
-        self.wait()
-        if self.writer is not None:
-            self.writer.shutdown()
-            self.writer = None
+        """The snapshots written so far on disk, then the manifest that lists them (the main process only)."""
         if is_main(strict=False):
+            sync(self.unsynced)
+            self.unsynced.clear()
             self.write_manifest()
 
     def manifest(self) -> dict[str, Any]:
@@ -177,7 +161,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        self.flush()  # a checkpoint must not list a snapshot that is not yet on disk
+        self.flush()  # a checkpoint must not list a snapshot that a crash of the machine could still lose
         return {"averages": self.engine.state_dict(), "snapshots": self.snapshots, "task_ends": self.task_ends}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -193,7 +177,6 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
                 and set(entry["rows"]) <= {*self.row_names, LIVE_ROW}
             ):
                 raise ValueError(f"a post-hoc snapshot entry is not one this plugin writes: {str(entry)[:80]}")
-        self.wait()
         self.engine.load_state_dict(state.get("averages") or {})
         self.snapshots, self.task_ends = list(snapshots), list(ends)
         if is_main(strict=False):  # snapshots the stopped run wrote after its checkpoint: written again, the same
@@ -201,6 +184,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
             for path in self.folder.glob("*.pt"):
                 if path.name not in kept:
                     path.unlink()
+            self.unsynced.clear()
             self.write_manifest()
 
     def check_position(self, at: Position) -> None:
@@ -217,10 +201,3 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
 
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def write_snapshot(path: Path, rows: dict[str, list[torch.Tensor]]) -> None:
-    """Serialize one snapshot's rows and write them to ``path`` (in the writer thread)."""
-    buffer = io.BytesIO()
-    torch.save(rows, buffer)
-    atomic_write(path, buffer.getvalue())
