@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import cli_in_process, run_experiment, stop_and_resume
 
+import cl_ema.files
 from cl_ema.errors import UserError
 from cl_ema.posthoc import add_tracks, read_manifest
 
@@ -176,3 +177,26 @@ def test_every_snapshot_is_on_disk_before_a_checkpoint_or_the_manifest_lists_it(
     run_experiment(tmp_path / "run", *RUN, "data.n_tasks=2")
     listed = {entry["file"] for entry in read_manifest(tmp_path / "run")["snapshots"]}
     assert len(listed) == 1 + 2 * 16 and listed == synced
+
+
+def test_a_snapshot_the_disk_refuses_stops_the_run_in_one_line(tmp_path, monkeypatch):
+    import errno
+
+    import cl_ema.plugins.posthoc as plugin
+
+    real_write = plugin.atomic_write
+
+    def full_disk(path, data, **kwargs):
+        if path.suffix == ".pt" and path.name != "000000000.pt":  # the first snapshot fits, the next do not
+            with cl_ema.files.writing(path):
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data, **kwargs)
+
+    monkeypatch.setattr(plugin, "atomic_write", full_disk)
+    run_dir = tmp_path / "r"
+    status, _, err = cli_in_process(
+        "logger=none", "+plugin@posthoc=posthoc", "checkpoint=true", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
+    assert status != 0 and err.count("\n") == 1, err
+    assert err.startswith(f"error: cannot write {run_dir / 'posthoc'}/") and "no space left on the device" in err
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "posthoc" / "000000000.pt").is_file()
