@@ -302,6 +302,9 @@ def test_cli_default_run_from_a_non_editable_install(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "task 5/5" in proc.stdout and "final metrics" in proc.stdout and "ema_0.99" in proc.stdout
     assert "W&B offline run:" in proc.stdout and "wandb sync" in proc.stdout
+    readme = (ROOT / "README.md").read_text()
+    shown = next(b for b in readme.split("```text\n")[1:] if b.startswith("final metrics")).split("```")[0]
+    assert shown in proc.stdout  # the README shows what `make run` prints, to the space
     (result_file,) = work.glob("outputs/split_digits/ema/*/results.json")
     data = json.loads(result_file.read_text())
     assert data["status"] == "completed" and set(data["tracks"]) == {"live", "ema_0.99"}
