@@ -11,6 +11,7 @@ import torch
 from helpers import cli_in_process, run_experiment, stop_and_resume
 
 import cl_ema.files
+import cl_ema.plugins.posthoc as plugin
 from cl_ema.errors import UserError
 from cl_ema.posthoc import add_tracks, read_manifest
 
@@ -158,9 +159,6 @@ def test_a_run_the_disk_cannot_hold_is_refused_in_one_line(tmp_path, monkeypatch
 def test_every_snapshot_is_on_disk_before_a_checkpoint_or_the_manifest_lists_it(tmp_path, monkeypatch):
     """Snapshots skip the flush to disk when written (it cost a small model more than its training): each is
     flushed before the manifest, or a checkpoint's state, names it."""
-    import cl_ema.files
-    import cl_ema.plugins.posthoc as plugin
-
     synced: set[str] = set()
     real_sync, real_manifest = cl_ema.files.sync, plugin.PostHocPlugin.write_manifest
 
@@ -181,8 +179,6 @@ def test_every_snapshot_is_on_disk_before_a_checkpoint_or_the_manifest_lists_it(
 
 def test_a_snapshot_the_disk_refuses_stops_the_run_in_one_line(tmp_path, monkeypatch):
     import errno
-
-    import cl_ema.plugins.posthoc as plugin
 
     real_write = plugin.atomic_write
 
