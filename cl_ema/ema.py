@@ -197,8 +197,7 @@ class WeightAverages:
             raise RuntimeError(
                 f"{doing}: the model's tensors were moved, converted or replaced after register() (model.to(), "
                 ".double(), channels_last, a new layer, load_state_dict(assign=True), requires_grad set): do that "
-                "first, then "
-                "register() again"
+                "first, then register() again"
             )
 
     def _unchanged(self) -> bool:

@@ -108,8 +108,9 @@ def add_tracks(run_dir: Path, horizons: Sequence[float], decays: Sequence[float]
                     "snapshots' cadence, or the basis too narrow (posthoc.per_task, posthoc.basis)"
                 )
             fits[target.name].append((fit.residual, [combine(fit.coefficients, group) for group in zip(*tensors)]))
-    tracks = [Track(t.name, partial(engine.swapped, k), state=partial(engine.state, row(k)))
-              for k, t in enumerate(wanted)]  # fmt: skip
+    tracks = [
+        Track(t.name, partial(engine.swapped, k), state=partial(engine.state, row(k))) for k, t in enumerate(wanted)
+    ]
     for target in wanted:
         results.add_track(target.name)
     for task in range(len(manifest["task_ends"])):  # every target of a task end in one pass over the test sets
