@@ -207,10 +207,10 @@ def run() -> None:
     """``python -m cl_ema [overrides]`` (the signals are in hand already: ``cl_ema.__main__``)."""
     user_wants_traceback = bool(os.environ.get("HYDRA_FULL_ERROR"))
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
-    register_schema()
-    SWEEP.reset()
-    NEXT_TO[0] = None
     try:
+        register_schema()
+        SWEEP.reset()
+        NEXT_TO[0] = None
         check_file_size_limit()
         arguments = check_arguments(sys.argv[1:])
         resumed = resumed_config(arguments)
