@@ -12,8 +12,10 @@ setup: .venv/.synced
 	$(PYTHON) -m venv .tools
 	.tools/bin/pip install --quiet --disable-pip-version-check "uv==0.13.8"
 
+# --compile-bytecode: the .pyc files written once, here; where PYTHONDONTWRITEBYTECODE is set (as on CI), Python
+# would otherwise compile torch and Avalanche from source at every start (22 s instead of 7 s here)
 .venv/.synced: pyproject.toml uv.lock | .tools/bin/uv
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 	touch $@
 
 run: setup  ## the default experiment: split digits, live vs EMA
