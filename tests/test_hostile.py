@@ -1050,18 +1050,23 @@ def test_the_resume_command_an_interrupted_sweep_prints_runs_as_shown(tmp_path, 
 
 
 @pytest.mark.slow
-def test_threads_are_the_same_alone_and_in_a_local_sweep_so_are_the_results(tmp_path, monkeypatch):
-    """``threads`` changes results, so it is resolved once (the CPUs this process may use, never divided among a
-    sweep's jobs) and recorded: two jobs at once under submitit_local give what the command alone gives."""
+def test_a_local_sweep_runs_each_job_in_its_own_process_with_the_threads_of_the_command_alone(tmp_path, monkeypatch):
+    """A multirun through the submitit_local launcher runs each job in a process of its own. ``threads`` changes
+    results, so it is resolved once (the CPUs this process may use, never divided among a sweep's jobs) and
+    recorded: two jobs at once give what the command alone gives."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # pytest-xdist's workers set it (conftest.py)
     common = ("logger=none", "data.n_tasks=2", "train.epochs=2")
-    sweep = cli("-m", "hydra/launcher=submitit_local", "seed=0,1", *common, f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                cwd=tmp_path)  # fmt: skip
+    folder = tmp_path / "sweep"
+    sweep = cli("-m", "hydra/launcher=submitit_local", "seed=0,1", *common, f"hydra.sweep.dir={folder}", cwd=tmp_path)
     status, _, err = finish(sweep, timeout=600)
     assert status == 0, err[-3000:]
+    jobs = [json.loads(p.read_text()) for p in sorted(folder.glob("*/results.json"))]
+    assert [job["seed"] for job in jobs] == [0, 1] and all(job["status"] == "completed" for job in jobs)
+    logs = list((folder / ".submitit").glob("*/*_log.out"))
+    assert len({p.parent for p in logs}) == 2  # two submitit jobs: two processes
     status, _, err = finish(cli("seed=0", *common, f"hydra.run.dir={tmp_path / 'alone'}", cwd=tmp_path))
     assert status == 0, err[-3000:]
-    (job,) = (tmp_path / "sweep").glob("0_*/results.json")
+    (job,) = folder.glob("0_*/results.json")
     in_sweep, alone = json.loads(job.read_text()), json.loads((tmp_path / "alone" / "results.json").read_text())
     assert in_sweep["config"]["threads"] == alone["config"]["threads"] == len(os.sched_getaffinity(0))
     assert "threads: " + str(alone["config"]["threads"]) in (job.parent / "config.yaml").read_text()
