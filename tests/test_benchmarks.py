@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import runpy
 import sys
 
@@ -132,3 +133,10 @@ def test_paper_tables_script_on_generated_mnist(tmp_path):
     }
     only = (tmp_path / "out" / "paper_tables.md").read_text()
     assert "| SGD + EMA |" in only and "| ER 200 |" not in only and "over 3 seeds" in only
+
+
+def test_posthoc_overhead_benchmark_says_where_the_plugins_time_goes():
+    out = run_script("posthoc_overhead.py", "--rounds", "1", "--hooks")
+    assert "with post-hoc snapshots" in out, out
+    spent = dict(re.findall(r"(basis updates|snapshots|flushes) ([0-9.]+) s", out))
+    assert set(spent) == {"basis updates", "snapshots", "flushes"} and all(float(s) > 0 for s in spent.values()), out
