@@ -636,7 +636,7 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path):
     # Ctrl-C once cl_ema holds the signals (before that, the interpreter is still starting): a fixed
     # sleep raced the start on a loaded machine
     deadline = time.monotonic() + 60
-    while not _catches(proc.pid, signal.SIGTERM) and time.monotonic() < deadline:
+    while proc.poll() is None and not _catches(proc.pid, signal.SIGTERM) and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     status, _, err = finish(proc)

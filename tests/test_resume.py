@@ -272,7 +272,7 @@ def _stop_after_the_first_task(proc: subprocess.Popen, checkpoints: Path, patter
 @pytest.mark.slow
 # Each stop once, each with another of the strategies whose state is largest (a DER memory beside an EMA, 20
 # averages beside a replay buffer, CLS-ER's two EMAs): the stops and the states are independent, and every
-# pair would cost nine runs of a few minutes each where three show the same.
+# pair would be nine such runs where three show the same.
 @pytest.mark.parametrize(
     ("strategy", "stop"), [("ema_derpp", "SIGKILL"), ("averages_replay", "sweep"), ("cls_er", "SIGTERM")]
 )
