@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -20,19 +19,14 @@ import pytest
 import torch
 from conftest import CHECKPOINTED
 from helpers import ROOT, cli_in_process, interrupt_in_task, run_experiment
+from processes import Run, cli
 
 from cl_ema.errors import UserError
 
 FAST = ["logger=none", "train.epochs=2"]
 
 
-def cli(*args: str, cwd: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "cl_ema", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)  # fmt: skip
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+def finish(proc: Run | subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 
@@ -94,8 +88,7 @@ def test_a_finished_run_folder_is_refused_and_left_untouched(checkpointed_run, t
 @pytest.mark.slow
 def test_a_file_size_limit_ends_in_one_line_and_keeps_earlier_results(tmp_path):
     limit = 60_000  # results.json, CSVs and the heatmap fit; the checkpoint (~400 kB) does not
-    proc = cli(*FAST, "checkpoint=true", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
-               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))  # fmt: skip
+    proc = cli(*FAST, "checkpoint=true", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, file_size=limit)
     status, _, err = finish(proc)
     assert status == 2
     line = one_error_line(err)
@@ -598,7 +591,7 @@ def test_the_reports_out_being_a_file_is_one_line(tmp_path, capsys):
 
 
 def test_a_file_size_limit_of_zero_is_named_as_the_cause(tmp_path):
-    proc = cli(*FAST, cwd=tmp_path, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)))
+    proc = cli(*FAST, cwd=tmp_path, file_size=0)
     status, _, err = finish(proc)
     assert status == 2 and "the file-size limit is 0 bytes (ulimit -f 0)" in one_error_line(err)
 
@@ -617,11 +610,6 @@ def test_slurms_and_the_terminals_signals_stop_a_run_as_interrupted(tmp_path, na
     assert json.loads((run_dir / "results.json").read_text())["status"] == "interrupted"
 
 
-def _ctrl_c_as_in_a_terminal() -> None:
-    """A test worker ignores SIGINT, and a child inherits that: give the run a terminal's Ctrl-C."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def _catches(pid: int, signum: int) -> bool:
     """Whether process ``pid`` has a handler for ``signum`` (the SigCgt mask of /proc/PID/status)."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -632,7 +620,7 @@ def _catches(pid: int, signum: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal handlers from Linux's /proc")
 def test_ctrl_c_while_starting_is_one_line(tmp_path):
-    proc = cli(*FAST, cwd=tmp_path, preexec_fn=_ctrl_c_as_in_a_terminal)
+    proc = cli(*FAST, cwd=tmp_path, ctrl_c=True, fresh=True)  # the interpreter's start is what is tested
     # Ctrl-C once cl_ema holds the signals (before that, the interpreter is still starting): a fixed
     # sleep raced the start on a loaded machine
     deadline = time.monotonic() + 60
@@ -667,8 +655,7 @@ def test_a_signal_after_training_says_the_results_are_complete(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_ctrl_c_after_the_last_task_says_the_results_are_complete(tmp_path):
-    proc = cli("logger.wandb.mode=offline", "data.n_tasks=2", "train.epochs=1", cwd=tmp_path,
-               preexec_fn=_ctrl_c_as_in_a_terminal)  # fmt: skip
+    proc = cli("logger.wandb.mode=offline", "data.n_tasks=2", "train.epochs=1", cwd=tmp_path, ctrl_c=True)
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("results:"):

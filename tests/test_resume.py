@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 import wandb
 from conftest import CHECKPOINTED
 from helpers import cli_in_process, run_experiment
+from processes import Run, cli
 
 from cl_ema.errors import UserError
 
@@ -33,12 +32,6 @@ def test_same_seed_same_results_other_seed_other_class_order(tmp_path):
     c, _ = run_experiment(tmp_path / "c", "strategy=ema_replay", "train.epochs=3", "seed=8")
     assert tracks(tmp_path / "a" / "results.json") == tracks(tmp_path / "b" / "results.json")
     assert a.meta["class_order"] == b.meta["class_order"] != c.meta["class_order"]
-
-
-def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return subprocess.Popen([sys.executable, "-m", "cl_ema", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -259,7 +252,7 @@ def uninterrupted(tmp_path_factory):
     return tracks_of
 
 
-def _stop_after_the_first_task(proc: subprocess.Popen, checkpoints: Path, pattern: str, signum: int) -> Path:
+def _stop_after_the_first_task(proc: Run, checkpoints: Path, pattern: str, signum: int) -> Path:
     """Send ``signum`` once the first task's checkpoint (``checkpoints.glob(pattern)``) is written; its run folder."""
     deadline = time.time() + 300
     while not list(checkpoints.glob(pattern)) and proc.poll() is None and time.time() < deadline:

@@ -1,0 +1,169 @@
+"""``python -m cl_ema`` in a process of its own, without the seconds of imports each such process costs.
+
+A test that stops, kills or limits a run needs the run in a process of its own. Starting Python and importing
+torch, torchvision and Avalanche costs each such process about 7 s of CPU, most of the real-process tests' time.
+``cli()`` forks it instead from multiprocessing's fork server, which imports what a run imports once per test
+worker: the child is a real process (its own pid, signal handlers, file-size limit, pipes and exit status), in
+the folder and environment it is given, running ``cl_ema.__main__.main()`` with the command line, standard
+streams and signal dispositions ``python -m cl_ema`` would start with under a test worker. What a module makes
+for its own process at import is made again in each fork (W&B's folder for media files). What happens while
+Python starts (a Ctrl-C during the imports) needs a real interpreter: ``cli(..., fresh=True)`` starts one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import IO, Any
+
+# what a run imports, loaded once into the fork server (the forks share it)
+PRELOAD = ["cl_ema.__main__", "cl_ema.cli", "cl_ema.launch", "cl_ema.runner", "wandb"]
+_server: Any = None
+
+
+def _context() -> Any:
+    global _server
+    if _server is None:
+        _server = multiprocessing.get_context("forkserver")
+        _server.set_forkserver_preload(PRELOAD)
+    return _server
+
+
+def cli(
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    ctrl_c: bool = False,
+    file_size: int | None = None,
+    fresh: bool = False,
+) -> Run | subprocess.Popen:
+    """``python -m cl_ema args`` from ``cwd`` with stdout and stderr piped (text), W&B offline and silent.
+
+    ``ctrl_c``: SIGINT raises KeyboardInterrupt, as in a terminal (a test worker ignores SIGINT, and a child
+    inherits that); ``file_size``: RLIMIT_FSIZE in bytes; ``fresh``: a new interpreter, imports and all.
+    """
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    if fresh:
+        return subprocess.Popen([sys.executable, "-m", "cl_ema", *args], cwd=cwd, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: _dispositions(ctrl_c, file_size))  # fmt: skip
+    return Run(list(args), Path(cwd), env, ctrl_c, file_size)
+
+
+def _dispositions(ctrl_c: bool, file_size: int | None) -> None:
+    if ctrl_c:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if file_size is not None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
+
+
+class Run:
+    """A forked ``python -m cl_ema``, with what the tests use of ``subprocess.Popen``."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], ctrl_c: bool, file_size: int | None):
+        pipes = [os.pipe() for _ in range(2)]
+        writers = [Connection(write, readable=False) for _, write in pipes]
+        self._process = _context().Process(target=_child, args=(args, str(cwd), env, ctrl_c, file_size, *writers))
+        self._process.start()
+        for writer in writers:  # the child holds its own copies: EOF once it exits
+            writer.close()
+        # read ends, closed by communicate() as Popen's are
+        self.stdout: IO[str] = open(pipes[0][0], encoding="utf-8")  # noqa: SIM115
+        self.stderr: IO[str] = open(pipes[1][0], encoding="utf-8")  # noqa: SIM115
+        self.pid: int = self._process.pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not self._process.is_alive():
+            self._process.join()
+            self.returncode = self._process.exitcode
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(["python", "-m", "cl_ema"], timeout or 0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Everything the process writes from now on, once it has exited (both pipes read at once, as Popen does)."""
+        texts: dict[int, str] = {}
+        readers = [threading.Thread(target=lambda k=k, f=f: texts.__setitem__(k, f.read()), daemon=True)
+                   for k, f in enumerate((self.stdout, self.stderr))]  # fmt: skip
+        for reader in readers:
+            reader.start()
+        self.wait(timeout)
+        for reader in readers:
+            reader.join(timeout)
+        self.stdout.close()
+        self.stderr.close()
+        return texts.get(0, ""), texts.get(1, "")
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.poll() is None:
+            self.kill()
+            self.wait()
+
+
+def _child(
+    args: list[str],
+    cwd: str,
+    env: dict[str, str],
+    ctrl_c: bool,
+    file_size: int | None,
+    out: Connection,
+    err: Connection,
+) -> None:
+    """In the fork: the process ``python -m cl_ema`` would be, then its ``main()``."""
+    import atexit
+    import io
+
+    for stream, fd in ((out, 1), (err, 2)):
+        os.dup2(stream.fileno(), fd)
+        stream.close()
+    # as Python opens them for pipes: stdout block-buffered, stderr line-buffered
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8")
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True
+    )
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited from the test worker, as by a Popen child
+    for name in ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+    _dispositions(ctrl_c, file_size)
+    # what a module made for its own process at import: W&B's folder for media files, which the first fork to
+    # exit would otherwise remove for all (its modules hold the object: it gets a folder of this process's own)
+    from wandb.sdk.data_types import _private
+
+    _private.MEDIA_TMP.name = tempfile.mkdtemp("wandb-media")
+    from cl_ema import __main__
+
+    sys.argv = [str(Path(__main__.__file__)), *args]
+    try:
+        __main__.main()
+    finally:  # an interpreter's exit: its atexit functions (W&B's among them), then its streams flushed
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
