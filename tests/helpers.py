@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import runpy
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,12 +69,23 @@ def stop_and_resume(tmp_path: Path, monkeypatch, *overrides: str, task: int = 2,
     return resumed["tracks"], json.loads((tmp_path / "whole" / "results.json").read_text())["tracks"]
 
 
+def run_script(name: str, *args: str) -> str:
+    """``python benchmarks/<name> args`` in this process; what it printed."""
+    out, saved = io.StringIO(), (sys.argv, list(sys.path))
+    sys.argv = [name, *args]
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # as running the script puts its folder first
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(str(ROOT / "benchmarks" / name), run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = saved
+    return out.getvalue()
+
+
 def cli_in_process(*argv: str, cwd: Path) -> tuple[int, str, str]:
     """``python -m cl_ema argv`` run in this process from ``cwd``: exit status, stdout, stderr."""
-    import contextlib
     import os
     import signal
-    import sys
 
     from cl_ema.__main__ import STOP_SIGNALS, main
 

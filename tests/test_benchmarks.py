@@ -2,26 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
-import runpy
-import sys
 
-from helpers import ROOT, run_experiment
-
-
-def run_script(name: str, *args: str) -> str:
-    """``python benchmarks/<name> args`` in this process; what it printed."""
-    out, saved = io.StringIO(), (sys.argv, list(sys.path))
-    sys.argv = [name, *args]
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # as running the script puts its folder first
-    try:
-        with contextlib.redirect_stdout(out):
-            runpy.run_path(str(ROOT / "benchmarks" / name), run_name="__main__")
-    finally:
-        sys.argv, sys.path[:] = saved
-    return out.getvalue()
+from helpers import ROOT, run_experiment, run_script
 
 
 def test_the_gpu_checks_scripts_run_and_make_one_table(tmp_path):

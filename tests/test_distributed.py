@@ -14,7 +14,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from helpers import ROOT, run_experiment
+from helpers import ROOT, run_experiment, run_script
 
 pytestmark = pytest.mark.slow
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -118,34 +118,10 @@ def test_killed_and_resumed_under_torchrun_equals_the_uninterrupted_run(two_proc
 
 
 def test_scaling_benchmark_runs_the_gloo_path():
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/scaling.py",
-            "--device",
-            "cpu",
-            "--processes",
-            "2",
-            "--model",
-            "resnet18",
-            "--width",
-            "4",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--batch-size",
-            "8",
-            "--samples",
-            "1000",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 processes" in proc.stdout and "scaling efficiency" in proc.stdout
+    # the script in this process; the torchrun it starts, and its two workers, in processes of their own
+    out = run_script("scaling.py", "--device", "cpu", "--processes", "2", "--model", "resnet18", "--width", "4",
+                     "--steps", "2", "--warmup", "1", "--batch-size", "8", "--samples", "1000")  # fmt: skip
+    assert "2 processes" in out and "scaling efficiency" in out
 
 
 def test_bad_input_is_said_once_under_torchrun(tmp_path):
