@@ -15,6 +15,7 @@ import psutil
 import pytest
 import torch
 from helpers import ROOT, run_experiment, run_script
+from processes import Run, cli
 
 pytestmark = pytest.mark.slow
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -133,7 +134,7 @@ def test_bad_input_is_said_once_under_torchrun(tmp_path):
     assert not list(tmp_path.iterdir())  # no process wrote a folder
 
 
-def _job_process(launcher: subprocess.Popen) -> psutil.Process | None:
+def _job_process(launcher: Run) -> psutil.Process | None:
     """The process of a submitit_local job the launcher started (submitit's ``_submit`` entry)."""
     for child in psutil.Process(launcher.pid).children(recursive=True):
         try:
@@ -148,11 +149,7 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes_in_its_own_folder(tmp_
     """SLURM's warning before a time limit (or a preemption) reaches a job as submitit's signal: the job is
     requeued, finds its own folder, continues from its last finished task and ends as if never stopped."""
     args = ["-m", "hydra/launcher=submitit_local", "seed=3", "strategy=ema_replay", "logger=none", "train.epochs=12"]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "cl_ema", *args, f"hydra.sweep.dir={tmp_path / 'preempted'}"]
-    launcher = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    launcher = cli(*args, f"hydra.sweep.dir={tmp_path / 'preempted'}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     results = tmp_path / "preempted" / "0_seed=3,strategy=ema_replay,train.epochs=12" / "results.json"
     deadline, signalled = time.monotonic() + 300, None
     while signalled is None and time.monotonic() < deadline and launcher.poll() is None:
