@@ -108,7 +108,7 @@ def _family_handles(tracks: pd.DataFrame) -> list[Line2D]:
 # ---------------------------------------------------------------------------- accuracy matrices
 def heatmaps_png(matrices: dict[str, np.ndarray], title: str = "") -> bytes:
     """One annotated heatmap per track of R[i, j] (rows: trained through task i), as PNG."""
-    return figure_png(heatmaps_figure(matrices, title))
+    return figure_png(heatmaps_figure(matrices, title), crop=False)  # laid out to its margins already
 
 
 def heatmaps_figure(matrices: dict[str, np.ndarray], title: str = "") -> plt.Figure:
@@ -335,11 +335,12 @@ def forest_figure(effects: pd.DataFrame, title: str) -> plt.Figure:
     return fig
 
 
-def figure_png(fig: plt.Figure) -> bytes:
-    """Render and close a figure (cropped to what it draws, unless a layout engine fitted it already: cropping
-    draws it twice)."""
+def figure_png(fig: plt.Figure, crop: bool = True) -> bytes:
+    """Render and close a figure, cropped to what it draws unless a layout engine fitted it already or
+    ``crop`` is False (cropping draws it twice, and drawing is most of a figure's time)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches=None if fig.get_layout_engine() else "tight")
+    tight = crop and not fig.get_layout_engine()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return buffer.getvalue()
 
