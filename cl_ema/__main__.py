@@ -21,9 +21,9 @@ def _stop(signum: int, frame: Any) -> None:
 
 
 def main() -> None:
-    for name in STOP_SIGNALS:
-        signal.signal(getattr(signal, name), _stop)
-    try:
+    try:  # the handlers too: a Ctrl-C right after the first of them is set is still one line
+        for name in STOP_SIGNALS:
+            signal.signal(getattr(signal, name), _stop)
         from cl_ema.cli import run
     except (KeyboardInterrupt, Interrupted) as err:
         stop = err if isinstance(err, Interrupted) else Interrupted("SIGINT")
