@@ -46,14 +46,17 @@ def cli(
 ) -> Run | subprocess.Popen:
     """``python -m cl_ema args`` from ``cwd`` with stdout and stderr piped (text), W&B offline and silent.
 
-    ``ctrl_c``: SIGINT raises KeyboardInterrupt, as in a terminal (a test worker ignores SIGINT, and a child
-    inherits that); ``file_size``: RLIMIT_FSIZE in bytes; ``fresh``: a new interpreter, imports and all.
+    ``ctrl_c``: SIGINT raises KeyboardInterrupt, as in a terminal (a test worker ignores SIGINT, and a child,
+    forked or not, inherits that); ``file_size``: RLIMIT_FSIZE in bytes; ``fresh``: a new interpreter, imports
+    and all.
     """
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
     if fresh:
         return subprocess.Popen([sys.executable, "-m", "cl_ema", *args], cwd=cwd, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 preexec_fn=lambda: _dispositions(ctrl_c, file_size))  # fmt: skip
+    # a Popen child inherits this process's SIGINT: ignored under a test worker, else Python's KeyboardInterrupt
+    ctrl_c = ctrl_c or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
     return Run(list(args), Path(cwd), env, ctrl_c, file_size)
 
 
@@ -99,9 +102,6 @@ class Run:
         if self.poll() is None:
             os.kill(self.pid, signum)
 
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         """Everything the process writes from now on, once it has exited (both pipes read at once, as Popen does)."""
         texts: dict[int, str] = {}
@@ -115,14 +115,6 @@ class Run:
         self.stdout.close()
         self.stderr.close()
         return texts.get(0, ""), texts.get(1, "")
-
-    def __enter__(self) -> Run:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.poll() is None:
-            self.kill()
-            self.wait()
 
 
 def _child(
@@ -149,7 +141,7 @@ def _child(
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited from the test worker, as by a Popen child
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # unless ctrl_c: cli() says what a Popen child would inherit
     for name in ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2"):
         signal.signal(getattr(signal, name), signal.SIG_DFL)
     _dispositions(ctrl_c, file_size)
