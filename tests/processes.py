@@ -23,8 +23,14 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import IO, Any
 
-# what a run imports, loaded once into the fork server (the forks share it)
-PRELOAD = ["cl_ema.__main__", "cl_ema.cli", "cl_ema.launch", "cl_ema.runner", "wandb"]
+# what a run imports, loaded once into the fork server (the forks share it): the command line and the run, then
+# what a run imports as it goes (the digits, the EMA plugins, W&B's logger and init, Hydra's launchers, pandas)
+PRELOAD = [
+    *("cl_ema.__main__", "cl_ema.cli", "cl_ema.launch", "cl_ema.runner"),
+    *("cl_ema.data.sources", "sklearn.datasets", "sklearn.model_selection", "cl_ema.plugins.ema", "pandas"),
+    *("cl_ema.plugins.averaging", "cl_ema.loggers.wandb_logger", "wandb", "wandb.sdk.wandb_init", "wandb.sdk.launch"),
+    *("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_submitit_launcher.submitit_launcher"),
+]
 _server: Any = None
 
 
