@@ -57,7 +57,9 @@ def cli(
     and all.
     """
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
-    if fresh:
+    # a fork is safe on Linux; on macOS system libraries may have started threads, which makes it unsafe
+    # (Python's multiprocessing docs): fresh interpreters there
+    if fresh or sys.platform != "linux":
         return subprocess.Popen([sys.executable, "-m", "cl_ema", *args], cwd=cwd, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 preexec_fn=lambda: _dispositions(ctrl_c, file_size))  # fmt: skip
