@@ -49,7 +49,7 @@ def cli(
     ctrl_c: bool = False,
     file_size: int | None = None,
     fresh: bool = False,
-) -> Run | subprocess.Popen:
+) -> Started:
     """``python -m cl_ema args`` from ``cwd`` with stdout and stderr piped (text), W&B offline and silent.
 
     ``ctrl_c``: SIGINT raises KeyboardInterrupt, as in a terminal (a test worker ignores SIGINT, and a child,
@@ -149,8 +149,10 @@ def _child(
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    from cl_ema import __main__
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # unless ctrl_c: cli() says what a Popen child would inherit
-    for name in ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2"):
+    for name in __main__.STOP_SIGNALS:  # the signals main() takes in hand, at their defaults until it does
         signal.signal(getattr(signal, name), signal.SIG_DFL)
     _dispositions(ctrl_c, file_size)
     # what a module made for its own process at import: W&B's folder for media files, which the first fork to
@@ -158,8 +160,6 @@ def _child(
     from wandb.sdk.data_types import _private
 
     _private.MEDIA_TMP.name = tempfile.mkdtemp("wandb-media")
-    from cl_ema import __main__
-
     sys.argv = [str(Path(__main__.__file__)), *args]
     try:
         __main__.main()
@@ -167,3 +167,6 @@ def _child(
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+Started = Run | subprocess.Popen  # what cli() gives: a fork, or a fresh interpreter
