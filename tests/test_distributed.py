@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 from helpers import ROOT, run_experiment, run_script
-from processes import Run, cli
+from processes import Started, cli
 
 pytestmark = pytest.mark.slow
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -134,7 +134,7 @@ def test_bad_input_is_said_once_under_torchrun(tmp_path):
     assert not list(tmp_path.iterdir())  # no process wrote a folder
 
 
-def _job_process(launcher: Run) -> psutil.Process | None:
+def _job_process(launcher: Started) -> psutil.Process | None:
     """The process of a submitit_local job the launcher started (submitit's ``_submit`` entry)."""
     for child in psutil.Process(launcher.pid).children(recursive=True):
         try:

@@ -19,14 +19,14 @@ import pytest
 import torch
 from conftest import CHECKPOINTED
 from helpers import ROOT, cli_in_process, interrupt_in_task, run_experiment
-from processes import Run, cli
+from processes import Started, cli
 
 from cl_ema.errors import UserError
 
 FAST = ["logger=none", "train.epochs=2"]
 
 
-def finish(proc: Run | subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+def finish(proc: Started, timeout: float = 300) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 

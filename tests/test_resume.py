@@ -15,7 +15,7 @@ import torch
 import wandb
 from conftest import CHECKPOINTED
 from helpers import cli_in_process, run_experiment
-from processes import Run, cli
+from processes import Started, cli
 
 from cl_ema.errors import UserError
 
@@ -252,7 +252,7 @@ def uninterrupted(tmp_path_factory):
     return tracks_of
 
 
-def _stop_after_the_first_task(proc: Run, checkpoints: Path, pattern: str, signum: int) -> Path:
+def _stop_after_the_first_task(proc: Started, checkpoints: Path, pattern: str, signum: int) -> Path:
     """Send ``signum`` once the first task's checkpoint (``checkpoints.glob(pattern)``) is written; its run folder."""
     deadline = time.time() + 300
     while not list(checkpoints.glob(pattern)) and proc.poll() is None and time.time() < deadline:
