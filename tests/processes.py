@@ -8,6 +8,8 @@ the folder and environment it is given, running ``cl_ema.__main__.main()`` with 
 streams and signal dispositions ``python -m cl_ema`` would start with under a test worker. What a module makes
 for its own process at import is made again in each fork (W&B's folder for media files). What happens while
 Python starts (a Ctrl-C during the imports) needs a real interpreter: ``cli(..., fresh=True)`` starts one.
+``torchrun()`` forks torchrun's agent the same way; the workers it starts are fresh interpreters, as they are
+for users.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +34,7 @@ PRELOAD = [
     *("cl_ema.data.sources", "sklearn.datasets", "sklearn.model_selection", "cl_ema.plugins.ema", "pandas"),
     *("cl_ema.plugins.averaging", "cl_ema.loggers.wandb_logger", "wandb", "wandb.sdk.wandb_init", "wandb.sdk.launch"),
     *("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_submitit_launcher.submitit_launcher"),
+    "torch.distributed.run",
 ]
 _server: Any = None
 
@@ -65,7 +70,18 @@ def cli(
                                 preexec_fn=lambda: _dispositions(ctrl_c, file_size))  # fmt: skip
     # a Popen child inherits this process's SIGINT: ignored under a test worker, else Python's KeyboardInterrupt
     ctrl_c = ctrl_c or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
-    return Run(list(args), Path(cwd), env, ctrl_c, file_size)
+    return Run(CL_EMA, list(args), Path(cwd), env, ctrl_c, file_size)
+
+
+def torchrun(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Started:
+    """``python -m torch.distributed.run args`` from ``cwd`` in a session of its own, as from a shell, stdout and
+    stderr piped (text), W&B offline; its workers are fresh interpreters (torchrun starts them)."""
+    env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    if sys.platform != "linux":
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], cwd=cwd, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    return Run(TORCHRUN, list(args), Path(cwd), env, ctrl_c, None)
 
 
 def _dispositions(ctrl_c: bool, file_size: int | None) -> None:
@@ -77,13 +93,20 @@ def _dispositions(ctrl_c: bool, file_size: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
 
 
-class Run:
-    """A forked ``python -m cl_ema``, with what the tests use of ``subprocess.Popen``."""
+CL_EMA, TORCHRUN = "cl_ema", "torch.distributed.run"  # the programs a Run forks: python -m <program>
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], ctrl_c: bool, file_size: int | None):
+
+class Run:
+    """A forked ``python -m cl_ema`` (or torchrun), with what the tests use of ``subprocess.Popen``."""
+
+    def __init__(
+        self, program: str, args: list[str], cwd: Path, env: dict[str, str], ctrl_c: bool, file_size: int | None
+    ):
         pipes = [os.pipe() for _ in range(2)]
         writers = [Connection(write, readable=False) for _, write in pipes]
-        self._process = _context().Process(target=_child, args=(args, str(cwd), env, ctrl_c, file_size, *writers))
+        child_args = (program, args, str(cwd), env, ctrl_c, file_size, *writers)
+        self._process = _context().Process(target=_child, args=child_args)
+        self._program = program
         self._process.start()
         for writer in writers:  # the child holds its own copies: EOF once it exits
             writer.close()
@@ -102,7 +125,7 @@ class Run:
     def wait(self, timeout: float | None = None) -> int:
         self._process.join(timeout)
         if self.poll() is None:
-            raise subprocess.TimeoutExpired(["python", "-m", "cl_ema"], timeout or 0)
+            raise subprocess.TimeoutExpired(["python", "-m", self._program], timeout or 0)
         assert self.returncode is not None
         return self.returncode
 
@@ -126,6 +149,7 @@ class Run:
 
 
 def _child(
+    program: str,
     args: list[str],
     cwd: str,
     env: dict[str, str],
@@ -134,7 +158,7 @@ def _child(
     out: Connection,
     err: Connection,
 ) -> None:
-    """In the fork: the process ``python -m cl_ema`` would be, then its ``main()``."""
+    """In the fork: the process ``python -m <program>`` would be, then its ``main()``."""
     import atexit
     import io
 
@@ -149,20 +173,28 @@ def _child(
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
-    from cl_ema import __main__
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # unless ctrl_c: cli() says what a Popen child would inherit
-    for name in __main__.STOP_SIGNALS:  # the signals main() takes in hand, at their defaults until it does
-        signal.signal(getattr(signal, name), signal.SIG_DFL)
     _dispositions(ctrl_c, file_size)
-    # what a module made for its own process at import: W&B's folder for media files, which the first fork to
-    # exit would otherwise remove for all (its modules hold the object: it gets a folder of this process's own)
-    from wandb.sdk.data_types import _private
+    if program == TORCHRUN:
+        from torch.distributed import run
 
-    _private.MEDIA_TMP.name = tempfile.mkdtemp("wandb-media")
-    sys.argv = [str(Path(__main__.__file__)), *args]
+        os.setsid()  # a session of its own, as Popen(start_new_session=True) gives it
+        sys.argv = [run.__file__, *args]
+        main: Callable[[], None] = partial(run.main, args)
+    else:
+        from cl_ema import __main__
+
+        for name in __main__.STOP_SIGNALS:  # the signals main() takes in hand, at their defaults until it does
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        # what a module made for its own process at import: W&B's folder for media files, which the first fork to
+        # exit would otherwise remove for all (its modules hold the object: it gets a folder of this process's own)
+        from wandb.sdk.data_types import _private
+
+        _private.MEDIA_TMP.name = tempfile.mkdtemp("wandb-media")
+        sys.argv = [str(Path(__main__.__file__)), *args]
+        main = __main__.main
     try:
-        __main__.main()
+        main()
     finally:  # an interpreter's exit: its atexit functions (W&B's among them), then its streams flushed
         atexit._run_exitfuncs()
         sys.stdout.flush()

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,28 +12,19 @@ import psutil
 import pytest
 import torch
 from helpers import ROOT, run_experiment, run_script
-from processes import Started, cli
+from processes import Started, cli, torchrun
 
 pytestmark = pytest.mark.slow
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 # 10 epochs: a task lasts about a second under torchrun, ample time to kill a run after its first checkpoint
 RUN = ["strategy=ema_replay", "ema.decays=[0.9,0.99]", "logger=none", "device=cpu", "seed=1", "train.epochs=10"]
 
 
-def torchrun(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [*TORCHRUN, *args],
-        cwd=cwd,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+def on_two_processes(*args: str, cwd: Path) -> Started:
+    """``torchrun --standalone --nproc-per-node=2 args``, a thread per process."""
+    return torchrun("--standalone", "--nproc-per-node=2", *args, cwd=cwd, env={"OMP_NUM_THREADS": "1"})
 
 
-def finish(proc: subprocess.Popen) -> str:
+def finish(proc: Started) -> str:
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     return out
@@ -48,7 +36,7 @@ def two_processes(tmp_path_factory):
     torchrun run serves the tests of both), and the same run in one process."""
     root, ranks = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("ranks")
     worker = ROOT / "tests" / "ddp_worker.py"
-    out = finish(torchrun(str(worker), str(ranks), *RUN, f"hydra.run.dir={root / 'run'}", cwd=root))
+    out = finish(on_two_processes(str(worker), str(ranks), *RUN, f"hydra.run.dir={root / 'run'}", cwd=root))
     single, _ = run_experiment(root / "single", *RUN)
     return root, out, single, ranks
 
@@ -101,7 +89,7 @@ def test_every_process_keeps_identical_ema_shadows_and_replay_memory(two_process
 def test_killed_and_resumed_under_torchrun_equals_the_uninterrupted_run(two_processes, tmp_path):
     root, _, _, _ = two_processes
     run_dir = tmp_path / "run"
-    proc = torchrun("-m", "cl_ema", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = on_two_processes("-m", "cl_ema", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     deadline = time.time() + 300
     while not (run_dir / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -111,7 +99,7 @@ def test_killed_and_resumed_under_torchrun_equals_the_uninterrupted_run(two_proc
     proc.communicate()
     assert json.loads((run_dir / "results.json").read_text())["status"] == "running"
     out = finish(
-        torchrun("-m", "cl_ema", *RUN, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+        on_two_processes("-m", "cl_ema", *RUN, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
     )
     assert f"resuming {run_dir}" in out
     tracks = [json.loads((d / "results.json").read_text())["tracks"] for d in (run_dir, root / "run")]
@@ -126,7 +114,7 @@ def test_scaling_benchmark_runs_the_gloo_path():
 
 
 def test_bad_input_is_said_once_under_torchrun(tmp_path):
-    proc = torchrun("-m", "cl_ema", "logger=none", "device=cpu", "ema.decay=1.5", cwd=tmp_path)
+    proc = on_two_processes("-m", "cl_ema", "logger=none", "device=cpu", "ema.decay=1.5", cwd=tmp_path)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
     said = [line for line in err.splitlines() if line.startswith("error: ")]
