@@ -32,7 +32,7 @@ def _offline_wandb(monkeypatch, tmp_path):
 @pytest.fixture(scope="session")
 def shared_runs(tmp_path_factory):
     """Runs made once per test worker and shared by every test that asks for the same overrides (they must
-    not change the folder): ``shared_runs(*overrides)`` → (results, folder, console text)."""
+    not change the folder), figures drawn: ``shared_runs(*overrides)`` → (results, folder, console text)."""
     from helpers import run_experiment
 
     made = {}
@@ -40,7 +40,7 @@ def shared_runs(tmp_path_factory):
     def get(*overrides: str):
         if overrides not in made:
             folder = tmp_path_factory.mktemp("shared") / "run"
-            results, text = run_experiment(folder, *overrides)
+            results, text = run_experiment(folder, *overrides, figures=True)
             made[overrides] = (results, folder, text)
         return made[overrides]
 

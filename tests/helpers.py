@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import runpy
 import sys
@@ -23,15 +24,35 @@ def compose_config(*overrides: str) -> DictConfig:
     return compose(*overrides)
 
 
-def run_experiment(out_dir: Path, *overrides: str):
-    """Compose, check and run like ``python -m cl_ema``; returns (results, console text)."""
+def run_experiment(out_dir: Path, *overrides: str, figures: bool = False):
+    """Compose, check and run like ``python -m cl_ema``; returns (results, console text).
+
+    The run's heatmaps (``acc_matrix.png``) are drawn only with ``figures``; otherwise the file holds a 1×1
+    PNG. Drawing them costs 0.1–0.25 s a run, about 40 s of CPU over the tests that make runs this way, none
+    of which looks at the picture (those that do, and every forked or fresh ``python -m cl_ema``, draw it).
+    """
+    from unittest import mock
+
     from cl_ema.console import Console
     from cl_ema.launch import launch
 
     cfg = compose_config("logger=none", "checkpoint=false", *overrides)
     text = io.StringIO()
-    results = launch(check(cfg), out_dir, console=Console(file=text))
+    with contextlib.ExitStack() as stack:
+        if not figures:
+            stack.enter_context(mock.patch("cl_ema.plots.heatmaps_png", lambda *args, **kwargs: _one_pixel_png()))
+        results = launch(check(cfg), out_dir, console=Console(file=text))
     return results, text.getvalue()
+
+
+@functools.cache
+def _one_pixel_png() -> bytes:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    buffer = io.BytesIO()
+    plt.imsave(buffer, np.zeros((1, 1)), format="png")
+    return buffer.getvalue()
 
 
 def interrupt_in_task(monkeypatch, task: int, step: int) -> None:
