@@ -269,8 +269,9 @@ def test_an_interrupted_sweep_names_the_jobs_it_did_not_run():
 
 
 @pytest.mark.slow
-def test_an_unreachable_wandb_server_costs_at_most_15_seconds_and_one_warning(tmp_path):
-    # in a process of its own: W&B's service outlives a run and would keep this broken server for later tests
+def test_an_unreachable_wandb_server_costs_at_most_its_init_timeout_and_one_warning(tmp_path):
+    # in a process of its own: W&B's service outlives a run and would keep this broken server for later tests;
+    # 4 s rather than the default's 15: what is tested is that the timeout holds, and a test waits it out
     script = f"""
 import sys, time
 from pathlib import Path
@@ -279,8 +280,8 @@ from helpers import compose_config
 from cl_ema.building import check_node
 from cl_ema.loggers import RunInfo
 
-node = compose_config("logger=wandb").logger.wandb
-assert node.init_timeout == 15, node.init_timeout  # the default
+assert compose_config("logger=wandb").logger.wandb.init_timeout == 15  # the default
+node = compose_config("logger=wandb", "logger.wandb.init_timeout=4").logger.wandb
 spec = check_node(node, "logger.wandb", given=("run", "resumed"))
 started = time.perf_counter()
 try:
@@ -297,7 +298,7 @@ else:
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     elapsed, *message = proc.stdout.strip().splitlines()
-    assert float(elapsed) < 15 + 3
+    assert float(elapsed) < 4 + 3
     assert len(message) == 1 and re.search(r"^Timed out|127.0.0.1:9", message[0]), message  # the run's one warning
 
 
