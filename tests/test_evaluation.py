@@ -219,3 +219,16 @@ def test_names_must_differ():
     stream = digits()
     with pytest.raises(ValueError, match="same name"):
         evaluate_tracks(MLP(stream.spec, hidden=8), [live_track(), live_track()], stream, 0)
+
+
+def test_counting_shares_one_arg_max_between_equal_settings_and_matches_masked_argmax():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (3, 500, 6), generator=generator).float()  # ties everywhere
+    logits[0, :20, 2], logits[1, :20] = float("nan"), float("-inf")
+    labels = torch.randint(0, 6, (500,), generator=generator)
+    every, some = torch.ones(6, dtype=torch.bool), torch.tensor([True, True, False, True, False, False])
+    for settings in [(every, every), (some, some), (every, some), (some, every)]:
+        expected = torch.stack(
+            [(logits.masked_fill(~allowed, float("-inf")).argmax(-1) == labels).sum(-1) for allowed in settings], -1
+        )
+        assert torch.equal(evaluation._correct(logits, labels, settings), expected)
