@@ -38,9 +38,8 @@ def run_experiment(out_dir: Path, *overrides: str, figures: bool = False):
 
     cfg = compose_config("logger=none", "checkpoint=false", *overrides)
     text = io.StringIO()
-    with contextlib.ExitStack() as stack:
-        if not figures:
-            stack.enter_context(mock.patch("cl_ema.plots.heatmaps_png", lambda *args, **kwargs: _one_pixel_png()))
+    placeholder = mock.patch("cl_ema.plots.heatmaps_png", lambda *_, **__: _one_pixel_png())
+    with contextlib.nullcontext() if figures else placeholder:
         results = launch(check(cfg), out_dir, console=Console(file=text))
     return results, text.getvalue()
 

@@ -62,26 +62,35 @@ def cli(
     and all.
     """
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
-    # a fork is safe on Linux; on macOS system libraries may have started threads, which makes it unsafe
-    # (Python's multiprocessing docs): fresh interpreters there
-    if fresh or sys.platform != "linux":
-        return subprocess.Popen([sys.executable, "-m", "cl_ema", *args], cwd=cwd, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                preexec_fn=lambda: _dispositions(ctrl_c, file_size))  # fmt: skip
-    # a Popen child inherits this process's SIGINT: ignored under a test worker, else Python's KeyboardInterrupt
-    ctrl_c = ctrl_c or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
-    return Run(CL_EMA, list(args), Path(cwd), env, ctrl_c, file_size)
+    return _start(CL_EMA, args, cwd, env, ctrl_c, file_size, fresh)
 
 
 def torchrun(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Started:
     """``python -m torch.distributed.run args`` from ``cwd`` in a session of its own, as from a shell, stdout and
     stderr piped (text), W&B offline; its workers are fresh interpreters (torchrun starts them)."""
-    env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
-    if sys.platform != "linux":
-        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], cwd=cwd, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
-    ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
-    return Run(TORCHRUN, list(args), Path(cwd), env, ctrl_c, None)
+    return _start(TORCHRUN, args, cwd, {**os.environ, "WANDB_MODE": "offline", **(env or {})})
+
+
+def _start(
+    program: str,
+    args: tuple[str, ...],
+    cwd: Path,
+    env: dict[str, str],
+    ctrl_c: bool = False,
+    file_size: int | None = None,
+    fresh: bool = False,
+) -> Started:
+    """``python -m <program> args``, forked from the server, or a fresh interpreter (torchrun's in a session of
+    its own either way)."""
+    # a fork is safe on Linux; on macOS system libraries may have started threads, which makes it unsafe
+    # (Python's multiprocessing docs): fresh interpreters there
+    if fresh or sys.platform != "linux":
+        return subprocess.Popen([sys.executable, "-m", program, *args], cwd=cwd, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=program == TORCHRUN,
+                                preexec_fn=lambda: _dispositions(ctrl_c, file_size))  # fmt: skip
+    # a Popen child inherits this process's SIGINT: ignored under a test worker, else Python's KeyboardInterrupt
+    ctrl_c = ctrl_c or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    return Run(program, list(args), Path(cwd), env, ctrl_c, file_size)
 
 
 def _dispositions(ctrl_c: bool, file_size: int | None) -> None:
