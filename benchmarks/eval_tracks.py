@@ -8,9 +8,11 @@ batch 1024; ``live`` and 21 averages: 22 tracks), assembled as ``python -m cl_em
 through task ``--trained-through`` (mid-stream), then the evaluation after that task (every task's test set:
 200,000 images) timed three ways, taking turns for ``--rounds`` rounds (the median of each):
 
-(a) one track at a time, as the runner did (its loop and the evaluation function as they were): each track
-    swapped in and evaluated on its own, every test batch built again (a gather through the task's pixel
-    permutation, a normalization) and counted for each;
+(a) one track at a time, as the runner did (its loop, the evaluation function and the batch building as they
+    were): each track swapped in and evaluated on its own, every test batch built again (a gather through the
+    task's pixel permutation, a normalization) and counted for each;
+(a') the same loop with today's batch building (``TensorStore.batch``: index_select, one broadcast map,
+    in-place arithmetic, the same values), to tell the two savings apart;
 (b) one pass (``cl_ema.evaluation.evaluate_tracks``, its default on a CPU): each batch built once, each
     track swapped in once and run on all of them;
 (c) one pass stacked (``stack=True``): the 21 averages in one forward, vmap over their stacked weights
@@ -35,11 +37,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from cl_ema.assembly import Run, assemble
 from cl_ema.config import check, compose
 from cl_ema.console import Console
+from cl_ema.data.storage import TensorStore
 from cl_ema.data.stream import TaskStream
 from cl_ema.distributed import from_environment
 from cl_ema.evaluation import Accuracies, class_masks, evaluate_tracks, plan
@@ -51,17 +54,37 @@ def overrides(data_root: str, threads: int, *more: str) -> list[str]:
             "checkpoint=false", f"threads={threads}", *more]  # fmt: skip
 
 
-def one_at_a_time(run: Run, task: int) -> dict[str, Accuracies]:
-    """The runner's loop before one-pass evaluation."""
+def one_at_a_time(run: Run, task: int, build: Callable[[TensorStore, Tensor], Tensor]) -> dict[str, Accuracies]:
+    """The runner's loop before one-pass evaluation, batches built by ``build``."""
     results = {}
     for track in run.tracks:
         with track.swap_in():
-            results[track.name] = evaluate_before(run.model, run.stream, task, run.config.train.eval_batch_size)
+            results[track.name] = evaluate_before(run.model, run.stream, task, run.config.train.eval_batch_size, build)
     return results
 
 
+def built_before(store: TensorStore, index: Tensor) -> Tensor:
+    """``TensorStore.batch`` before one-pass evaluation: advanced indexing, a (batch, pixels) map, out of place."""
+    index = index.to(store.device)
+    if store.pixel_maps is None:
+        raw = store.inputs[index]
+    else:
+        base = store.inputs[index % store.num_base]
+        pixels = base.flatten(1)
+        if store._fills:  # a rotation's 0 pixels
+            pixels = torch.cat([pixels, pixels.new_zeros(len(pixels), 1)], 1)
+        raw = pixels.gather(1, store.pixel_maps[index // store.num_base]).view_as(base)
+    return (raw.float() * store.norm.scale - store._mean) / store._std
+
+
 @torch.no_grad()
-def evaluate_before(model: nn.Module, stream: TaskStream, trained_through: int, batch_size: int) -> Accuracies:
+def evaluate_before(
+    model: nn.Module,
+    stream: TaskStream,
+    trained_through: int,
+    batch_size: int,
+    build: Callable[[TensorStore, Tensor], Tensor],
+) -> Accuracies:
     """``cl_ema.evaluation.evaluate`` before one-pass evaluation (one process): every batch built and counted."""
     seen, own = class_masks(stream, stream.test.device)
     was_training = model.training
@@ -71,7 +94,7 @@ def evaluate_before(model: nn.Module, stream: TaskStream, trained_through: int, 
         index = stream.test_indices[task]
         correct = torch.zeros(2, dtype=torch.long)
         for batch in index.split(batch_size):
-            logits, labels = model(stream.test.batch(batch)), stream.test.targets_at(batch)
+            logits, labels = model(build(stream.test, batch)), stream.test.targets_at(batch)
             for k, allowed in enumerate((seen[trained_through], own[task])):
                 correct[k] += (logits.masked_fill(~allowed, float("-inf")).argmax(1) == labels).sum()
         result.class_il.append(int(correct[0]) / len(index))
@@ -132,9 +155,10 @@ def one_evaluation(args: argparse.Namespace) -> None:
         print(f"trained tasks 0..{task} of {run.stream.num_tasks} in {time.perf_counter() - started:.0f} s; "
               f"{len(run.tracks)} tracks; {sum(len(i) for i in run.stream.test_indices):,} test images, "
               f"batch {batch_size}")  # fmt: skip
-        a, b = one_at_a_time(run, task), evaluate_tracks(run.model, run.tracks, run.stream, task, batch_size=batch_size)
-        same = all(a[n].class_il == b[n].class_il and a[n].task_il == b[n].task_il for n in a)
-        print(f"(b) gives (a)'s accuracies exactly: {same}")
+        a, a2 = one_at_a_time(run, task, built_before), one_at_a_time(run, task, TensorStore.batch)
+        b = evaluate_tracks(run.model, run.tracks, run.stream, task, batch_size=batch_size)
+        same = all(x[n].class_il == b[n].class_il and x[n].task_il == b[n].task_il for x in (a, a2) for n in a)
+        print(f"(a') and (b) give (a)'s accuracies exactly: {same}")
         c = evaluate_tracks(run.model, run.tracks, run.stream, task, batch_size=batch_size, stack=True)
         differ = sum(x != y for n in a for x, y in zip(a[n].class_il + a[n].task_il, c[n].class_il + c[n].task_il))
         print(f"(c) accuracies that differ from (a)'s: {differ} of {2 * len(a) * run.stream.num_tasks}")
@@ -142,7 +166,8 @@ def one_evaluation(args: argparse.Namespace) -> None:
         print(f"(c) vs each track's own forward: {logits_differ:,} of {logits:,} logits differ (largest by "
               f"{largest:.3g}), {flips} of {predictions:,} predictions")  # fmt: skip
         contenders: dict[str, Callable[[], object]] = {
-            "(a) one track at a time": lambda: one_at_a_time(run, task),
+            "(a) one track at a time": lambda: one_at_a_time(run, task, built_before),
+            "(a') (a), today's batches": lambda: one_at_a_time(run, task, TensorStore.batch),
             "(b) one pass": lambda: evaluate_tracks(run.model, run.tracks, run.stream, task, batch_size=batch_size),
             "(c) one pass, stacked": lambda: evaluate_tracks(
                 run.model, run.tracks, run.stream, task, batch_size=batch_size, stack=True
