@@ -34,7 +34,7 @@ from cl_ema.evaluation import evaluate_tracks
 from cl_ema.models import build_model
 from cl_ema.options import OptionError
 from cl_ema.plugins import Track
-from cl_ema.plugins.posthoc import FOLDER, FORMAT, LIVE_ROW, MANIFEST
+from cl_ema.plugins.posthoc import DTYPES, FOLDER, FORMAT, LIVE_ROW, MANIFEST, read_snapshot
 from cl_ema.profiles import combine, ema_target, profiles_at, reconstruct_all
 from cl_ema.results import Results, save_outputs
 from cl_ema.rules import EMARule, Frozen, horizon_decay, number
@@ -152,14 +152,21 @@ class Snapshots:
     def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
         self.folder, self.manifest = folder, manifest
         self.decays = {b["row"]: b["decay"] for b in manifest["basis"]}
+        self.sizes = [sum(size for _, size in group) for group in manifest["layout"]]
+        dtype = manifest.get("dtype")
+        if dtype not in DTYPES:
+            raise UserError(f"{folder / MANIFEST}: snapshots of dtype {dtype!r}, not one of {list(DTYPES)}")
+        self.dtype = DTYPES[dtype]
         self.loaded: dict[str, dict[str, list[torch.Tensor]]] = {}
 
-    def tensors(self, file: str) -> dict[str, list[torch.Tensor]]:
+    def tensors(self, entry: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
+        """The rows of the snapshot of manifest entry ``entry``."""
+        file = entry["file"]
         if file not in self.loaded:
             try:
-                self.loaded[file] = torch.load(self.folder / file, map_location="cpu", weights_only=True)
-            except Exception as err:  # noqa: BLE001 - a missing, truncated or foreign file
-                raise UserError(f"{self.folder / file}: not a readable snapshot ({type(err).__name__})") from None
+                self.loaded[file] = read_snapshot(self.folder / file, entry["rows"], self.sizes, self.dtype)
+            except (OSError, ValueError) as err:  # a missing, truncated or foreign file
+                raise UserError(f"{self.folder / file}: not a readable snapshot ({err})") from None
         return self.loaded[file]
 
     def basis_at(self, step: int) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
@@ -170,7 +177,7 @@ class Snapshots:
             name: profiles_at(EMARule(decay), [e["step"] for e in entries], step) for name, decay in self.decays.items()
         }
         for i, entry in enumerate(entries):
-            saved = self.tensors(entry["file"])
+            saved = self.tensors(entry)
             for name in entry["rows"]:
                 if name == LIVE_ROW:
                     one = torch.zeros(step + 1, dtype=torch.float64)

@@ -4,20 +4,21 @@ snapshots an average of any horizon (``cl_ema.profiles``: the profiles, the leas
 
 Options: ``cl_ema.plugins.options.PostHoc``. Files, in the run folder:
 
-- ``posthoc/<step>.pt``: one snapshot: its rows (each basis EMA, and at task ends the live weights) as the
-  engine's flat tensors, one per (device, dtype) group, in the storage dtype, on the CPU;
+- ``posthoc/<step>.bin``: one snapshot, raw: its rows (each basis EMA, and at task ends the live weights) one
+  after the other, each the engine's flat tensors one per (device, dtype) group, in the storage dtype
+  (``read_snapshot`` reads it back);
 - ``posthoc/manifest.json``: what the snapshots are, exactly: each basis row's rule and decay, each
   snapshot's step, task and rows, the task ends, and the layout of the flat tensors (names and sizes).
 
 The snapshots are part of the resumable run: the checkpoint holds the list written up to it, and a run
 resumed from it removes any written after it (by the run that was stopped), then writes them again, the same.
 A snapshot is written atomically but flushed to disk, with the manifest, only at task ends and when a checkpoint
-takes the plugin's state: a flush per snapshot cost a small model's run more than its training steps.
+takes the plugin's state: a flush per snapshot cost a small model's run more than its training steps. Raw, as
+``torch.save`` of a split-digits snapshot took 0.6 ms, twice its write.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
@@ -33,8 +34,9 @@ from cl_ema.plugins.averaging import AveragingPlugin
 from cl_ema.plugins.options import PostHoc
 from cl_ema.rules import EMARule, Rule, horizon_decay, number
 
-FOLDER, MANIFEST, FORMAT = "posthoc", "manifest.json", "cl_ema-posthoc-1"
+FOLDER, MANIFEST, FORMAT = "posthoc", "manifest.json", "cl_ema-posthoc-2"
 LIVE_ROW = "live"
+SUFFIX = ".bin"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -125,13 +127,12 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
             rows |= {name: self.engine.shadow_rows(k) for k, name in enumerate(self.row_names)}
         if live:
             rows[LIVE_ROW] = [group.live for group in self.engine.groups]
-        file = f"{step:09d}.pt"
+        file = snapshot_file(step)
         self.snapshots.append({"step": step, "task": len(self.task_ends), "file": file, "rows": list(rows)})
         if not is_main(strict=False):
             return
-        buffer = io.BytesIO()
-        torch.save({name: [t.detach().to("cpu", self.dtype) for t in row] for name, row in rows.items()}, buffer)
-        atomic_write(self.folder / file, buffer.getvalue(), durable=False)
+        flat = torch.cat([t.detach().reshape(-1).to("cpu", self.dtype) for row in rows.values() for t in row])
+        atomic_write(self.folder / file, flat.view(torch.uint8).numpy().data, durable=False)
         self.unsynced.append(self.folder / file)
 
     def flush(self) -> None:
@@ -172,7 +173,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
             if not (
                 isinstance(entry, dict)
                 and _count(entry.get("step"))
-                and entry.get("file") == f"{entry['step']:09d}.pt"
+                and entry.get("file") == snapshot_file(entry["step"])
                 and isinstance(entry.get("rows"), list)
                 and set(entry["rows"]) <= {*self.row_names, LIVE_ROW}
             ):
@@ -181,7 +182,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
         self.snapshots, self.task_ends = list(snapshots), list(ends)
         if is_main(strict=False):  # snapshots the stopped run wrote after its checkpoint: written again, the same
             kept = {entry["file"] for entry in self.snapshots}
-            for path in self.folder.glob("*.pt"):
+            for path in self.folder.glob(f"*{SUFFIX}"):
                 if path.name not in kept:
                     path.unlink()
             self.unsynced.clear()
@@ -197,6 +198,20 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
         missing = [file for file in files if is_main(strict=False) and not (self.folder / file).is_file()]
         if missing:
             raise ValueError(f"its snapshot {self.folder / missing[0]} is missing")
+
+
+def snapshot_file(step: int) -> str:
+    return f"{step:09d}{SUFFIX}"
+
+
+def read_snapshot(path: Path, rows: list[str], sizes: list[int], dtype: torch.dtype) -> dict[str, list[torch.Tensor]]:
+    """A snapshot file's rows (see the module docstring): by row name, one flat tensor per group of ``sizes``
+    elements. ValueError if the file holds another number of values."""
+    data = bytearray(path.read_bytes())
+    flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+    if flat.numel() != len(rows) * sum(sizes):
+        raise ValueError(f"{len(data)} bytes, not {len(rows)} rows of {sum(sizes)} {dtype} values")
+    return {name: list(row.split(sizes)) for name, row in zip(rows, flat.split(sum(sizes)))}
 
 
 def _count(value: Any) -> bool:
