@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cl_ema.errors import write_error
+from cl_ema.errors import UserError, write_error
 
 
 def file_mode() -> int:
@@ -51,6 +51,18 @@ def atomic_write(path: Path, data: str | bytes | memoryview, *, durable: bool = 
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def append(path: Path, data: bytes | memoryview, at: int) -> None:
+    """Add ``data`` at the end of ``path``, which holds ``at`` bytes; ``at=0`` starts the file (replacing one
+    left from elsewhere). A file that holds another length was changed by someone else, and is refused rather
+    than written at the wrong place."""
+    with writing(path), open(path, "wb" if at == 0 else "ab") as handle:
+        if handle.tell() != at:
+            raise UserError(
+                f"{path}: {handle.tell():,} bytes, not the {at:,} written into it (changed by another process?)"
+            )
+        handle.write(data)
 
 
 def sync(paths: list[Path]) -> None:

@@ -161,13 +161,13 @@ class Snapshots:
 
     def tensors(self, entry: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
         """The rows of the snapshot of manifest entry ``entry``."""
-        file = entry["file"]
-        if file not in self.loaded:
+        key = f"{entry['file']}@{entry['offset']}"
+        if key not in self.loaded:
             try:
-                self.loaded[file] = read_snapshot(self.folder / file, entry["rows"], self.sizes, self.dtype)
+                self.loaded[key] = read_snapshot(self.folder / entry["file"], entry, self.sizes, self.dtype)
             except (OSError, ValueError) as err:  # a missing, truncated or foreign file
-                raise UserError(f"{self.folder / file}: not a readable snapshot ({err})") from None
-        return self.loaded[file]
+                raise UserError(f"{self.folder / entry['file']}: not a readable snapshot ({err})") from None
+        return self.loaded[key]
 
     def basis_at(self, step: int) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """The profiles (rows, step + 1) of every snapshot row saved at or before ``step``, and their tensors."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import namedtuple
 
@@ -31,6 +32,10 @@ def copied(run, tmp_path):
     return tmp_path / "run"
 
 
+def bytes_of(entry: dict, manifest: dict) -> int:
+    return len(entry["rows"]) * sum(size for group in manifest["layout"] for _, size in group) * 4  # float32
+
+
 def results_of(folder) -> dict:
     return json.loads((folder / "results.json").read_text())
 
@@ -45,7 +50,12 @@ def test_snapshots_and_manifest_say_exactly_what_was_saved(posthoc_run):
     ends = [e for e in manifest["snapshots"] if e["step"] in manifest["task_ends"]]
     assert all(e["rows"] == ["ema_1x", "ema_4x", "live"] for e in ends)
     assert [b["horizon_steps"] for b in manifest["basis"]] == pytest.approx([90 / 16, 4 * 90 / 16])
-    assert sorted(p.name for p in (posthoc_run / "posthoc").glob("*.bin")) == [e["file"] for e in manifest["snapshots"]]
+    files = {path.name: path.stat().st_size for path in (posthoc_run / "posthoc").glob("*.bin")}
+    assert sorted(files) == [f"snapshots-{k:04d}.bin" for k in range(6)]  # by tasks done: the start, each task end
+    for entry in manifest["snapshots"]:  # one after the other in their files, which hold them and nothing more
+        assert entry["file"] == f"snapshots-{entry['task']:04d}.bin"
+        assert entry["offset"] + bytes_of(entry, manifest) <= files[entry["file"]]
+    assert sum(bytes_of(entry, manifest) for entry in manifest["snapshots"]) == sum(files.values())
 
 
 def test_rebuilt_emas_equal_those_tracked_directly(posthoc_run, tmp_path):
@@ -156,63 +166,65 @@ def test_a_run_the_disk_cannot_hold_is_refused_in_one_line(tmp_path, monkeypatch
 
 
 def test_every_snapshot_is_on_disk_before_a_checkpoint_or_the_manifest_lists_it(tmp_path, monkeypatch):
-    """Snapshots skip the flush to disk when written (it cost a small model more than its training): each is
+    """Snapshots skip the flush to disk when appended (it cost a small model more than its training): each is
     flushed before the manifest, or a checkpoint's state, names it."""
-    synced: set[str] = set()
-    manifests: list[set[str]] = []
+    synced: dict[str, int] = {}  # each file's bytes when it was last flushed
+    manifests: list[dict] = []
     real_sync, real_write = cl_ema.files.sync, plugin.atomic_write
 
     def recording_sync(paths):
-        synced.update(path.name for path in paths)
         real_sync(paths)
+        synced.update({path.name: path.stat().st_size for path in paths})
+
+    def on_disk(manifest, entries):
+        return all(e["offset"] + bytes_of(e, manifest) <= synced.get(e["file"], -1) for e in entries)
 
     def checked_write(path, data, **kwargs):
         if path.name == "manifest.json":
-            listed = {entry["file"] for entry in json.loads(data)["snapshots"]}
-            assert listed <= synced, listed - synced
-            manifests.append(listed)
+            manifest = json.loads(data)
+            assert on_disk(manifest, manifest["snapshots"])
+            manifests.append(manifest)
         real_write(path, data, **kwargs)
 
     real_state = plugin.PostHocPlugin.state_dict
 
     def checked_state(self):
         state = real_state(self)
-        assert {entry["file"] for entry in state["snapshots"]} <= synced
+        assert on_disk(manifests[-1], state["snapshots"])
         return state
 
     monkeypatch.setattr(plugin, "sync", recording_sync)
     monkeypatch.setattr(plugin, "atomic_write", checked_write)
     monkeypatch.setattr(plugin.PostHocPlugin, "state_dict", checked_state)
     run_experiment(tmp_path / "run", *RUN, "data.n_tasks=2")
-    listed = {entry["file"] for entry in read_manifest(tmp_path / "run")["snapshots"]}
-    assert len(listed) == 1 + 2 * 16 and listed == synced and manifests[-1] == listed
+    listed = read_manifest(tmp_path / "run")["snapshots"]
+    assert len(listed) == 1 + 2 * 16 and manifests[-1]["snapshots"] == listed
 
 
 def test_a_snapshot_the_disk_refuses_stops_the_run_in_one_line(tmp_path, monkeypatch):
     import errno
 
-    real_write = plugin.atomic_write
+    real_append = plugin.append
 
-    def full_disk(path, data, **kwargs):
-        if path.suffix == ".bin" and path.name != "000000000.bin":  # the first snapshot fits, the next do not
+    def full_disk(path, data, at):
+        if at > 0:  # the first snapshot fits, the next do not
             with cl_ema.files.writing(path):
                 raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(path, data, **kwargs)
+        real_append(path, data, at)
 
-    monkeypatch.setattr(plugin, "atomic_write", full_disk)
+    monkeypatch.setattr(plugin, "append", full_disk)
     run_dir = tmp_path / "r"
     status, _, err = cli_in_process(
         "logger=none", "+plugin@posthoc=posthoc", "checkpoint=true", f"hydra.run.dir={run_dir}", cwd=tmp_path
     )
     assert status != 0 and err.count("\n") == 1, err
     assert err.startswith(f"error: cannot write {run_dir / 'posthoc'}/") and "no space left on the device" in err
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "posthoc" / "000000000.bin").is_file()
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "posthoc" / "snapshots-0000.bin").stat().st_size > 0
 
 
 def test_a_truncated_snapshot_is_one_line(posthoc_run, tmp_path):
     run = copied(posthoc_run, tmp_path)
     entry = read_manifest(run)["snapshots"][5]
-    path = run / "posthoc" / entry["file"]
-    path.write_bytes(path.read_bytes()[:-8])  # one value short
-    with pytest.raises(UserError, match=f"{entry['file']}: not a readable snapshot .* bytes, not 2 rows of"):
+    os.truncate(run / "posthoc" / entry["file"], entry["offset"] + 8)
+    with pytest.raises(UserError, match=f"{entry['file']}: not a readable snapshot .8 bytes at offset"):
         add_tracks(run, [1], [], 0.02)

@@ -4,22 +4,27 @@ snapshots an average of any horizon (``cl_ema.profiles``: the profiles, the leas
 
 Options: ``cl_ema.plugins.options.PostHoc``. Files, in the run folder:
 
-- ``posthoc/<step>.bin``: one snapshot, raw: its rows (each basis EMA, and at task ends the live weights) one
-  after the other, each the engine's flat tensors one per (device, dtype) group, in the storage dtype
-  (``read_snapshot`` reads it back);
+- ``posthoc/snapshots-<k>.bin``: the snapshots taken with k tasks done (k = 0: the start and task 0's; then
+  the end of task k − 1 and task k's), appended raw: each snapshot its rows (each basis EMA, and at task ends
+  the live weights) one after the other, each the engine's flat tensors one per (device, dtype) group, in the
+  storage dtype (``read_snapshot`` reads one back);
 - ``posthoc/manifest.json``: what the snapshots are, exactly: each basis row's rule and decay, each
-  snapshot's step, task and rows, the task ends, and the layout of the flat tensors (names and sizes).
+  snapshot's step, task, rows, file and offset in it, the task ends, and the layout of the flat tensors (names
+  and sizes).
 
 The snapshots are part of the resumable run: the checkpoint holds the list written up to it, and a run
-resumed from it removes any written after it (by the run that was stopped), then writes them again, the same.
-A snapshot is written atomically but flushed to disk, with the manifest, only at task ends and when a checkpoint
-takes the plugin's state: a flush per snapshot cost a small model's run more than its training steps. Raw, as
-``torch.save`` of a split-digits snapshot took 0.6 ms, twice its write.
+resumed from it cuts the files back to that list (removing what the stopped run wrote after its checkpoint),
+then writes the rest again, the same. A snapshot is appended without a flush to disk; the files are flushed, and
+the manifest that lists them written, at task ends and when a checkpoint takes the plugin's state: a flush per
+snapshot cost a small model's run more than its training steps. Raw and appended, because ``torch.save`` of a
+split-digits snapshot took 0.6 ms, twice its write, and a file per snapshot was 16 files a task to create,
+rename and flush (and a 20-task run's 321 files on a cluster's file quota).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,7 @@ import torch
 
 from cl_ema.environment import is_main
 from cl_ema.errors import UserError
-from cl_ema.files import atomic_write, sync
+from cl_ema.files import append, atomic_write, sync, writing
 from cl_ema.plugins import Position
 from cl_ema.plugins.averaging import AveragingPlugin
 from cl_ema.plugins.options import PostHoc
@@ -70,7 +75,8 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
         self.snapshots: list[dict[str, Any]] = []
         self.task_ends: list[int] = []
         self.plan: set[int] = set()  # steps of the current task at which the basis is saved (its end apart)
-        self.unsynced: list[Path] = []  # snapshots written since the last flush
+        self.unsynced: list[Path] = []  # files appended to since the last flush
+        self.written: dict[str, int] = {}  # bytes of each file, as the snapshots listed fill it
 
     def engine_rules(self) -> list[Rule]:
         return [EMARule(decay) for decay in self.decays]
@@ -80,8 +86,11 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
         """Bytes of every snapshot of the run: the basis ``per_task`` times a task, the live weights at step 0 and
         at every task end."""
         rows = self.num_tasks * (self.options.per_task * len(self.decays) + 1) + 1
-        elements = sum(group.live.numel() for group in self.engine.groups)
-        return rows * elements * torch.finfo(self.dtype).bits // 8
+        return rows * self.row_bytes()
+
+    def row_bytes(self) -> int:
+        """Bytes of one row of a snapshot: the averaged tensors in the storage dtype."""
+        return sum(group.live.numel() for group in self.engine.groups) * torch.finfo(self.dtype).bits // 8
 
     def summary(self) -> str:
         horizons = ", ".join(f"{1 / (1 - d):,.0f}" for d in self.decays)
@@ -101,11 +110,11 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
                 f"posthoc: the snapshots need {self.disk_needed() / 2**30:.2f} GiB, {self.folder} has "
                 f"{free / 2**30:.2f} GiB free (posthoc.per_task or posthoc.dtype=bfloat16 need less)"
             )
-        self.save(0, live=True, basis=False)
-        self.flush()
 
     # ------------------------------------------------------------------ training
     def before_training_exp(self, strategy, **kwargs) -> None:
+        if not self.snapshots:  # the weights before the first step (a resumed run has its checkpoint's list)
+            self.save(self.engine.step, live=True, basis=False)
         start, steps = self.engine.step, len(strategy.dataloader) * strategy.train_epochs
         per_task = self.options.per_task
         self.plan = {start + round(j * steps / per_task) for j in range(1, per_task)}
@@ -127,13 +136,17 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
             rows |= {name: self.engine.shadow_rows(k) for k, name in enumerate(self.row_names)}
         if live:
             rows[LIVE_ROW] = [group.live for group in self.engine.groups]
-        file = snapshot_file(step)
-        self.snapshots.append({"step": step, "task": len(self.task_ends), "file": file, "rows": list(rows)})
+        file = snapshot_file(len(self.task_ends))
+        offset = self.written.get(file, 0)
+        entry = {"step": step, "task": len(self.task_ends), "file": file, "offset": offset, "rows": list(rows)}
+        self.snapshots.append(entry)
+        self.written[file] = offset + len(rows) * self.row_bytes()
         if not is_main(strict=False):
             return
         flat = torch.cat([t.detach().reshape(-1).to("cpu", self.dtype) for row in rows.values() for t in row])
-        atomic_write(self.folder / file, flat.view(torch.uint8).numpy().data, durable=False)
-        self.unsynced.append(self.folder / file)
+        append(self.folder / file, flat.view(torch.uint8).numpy().data, at=offset)
+        if self.folder / file not in self.unsynced:
+            self.unsynced.append(self.folder / file)
 
     def flush(self) -> None:
         """The snapshots written so far on disk, then the manifest that lists them (the main process only)."""
@@ -169,22 +182,28 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
         snapshots, ends = state.get("snapshots"), state.get("task_ends")
         if not isinstance(snapshots, list) or not isinstance(ends, list) or not all(_count(e) for e in ends):
             raise ValueError("the post-hoc state lacks its snapshots or task ends")
+        written: dict[str, int] = {}
         for entry in snapshots:
             if not (
                 isinstance(entry, dict)
                 and _count(entry.get("step"))
-                and entry.get("file") == snapshot_file(entry["step"])
+                and _count(entry.get("task"))
+                and entry.get("file") == snapshot_file(entry["task"])
+                and entry.get("offset") == written.get(entry["file"], 0)  # each file filled in order
                 and isinstance(entry.get("rows"), list)
                 and set(entry["rows"]) <= {*self.row_names, LIVE_ROW}
             ):
                 raise ValueError(f"a post-hoc snapshot entry is not one this plugin writes: {str(entry)[:80]}")
+            written[entry["file"]] = entry["offset"] + len(entry["rows"]) * self.row_bytes()
         self.engine.load_state_dict(state.get("averages") or {})
-        self.snapshots, self.task_ends = list(snapshots), list(ends)
-        if is_main(strict=False):  # snapshots the stopped run wrote after its checkpoint: written again, the same
-            kept = {entry["file"] for entry in self.snapshots}
+        self.snapshots, self.task_ends, self.written = list(snapshots), list(ends), written
+        if is_main(strict=False):  # what the stopped run wrote after its checkpoint: cut off, written again the same
             for path in self.folder.glob(f"*{SUFFIX}"):
-                if path.name not in kept:
-                    path.unlink()
+                with writing(path):
+                    if path.name not in written:
+                        path.unlink()
+                    elif path.stat().st_size > written[path.name]:
+                        os.truncate(path, written[path.name])
             self.unsynced.clear()
             self.write_manifest()
 
@@ -194,23 +213,32 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
             raise ValueError(f"its task ends {self.task_ends[-3:]} do not end the run's {at.tasks_done} tasks")
         if any(entry["step"] > at.steps for entry in self.snapshots):
             raise ValueError("it lists snapshots after the run's last step")
-        files: list[str] = [entry["file"] for entry in self.snapshots]
-        missing = [file for file in files if is_main(strict=False) and not (self.folder / file).is_file()]
-        if missing:
-            raise ValueError(f"its snapshot {self.folder / missing[0]} is missing")
+        for file, size in self.written.items():
+            path = self.folder / file
+            if is_main(strict=False) and (not path.is_file() or path.stat().st_size < size):
+                held = f"holds {path.stat().st_size:,} bytes" if path.is_file() else "is missing"
+                raise ValueError(f"its snapshot file {path} {held}, the checkpoint lists {size:,}")
 
 
-def snapshot_file(step: int) -> str:
-    return f"{step:09d}{SUFFIX}"
+def snapshot_file(tasks_done: int) -> str:
+    return f"snapshots-{tasks_done:04d}{SUFFIX}"
 
 
-def read_snapshot(path: Path, rows: list[str], sizes: list[int], dtype: torch.dtype) -> dict[str, list[torch.Tensor]]:
-    """A snapshot file's rows (see the module docstring): by row name, one flat tensor per group of ``sizes``
-    elements. ValueError if the file holds another number of values."""
-    data = bytearray(path.read_bytes())
-    flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-    if flat.numel() != len(rows) * sum(sizes):
-        raise ValueError(f"{len(data)} bytes, not {len(rows)} rows of {sum(sizes)} {dtype} values")
+def read_snapshot(
+    path: Path, entry: dict[str, Any], sizes: list[int], dtype: torch.dtype
+) -> dict[str, list[torch.Tensor]]:
+    """The rows of the snapshot of manifest entry ``entry`` in ``path`` (see the module docstring): by row name,
+    one flat tensor per group of ``sizes`` elements. ValueError if the file ends before it does."""
+    rows, itemsize = entry["rows"], torch.finfo(dtype).bits // 8
+    size = len(rows) * sum(sizes) * itemsize
+    with path.open("rb") as handle:
+        handle.seek(entry["offset"])
+        data = bytearray(handle.read(size))
+    if len(data) != size:
+        raise ValueError(
+            f"{len(data):,} bytes at offset {entry['offset']:,}, not {len(rows)} rows of {sum(sizes)} values"
+        )
+    flat = torch.frombuffer(data, dtype=dtype)
     return {name: list(row.split(sizes)) for name, row in zip(rows, flat.split(sum(sizes)))}
 
 
