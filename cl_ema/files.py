@@ -34,7 +34,7 @@ def writing(path: Path | str) -> Iterator[None]:
         raise write_error(err, path) from err
 
 
-def atomic_write(path: Path, data: str | bytes | memoryview, *, durable: bool = True) -> None:
+def atomic_write(path: Path, data: str | bytes, *, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` all at once (see the module docstring). ``durable=False`` skips the flush
     to disk, for files written often whose writer calls ``sync`` before anything durable refers to them."""
     with writing(path):
@@ -42,7 +42,7 @@ def atomic_write(path: Path, data: str | bytes | memoryview, *, durable: bool = 
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             os.fchmod(fd, file_mode())  # mkstemp makes 0600; results are as shareable as any file the user writes
-            with os.fdopen(fd, "w" if isinstance(data, str) else "wb") as handle:
+            with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as handle:
                 handle.write(data)
                 handle.flush()
                 if durable:
@@ -66,7 +66,7 @@ def append(path: Path, data: bytes | memoryview, at: int) -> None:
 
 
 def sync(paths: list[Path]) -> None:
-    """Flush files written with ``atomic_write(durable=False)`` to disk."""
+    """Flush files written without a flush (``atomic_write(durable=False)``, ``append``) to disk."""
     for path in paths:
         with writing(path):
             fd = os.open(path, os.O_RDONLY)

@@ -157,11 +157,11 @@ class Snapshots:
         if dtype not in DTYPES:
             raise UserError(f"{folder / MANIFEST}: snapshots of dtype {dtype!r}, not one of {list(DTYPES)}")
         self.dtype = DTYPES[dtype]
-        self.loaded: dict[str, dict[str, list[torch.Tensor]]] = {}
+        self.loaded: dict[tuple[str, int], dict[str, list[torch.Tensor]]] = {}
 
     def tensors(self, entry: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
         """The rows of the snapshot of manifest entry ``entry``."""
-        key = f"{entry['file']}@{entry['offset']}"
+        key = entry["file"], entry["offset"]
         if key not in self.loaded:
             try:
                 self.loaded[key] = read_snapshot(self.folder / entry["file"], entry, self.sizes, self.dtype)

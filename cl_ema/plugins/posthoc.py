@@ -189,7 +189,8 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
                 and _count(entry.get("step"))
                 and _count(entry.get("task"))
                 and entry.get("file") == snapshot_file(entry["task"])
-                and entry.get("offset") == written.get(entry["file"], 0)  # each file filled in order
+                and _count(entry.get("offset"))
+                and entry["offset"] == written.get(entry["file"], 0)  # each file filled in order
                 and isinstance(entry.get("rows"), list)
                 and set(entry["rows"]) <= {*self.row_names, LIVE_ROW}
             ):
