@@ -34,7 +34,7 @@ from cl_ema.evaluation import evaluate_tracks
 from cl_ema.models import build_model
 from cl_ema.options import OptionError
 from cl_ema.plugins import Track
-from cl_ema.plugins.posthoc import DTYPES, FOLDER, FORMAT, LIVE_ROW, MANIFEST, read_snapshot
+from cl_ema.plugins.posthoc import DTYPES, FOLDER, LIVE_ROW, MANIFEST, check_manifest, read_snapshot
 from cl_ema.profiles import combine, ema_target, profiles_at, reconstruct_all
 from cl_ema.results import Results, save_outputs
 from cl_ema.rules import EMARule, Frozen, horizon_decay, number
@@ -141,8 +141,10 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: not readable ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UserError(f"{path}: not a post-hoc manifest of this version (format {FORMAT})")
+    try:
+        check_manifest(manifest)
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from None
     return manifest
 
 
@@ -153,10 +155,7 @@ class Snapshots:
         self.folder, self.manifest = folder, manifest
         self.decays = {b["row"]: b["decay"] for b in manifest["basis"]}
         self.sizes = [sum(size for _, size in group) for group in manifest["layout"]]
-        dtype = manifest.get("dtype")
-        if dtype not in DTYPES:
-            raise UserError(f"{folder / MANIFEST}: snapshots of dtype {dtype!r}, not one of {list(DTYPES)}")
-        self.dtype = DTYPES[dtype]
+        self.dtype = DTYPES[manifest["dtype"]]
         self.loaded: dict[tuple[str, int], dict[str, list[torch.Tensor]]] = {}
 
     def tensors(self, entry: dict[str, Any]) -> dict[str, list[torch.Tensor]]:

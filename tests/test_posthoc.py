@@ -228,3 +228,39 @@ def test_a_truncated_snapshot_is_one_line(posthoc_run, tmp_path):
     os.truncate(run / "posthoc" / entry["file"], entry["offset"] + 8)
     with pytest.raises(UserError, match=f"{entry['file']}: not a readable snapshot .8 bytes at offset"):
         add_tracks(run, [1], [], 0.02)
+
+
+def _without_offset(manifest):
+    del manifest["snapshots"][3]["offset"]
+
+
+def _elsewhere(manifest):
+    manifest["snapshots"][3]["file"] = "../../results.json"
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (_without_offset, "a snapshot entry is not one the plugin writes: {'step': "),
+        (_elsewhere, "a snapshot entry is not one the plugin writes: {'step': "),
+        (lambda m: m.update(dtype="float16"), "its dtype, per_task or first_task_steps is not one the plugin writes"),
+        (lambda m: m.update(basis={"ema_1x": 0.9}), "its basis is not a list of rows with their decays"),
+        (lambda m: m["layout"][0].append(["extra", -1]), "its layout is not a list of groups of (name, size)"),
+        (lambda m: m.update(snapshots=None), "a snapshot entry is not one the plugin writes: not a list"),
+    ],
+    ids=["no-offset", "file-elsewhere", "dtype", "basis", "layout", "snapshots"],
+)
+def test_a_manifest_that_is_not_the_plugins_is_one_line(posthoc_run, tmp_path, capsys, edit, expected):
+    from cl_ema.posthoc import main
+
+    run = copied(posthoc_run, tmp_path)
+    manifest = read_manifest(run)
+    edit(manifest)
+    (run / "posthoc" / "manifest.json").write_text(json.dumps(manifest))
+    before = (run / "results.json").read_bytes()
+    with pytest.raises(SystemExit) as exited:
+        main([str(run), "--horizons", "1"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and expected in err, err
+    assert err.startswith(f"error: {run / 'posthoc' / 'manifest.json'}: ")
+    assert (run / "results.json").read_bytes() == before

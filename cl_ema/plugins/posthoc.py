@@ -184,16 +184,8 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
             raise ValueError("the post-hoc state lacks its snapshots or task ends")
         written: dict[str, int] = {}
         for entry in snapshots:
-            if not (
-                isinstance(entry, dict)
-                and _count(entry.get("step"))
-                and _count(entry.get("task"))
-                and entry.get("file") == snapshot_file(entry["task"])
-                and _count(entry.get("offset"))
-                and entry["offset"] == written.get(entry["file"], 0)  # each file filled in order
-                and isinstance(entry.get("rows"), list)
-                and set(entry["rows"]) <= {*self.row_names, LIVE_ROW}
-            ):
+            # each file filled in order
+            if not entry_ok(entry, self.row_names) or entry["offset"] != written.get(entry["file"], 0):
                 raise ValueError(f"a post-hoc snapshot entry is not one this plugin writes: {str(entry)[:80]}")
             written[entry["file"]] = entry["offset"] + len(entry["rows"]) * self.row_bytes()
         self.engine.load_state_dict(state.get("averages") or {})
@@ -223,6 +215,49 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
 
 def snapshot_file(tasks_done: int) -> str:
     return f"snapshots-{tasks_done:04d}{SUFFIX}"
+
+
+def entry_ok(entry: Any, basis_rows: list[str]) -> bool:
+    """Whether ``entry`` is a snapshot entry as ``save`` lists it, of a basis of rows ``basis_rows``."""
+    return (
+        isinstance(entry, dict)
+        and _count(entry.get("step"))
+        and _count(entry.get("task"))
+        and entry.get("file") == snapshot_file(entry["task"])
+        and _count(entry.get("offset"))
+        and isinstance(entry.get("rows"), list)
+        and set(entry["rows"]) <= {*basis_rows, LIVE_ROW}
+    )
+
+
+def check_manifest(manifest: Any) -> None:
+    """ValueError naming what is wrong unless ``manifest`` has the shape ``PostHocPlugin.manifest`` gives it."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"not a post-hoc manifest of this version (format {FORMAT})")
+    basis = manifest.get("basis")
+    if not isinstance(basis, list) or not all(
+        isinstance(b, dict) and isinstance(b.get("row"), str) and isinstance(b.get("decay"), float) for b in basis
+    ):
+        raise ValueError("its basis is not a list of rows with their decays")
+    if manifest.get("dtype") not in DTYPES or not all(
+        _count(manifest.get(k)) for k in ("per_task", "first_task_steps")
+    ):
+        raise ValueError(
+            f"its dtype, per_task or first_task_steps is not one the plugin writes (dtypes: {list(DTYPES)})"
+        )
+    layout, ends = manifest.get("layout"), manifest.get("task_ends")
+    if not isinstance(layout, list) or not all(
+        isinstance(group, list) and all(isinstance(name, str) and _count(size) for name, size in group)
+        for group in layout
+    ):
+        raise ValueError("its layout is not a list of groups of (name, size)")
+    if not isinstance(ends, list) or not all(_count(end) for end in ends):
+        raise ValueError("its task ends are not a list of steps")
+    rows = [b["row"] for b in basis]
+    entries = manifest.get("snapshots")
+    bad = next((e for e in entries if not entry_ok(e, rows)), None) if isinstance(entries, list) else "not a list"
+    if bad is not None:
+        raise ValueError(f"a snapshot entry is not one the plugin writes: {str(bad)[:80]}")
 
 
 def read_snapshot(
