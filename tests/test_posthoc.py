@@ -264,3 +264,16 @@ def test_a_manifest_that_is_not_the_plugins_is_one_line(posthoc_run, tmp_path, c
     assert exited.value.code == 2 and err.count("\n") == 1 and expected in err, err
     assert err.startswith(f"error: {run / 'posthoc' / 'manifest.json'}: ")
     assert (run / "results.json").read_bytes() == before
+
+
+def test_bfloat16_snapshots_take_half_the_disk_and_rebuild_close_to_fp32(posthoc_run, tmp_path):
+    run = tmp_path / "bf16"
+    run_experiment(run, *RUN, "posthoc.dtype=bfloat16")
+    bf16, fp32 = (sum(p.stat().st_size for p in (f / "posthoc").glob("*.bin")) for f in (run, posthoc_run))
+    assert 2 * bf16 == fp32
+    assert read_manifest(run)["dtype"] == "bfloat16"
+    add_tracks(run, [1], [], 0.02)
+    fp32 = copied(posthoc_run, tmp_path)
+    add_tracks(fp32, [1], [], 0.02)
+    accuracies = [results_of(folder)["tracks"]["posthoc_ema_h1"]["avg_acc"] for folder in (run, fp32)]
+    assert abs(accuracies[0] - accuracies[1]) < 0.01, accuracies
