@@ -229,7 +229,8 @@ def resumed_config(arguments: list[str]) -> Resumed | None:
     with the other arguments, which may change only the keys that never change results (device, logger,
     checkpoint, …) or repeat the run's own values; None for a command that names no run folder.
 
-    Nothing is composed from conf/ and no folder is made: the run continues where it is, as it was."""
+    Nothing is composed from conf/ but the option a ``logger=`` or ``+plugin@name=`` override names (to compare
+    it), and no folder is made: the run continues where it is, as it was."""
     requests = [a.split("=", 1)[1] for a in arguments if a.split("=", 1)[0] == "resume"]
     folder = resume_request(requests[-1]) if requests else False
     if not isinstance(folder, Path):
@@ -256,6 +257,9 @@ def resumed_config(arguments: list[str]) -> Resumed | None:
         elif key == "logger":  # a config group whose every key is neutral
             with read_write(cfg), open_dict(cfg):
                 cfg.logger = compose(argument).logger
+        elif key == "plugin" and override.package:  # +plugin@name=option: the run has that plugin as ``name``
+            if OmegaConf.select(cfg, f"{override.package}._target_") != compose(argument)[override.package]._target_:
+                refused.append(argument)
         elif _is_neutral(key):
             with read_write(cfg), open_dict(cfg):
                 OmegaConf.update(cfg, key, value, force_add=True)

@@ -178,8 +178,9 @@ def test_resume_by_folder_accepts_neutral_keys_and_the_runs_own_values(checkpoin
 @pytest.mark.parametrize(
     "beside,named",
     [(["seed=1"], "seed=1"), (["ema.decay=0.5"], "ema.decay=0.5"), (["threads=7"], "threads=7"),
-     (["strategy=cls_er"], "strategy=cls_er"), (["seed=1", "device=cpu", "ema.decay=0.5"], "seed=1, ema.decay=0.5")],
-    ids=["seed", "plugin-option", "threads", "strategy", "two-keys-and-a-neutral-one"],
+     (["strategy=cls_er"], "strategy=cls_er"), (["seed=1", "device=cpu", "ema.decay=0.5"], "seed=1, ema.decay=0.5"),
+     (["+plugin@posthoc=posthoc"], "+plugin@posthoc=posthoc")],
+    ids=["seed", "plugin-option", "threads", "strategy", "two-keys-and-a-neutral-one", "a-plugin-it-lacks"],
 )  # fmt: skip
 def test_resume_by_folder_refuses_what_would_change_the_results_naming_the_keys(checkpointed_run, tmp_path, beside,
                                                                                 named):  # fmt: skip
