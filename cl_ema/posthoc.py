@@ -14,7 +14,9 @@ residual exceeds ``--max-residual`` at some task end is one line (exit 2), and n
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,12 +26,13 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cl_ema.config import check
 from cl_ema.data.stream import build_stream
 from cl_ema.distributed import resolve_device
 from cl_ema.ema import WeightAverages, row
-from cl_ema.errors import UserError
+from cl_ema.errors import UserError, first_line
 from cl_ema.evaluation import evaluate_tracks
 from cl_ema.models import build_model
 from cl_ema.options import OptionError
@@ -60,29 +63,46 @@ def targets(horizons: Sequence[float], decays: Sequence[float], first_task_steps
 
 
 def post_hoc_runs(root: Path) -> list[Path]:
-    """The run folders below (or at) ``root``."""
+    """``root`` if it is a run folder; else the run folders below it that kept snapshots."""
     if not root.is_dir():
         raise UserError(f"{root}: no such folder")
+    if (root / "results.json").is_file():
+        return [root]
     runs = sorted(path.parent for path in root.rglob("results.json"))
     if not runs:
         raise UserError(f"{root}: no run below it (no results.json)")
-    return runs
+    kept = [run for run in runs if (run / FOLDER / MANIFEST).is_file()]
+    if not kept:
+        raise UserError(f"{root}: none of its {len(runs)} runs kept post-hoc snapshots (+plugin@posthoc=posthoc)")
+    return kept
 
 
 def add_tracks(run_dir: Path, horizons: Sequence[float], decays: Sequence[float], max_residual: float) -> list[str]:
     """Rebuild, evaluate and record the targets that ``run_dir`` does not have yet; their names."""
-    results = Results.from_dict(json.loads((run_dir / "results.json").read_text()))
+    try:
+        results = Results.from_dict(json.loads((run_dir / "results.json").read_text()))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{run_dir / 'results.json'}: not the results of a cl_ema run ({first_line(err)})") from None
     if results.status != "completed":
         raise UserError(
             f"{run_dir}: the run is {results.status} after {results.tasks_done}/{results.num_tasks} tasks "
             "(post-hoc tracks are rebuilt at every task end of a completed run)"
         )
     manifest = read_manifest(run_dir)
+    if manifest["task_ends"] != list(itertools.accumulate(results.meta["steps_per_task"])):
+        raise UserError(
+            f"{run_dir / FOLDER / MANIFEST}: its task ends {manifest['task_ends'][:6]} are not the run's "
+            f"(results.json: {results.meta['steps_per_task'][:6]} steps a task)"
+        )
     wanted = [t for t in targets(horizons, decays, manifest["first_task_steps"]) if t.name not in results.tracks]
     if not wanted:
         return []
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    assert isinstance(cfg, DictConfig)
+    try:
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+    except (OSError, ValueError, OmegaConfBaseException) as err:
+        raise UserError(f"{run_dir / 'config.yaml'}: not readable ({first_line(err)})") from None
+    if not isinstance(cfg, DictConfig):
+        raise UserError(f"{run_dir / 'config.yaml'}: not a run's configuration")
     checked = check(cfg)
     c = checked.config
     device = resolve_device(c.device)
@@ -205,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("give --horizons (in tasks) or --decays: the EMAs to rebuild")
         if any(not (h > 0) for h in args.horizons) or any(not (0 <= d < 1) for d in args.decays):
             raise UserError("--horizons must be > 0 and --decays in [0, 1)")
+        if not 0 < args.max_residual < math.inf:
+            raise UserError(f"--max-residual {args.max_residual:g}: must be a number > 0 (a relative residual)")
         for run_dir in post_hoc_runs(args.root):
             added = add_tracks(run_dir, args.horizons, args.decays, args.max_residual)
             print(f"{run_dir}: " + (f"added {', '.join(added)}" if added else "has every track asked for already"))

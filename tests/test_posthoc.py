@@ -238,18 +238,39 @@ def _elsewhere(manifest):
     manifest["snapshots"][3]["file"] = "../../results.json"
 
 
+def _entry(key, value):
+    return lambda manifest: manifest["snapshots"][3].update({key: value})
+
+
+NOT_THE_PLUGINS = "a snapshot entry is not one the plugin writes: {'step': "
+
+
 @pytest.mark.parametrize(
     "edit, expected",
     [
-        (_without_offset, "a snapshot entry is not one the plugin writes: {'step': "),
-        (_elsewhere, "a snapshot entry is not one the plugin writes: {'step': "),
+        (_without_offset, NOT_THE_PLUGINS),
+        (_elsewhere, NOT_THE_PLUGINS),
+        (_entry("offset", 4), NOT_THE_PLUGINS),  # read out of alignment
+        (_entry("step", 10**12), NOT_THE_PLUGINS),
+        (_entry("rows", ["ema_1x", "ema_1x"]), NOT_THE_PLUGINS),
+        (lambda m: m.update(dtype="bfloat16"), NOT_THE_PLUGINS),  # float32 bytes read as bfloat16
         (lambda m: m.update(dtype="float16"), "its dtype, per_task or first_task_steps is not one the plugin writes"),
+        (lambda m: m.update(first_task_steps=10**300), "its first_task_steps 1000"),
         (lambda m: m.update(basis={"ema_1x": 0.9}), "its basis is not a list of rows with their decays"),
+        (lambda m: m["basis"][0].update(decay=-3.0), "its basis names a row twice or has a decay outside [0, 1)"),
         (lambda m: m["layout"][0].append(["extra", -1]), "its layout is not a list of groups of (name, size)"),
-        (lambda m: m.update(snapshots=None), "a snapshot entry is not one the plugin writes: not a list"),
+        (lambda m: m.update(layout=[[5]]), "its layout is not a list of groups of (name, size)"),
+        (lambda m: m.update(snapshots=None), "it lists no snapshots"),
+        (lambda m: m["task_ends"].reverse(), "its task ends are not an increasing list of steps"),
+        (lambda m: m.update(task_ends=[]), "its task ends are not an increasing list of steps"),
+        (lambda m: m.update(task_ends=m["task_ends"][:2]), NOT_THE_PLUGINS),  # snapshots after its last end
+        (lambda m: m["task_ends"].__setitem__(-1, 451), "its task ends [90, 180, 270, 360, 451] are not the run's"),
+        (lambda m: m["task_ends"].__setitem__(-1, 10**11), "its task ends [90, 180, 270, 360, 100000000000] are not"),
     ],
-    ids=["no-offset", "file-elsewhere", "dtype", "basis", "layout", "snapshots"],
-)
+    ids=["no-offset", "file-elsewhere", "offset", "step", "rows", "dtype-bf16", "dtype", "first-task-steps",
+         "basis", "decay", "layout", "layout-shape", "snapshots", "ends-reversed", "no-ends", "ends-cut",
+         "ends-other", "end-huge"],
+)  # fmt: skip
 def test_a_manifest_that_is_not_the_plugins_is_one_line(posthoc_run, tmp_path, capsys, edit, expected):
     from cl_ema.posthoc import main
 
@@ -277,3 +298,64 @@ def test_bfloat16_snapshots_take_half_the_disk_and_rebuild_close_to_fp32(posthoc
     add_tracks(fp32, [1], [], 0.02)
     accuracies = [results_of(folder)["tracks"]["posthoc_ema_h1"]["avg_acc"] for folder in (run, fp32)]
     assert abs(accuracies[0] - accuracies[1]) < 0.01, accuracies
+
+
+def test_a_residual_bound_that_is_not_a_positive_number_is_one_line(posthoc_run, capsys):
+    from cl_ema.posthoc import main
+
+    for bound in ("nan", "-1", "0"):
+        with pytest.raises(SystemExit) as exited:
+            main([str(posthoc_run), "--horizons", "1", "--max-residual", bound])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and "--max-residual" in err and "must be a number > 0" in err, err
+
+
+def test_a_folder_of_runs_rebuilds_those_that_kept_snapshots(posthoc_run, tmp_path, capsys):
+    from cl_ema.posthoc import main
+
+    shutil.copytree(posthoc_run, tmp_path / "runs" / "a")
+    run_experiment(tmp_path / "runs" / "b", "strategy=ema", "data.n_tasks=2")  # no snapshots: left alone
+    shutil.copytree(posthoc_run, tmp_path / "runs" / "c")
+    (tmp_path / "runs" / "d").mkdir()
+    (tmp_path / "runs" / "d" / "results.json").write_text("{not json")
+    main([str(tmp_path / "runs"), "--horizons", "1"])
+    out = capsys.readouterr().out
+    assert out.count("added posthoc_ema_h1") == 2 and "runs/b" not in out and "runs/d" not in out
+    with pytest.raises(UserError, match="results.json: not the results of a cl_ema run"):
+        add_tracks(tmp_path / "runs" / "d", [1], [], 0.02)
+
+
+def test_a_resume_refused_for_a_short_snapshot_file_changes_no_file(tmp_path, monkeypatch):
+    from helpers import interrupt_in_task
+
+    from cl_ema.errors import Interrupted
+
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as patched:
+        interrupt_in_task(patched, 1, 40)
+        with pytest.raises(Interrupted):
+            run_experiment(stopped, *RUN, "data.n_tasks=2")
+    first = stopped / "posthoc" / "snapshots-0000.bin"
+    os.truncate(first, first.stat().st_size - 4)
+    before = {path.name: path.read_bytes() for path in (stopped / "posthoc").iterdir()}
+    with pytest.raises(
+        UserError, match="state of plugin posthoc does not fit .its snapshot file .*snapshots-0000.bin holds"
+    ):
+        run_experiment(tmp_path / "resumer", *RUN, "data.n_tasks=2", f"resume={stopped}")
+    assert {path.name: path.read_bytes() for path in (stopped / "posthoc").iterdir()} == before
+
+
+def test_a_resume_may_repeat_the_plugin_override(tmp_path, monkeypatch):
+    """``resume=FOLDER`` beside the run's own overrides, ``+plugin@posthoc=posthoc`` among them, continues it."""
+    from helpers import interrupt_in_task
+
+    from cl_ema.errors import Interrupted
+
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as patched:
+        interrupt_in_task(patched, 1, 40)
+        with pytest.raises(Interrupted):
+            run_experiment(stopped, *RUN, "data.n_tasks=2")
+    status, out, err = cli_in_process(f"resume={stopped}", *RUN, "data.n_tasks=2", cwd=tmp_path)
+    assert status == 0 and "resuming" in out, err[-2000:]
+    assert json.loads((stopped / "results.json").read_text())["status"] == "completed"

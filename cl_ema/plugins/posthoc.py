@@ -77,6 +77,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
         self.plan: set[int] = set()  # steps of the current task at which the basis is saved (its end apart)
         self.unsynced: list[Path] = []  # files appended to since the last flush
         self.written: dict[str, int] = {}  # bytes of each file, as the snapshots listed fill it
+        self.resumed = False  # loaded from a checkpoint, the files not cut back to it yet
 
     def engine_rules(self) -> list[Rule]:
         return [EMARule(decay) for decay in self.decays]
@@ -113,6 +114,9 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
 
     # ------------------------------------------------------------------ training
     def before_training_exp(self, strategy, **kwargs) -> None:
+        if self.resumed:
+            self.cut_to_checkpoint()
+            self.resumed = False
         if not self.snapshots:  # the weights before the first step (a resumed run has its checkpoint's list)
             self.save(self.engine.step, live=True, basis=False)
         start, steps = self.engine.step, len(strategy.dataloader) * strategy.train_epochs
@@ -190,13 +194,22 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
             written[entry["file"]] = entry["offset"] + len(entry["rows"]) * self.row_bytes()
         self.engine.load_state_dict(state.get("averages") or {})
         self.snapshots, self.task_ends, self.written = list(snapshots), list(ends), written
-        if is_main(strict=False):  # what the stopped run wrote after its checkpoint: cut off, written again the same
+        for file, size in written.items():
+            path = self.folder / file
+            if is_main(strict=False) and (not path.is_file() or path.stat().st_size < size):
+                held = f"holds {path.stat().st_size:,} bytes" if path.is_file() else "is missing"
+                raise ValueError(f"its snapshot file {path} {held}, the checkpoint lists {size:,}")
+        self.resumed = True  # the files are cut back when training goes on: a refused resume changes nothing
+
+    def cut_to_checkpoint(self) -> None:
+        """Remove what the stopped run wrote after its checkpoint (written again, the same, as training goes on)."""
+        if is_main(strict=False):
             for path in self.folder.glob(f"*{SUFFIX}"):
                 with writing(path):
-                    if path.name not in written:
+                    if path.name not in self.written:
                         path.unlink()
-                    elif path.stat().st_size > written[path.name]:
-                        os.truncate(path, written[path.name])
+                    elif path.stat().st_size > self.written[path.name]:
+                        os.truncate(path, self.written[path.name])
             self.unsynced.clear()
             self.write_manifest()
 
@@ -206,11 +219,6 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
             raise ValueError(f"its task ends {self.task_ends[-3:]} do not end the run's {at.tasks_done} tasks")
         if any(entry["step"] > at.steps for entry in self.snapshots):
             raise ValueError("it lists snapshots after the run's last step")
-        for file, size in self.written.items():
-            path = self.folder / file
-            if is_main(strict=False) and (not path.is_file() or path.stat().st_size < size):
-                held = f"holds {path.stat().st_size:,} bytes" if path.is_file() else "is missing"
-                raise ValueError(f"its snapshot file {path} {held}, the checkpoint lists {size:,}")
 
 
 def snapshot_file(tasks_done: int) -> str:
@@ -231,7 +239,8 @@ def entry_ok(entry: Any, basis_rows: list[str]) -> bool:
 
 
 def check_manifest(manifest: Any) -> None:
-    """ValueError naming what is wrong unless ``manifest`` has the shape ``PostHocPlugin.manifest`` gives it."""
+    """ValueError naming what is wrong unless ``manifest`` has the shape ``PostHocPlugin.manifest`` gives it and
+    agrees with itself: steps within the task ends, each file filled in order by its snapshots' rows."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"not a post-hoc manifest of this version (format {FORMAT})")
     basis = manifest.get("basis")
@@ -239,25 +248,43 @@ def check_manifest(manifest: Any) -> None:
         isinstance(b, dict) and isinstance(b.get("row"), str) and isinstance(b.get("decay"), float) for b in basis
     ):
         raise ValueError("its basis is not a list of rows with their decays")
+    rows = [b["row"] for b in basis]
+    if len(set(rows)) != len(rows) or not all(0 <= b["decay"] < 1 for b in basis):
+        raise ValueError("its basis names a row twice or has a decay outside [0, 1)")
+    layout, ends = manifest.get("layout"), manifest.get("task_ends")
+    if not isinstance(layout, list) or not all(
+        isinstance(group, list)
+        and all(isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and _count(pair[1])
+                for pair in group)
+        for group in layout
+    ):  # fmt: skip
+        raise ValueError("its layout is not a list of groups of (name, size)")
+    if not isinstance(ends, list) or not ends or not all(_count(e) for e in ends) or ends != sorted(set(ends)):
+        raise ValueError("its task ends are not an increasing list of steps")
     if manifest.get("dtype") not in DTYPES or not all(
         _count(manifest.get(k)) for k in ("per_task", "first_task_steps")
     ):
         raise ValueError(
             f"its dtype, per_task or first_task_steps is not one the plugin writes (dtypes: {list(DTYPES)})"
         )
-    layout, ends = manifest.get("layout"), manifest.get("task_ends")
-    if not isinstance(layout, list) or not all(
-        isinstance(group, list) and all(isinstance(name, str) and _count(size) for name, size in group)
-        for group in layout
-    ):
-        raise ValueError("its layout is not a list of groups of (name, size)")
-    if not isinstance(ends, list) or not all(_count(end) for end in ends):
-        raise ValueError("its task ends are not a list of steps")
-    rows = [b["row"] for b in basis]
+    if not 0 < manifest["first_task_steps"] <= ends[-1]:
+        raise ValueError(f"its first_task_steps {manifest['first_task_steps']} is not within its {ends[-1]} steps")
     entries = manifest.get("snapshots")
-    bad = next((e for e in entries if not entry_ok(e, rows)), None) if isinstance(entries, list) else "not a list"
-    if bad is not None:
-        raise ValueError(f"a snapshot entry is not one the plugin writes: {str(bad)[:80]}")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError("it lists no snapshots")
+    row_bytes = sum(pair[1] for group in layout for pair in group) * torch.finfo(DTYPES[manifest["dtype"]]).bits // 8
+    written: dict[str, int] = {}
+    last_step = 0
+    for entry in entries:
+        if (
+            not entry_ok(entry, rows)
+            or len(set(entry["rows"])) != len(entry["rows"])
+            or not last_step <= entry["step"] <= ends[-1]
+            or entry["offset"] != written.get(entry["file"], 0)
+        ):
+            raise ValueError(f"a snapshot entry is not one the plugin writes: {str(entry)[:80]}")
+        last_step = entry["step"]
+        written[entry["file"]] = entry["offset"] + len(entry["rows"]) * row_bytes
 
 
 def read_snapshot(
