@@ -325,37 +325,33 @@ def test_a_folder_of_runs_rebuilds_those_that_kept_snapshots(posthoc_run, tmp_pa
         add_tracks(tmp_path / "runs" / "d", [1], [], 0.02)
 
 
-def test_a_resume_refused_for_a_short_snapshot_file_changes_no_file(tmp_path, monkeypatch):
+@pytest.fixture
+def stopped(tmp_path, monkeypatch):
+    """A two-task run with snapshots, stopped with Ctrl-C at step 40 of task 1, after its first checkpoint."""
     from helpers import interrupt_in_task
 
     from cl_ema.errors import Interrupted
 
-    stopped = tmp_path / "stopped"
+    folder = tmp_path / "stopped"
     with monkeypatch.context() as patched:
         interrupt_in_task(patched, 1, 40)
         with pytest.raises(Interrupted):
-            run_experiment(stopped, *RUN, "data.n_tasks=2")
+            run_experiment(folder, *RUN, "data.n_tasks=2")
+    return folder
+
+
+def test_a_resume_refused_for_a_short_snapshot_file_changes_no_file(stopped, tmp_path):
     first = stopped / "posthoc" / "snapshots-0000.bin"
     os.truncate(first, first.stat().st_size - 4)
     before = {path.name: path.read_bytes() for path in (stopped / "posthoc").iterdir()}
-    with pytest.raises(
-        UserError, match="state of plugin posthoc does not fit .its snapshot file .*snapshots-0000.bin holds"
-    ):
+    short = "state of plugin posthoc does not fit .its snapshot file .*snapshots-0000.bin holds"
+    with pytest.raises(UserError, match=short):
         run_experiment(tmp_path / "resumer", *RUN, "data.n_tasks=2", f"resume={stopped}")
     assert {path.name: path.read_bytes() for path in (stopped / "posthoc").iterdir()} == before
 
 
-def test_a_resume_may_repeat_the_plugin_override(tmp_path, monkeypatch):
+def test_a_resume_may_repeat_the_plugin_override(stopped, tmp_path):
     """``resume=FOLDER`` beside the run's own overrides, ``+plugin@posthoc=posthoc`` among them, continues it."""
-    from helpers import interrupt_in_task
-
-    from cl_ema.errors import Interrupted
-
-    stopped = tmp_path / "stopped"
-    with monkeypatch.context() as patched:
-        interrupt_in_task(patched, 1, 40)
-        with pytest.raises(Interrupted):
-            run_experiment(stopped, *RUN, "data.n_tasks=2")
     status, out, err = cli_in_process(f"resume={stopped}", *RUN, "data.n_tasks=2", cwd=tmp_path)
     assert status == 0 and "resuming" in out, err[-2000:]
     assert json.loads((stopped / "results.json").read_text())["status"] == "completed"
