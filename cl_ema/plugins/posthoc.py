@@ -186,12 +186,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
         snapshots, ends = state.get("snapshots"), state.get("task_ends")
         if not isinstance(snapshots, list) or not isinstance(ends, list) or not all(_count(e) for e in ends):
             raise ValueError("the post-hoc state lacks its snapshots or task ends")
-        written: dict[str, int] = {}
-        for entry in snapshots:
-            # each file filled in order
-            if not entry_ok(entry, self.row_names) or entry["offset"] != written.get(entry["file"], 0):
-                raise ValueError(f"a post-hoc snapshot entry is not one this plugin writes: {str(entry)[:80]}")
-            written[entry["file"]] = entry["offset"] + len(entry["rows"]) * self.row_bytes()
+        written = file_sizes(snapshots, self.row_names, self.row_bytes())
         self.engine.load_state_dict(state.get("averages") or {})
         self.snapshots, self.task_ends, self.written = list(snapshots), list(ends), written
         for file, size in written.items():
@@ -225,17 +220,29 @@ def snapshot_file(tasks_done: int) -> str:
     return f"snapshots-{tasks_done:04d}{SUFFIX}"
 
 
-def entry_ok(entry: Any, basis_rows: list[str]) -> bool:
-    """Whether ``entry`` is a snapshot entry as ``save`` lists it, of a basis of rows ``basis_rows``."""
-    return (
-        isinstance(entry, dict)
-        and _count(entry.get("step"))
-        and _count(entry.get("task"))
-        and entry.get("file") == snapshot_file(entry["task"])
-        and _count(entry.get("offset"))
-        and isinstance(entry.get("rows"), list)
-        and set(entry["rows"]) <= {*basis_rows, LIVE_ROW}
-    )
+def file_sizes(entries: list[Any], basis_rows: list[str], row_bytes: int) -> dict[str, int]:
+    """The bytes of each snapshot file that ``entries`` fill, one after the other in their files; ValueError
+    naming the first that is not an entry as ``save`` lists it, of a basis of rows ``basis_rows``."""
+    sizes: dict[str, int] = {}
+    for entry in entries:
+        if not (
+            isinstance(entry, dict)
+            and _count(entry.get("step"))
+            and _count(entry.get("task"))
+            and entry.get("file") == snapshot_file(entry["task"])
+            and entry.get("offset") == sizes.get(entry["file"], 0)  # each file filled in order
+            and _count(entry["offset"])
+            and isinstance(entry.get("rows"), list)
+            and set(entry["rows"]) <= {*basis_rows, LIVE_ROW}
+            and len(set(entry["rows"])) == len(entry["rows"])
+        ):
+            raise _not_the_plugins(entry)
+        sizes[entry["file"]] = entry["offset"] + len(entry["rows"]) * row_bytes
+    return sizes
+
+
+def _not_the_plugins(entry: Any) -> ValueError:
+    return ValueError(f"a snapshot entry is not one the plugin writes: {str(entry)[:80]}")
 
 
 def check_manifest(manifest: Any) -> None:
@@ -273,18 +280,12 @@ def check_manifest(manifest: Any) -> None:
     if not isinstance(entries, list) or not entries:
         raise ValueError("it lists no snapshots")
     row_bytes = sum(pair[1] for group in layout for pair in group) * torch.finfo(DTYPES[manifest["dtype"]]).bits // 8
-    written: dict[str, int] = {}
+    file_sizes(entries, rows, row_bytes)
     last_step = 0
-    for entry in entries:
-        if (
-            not entry_ok(entry, rows)
-            or len(set(entry["rows"])) != len(entry["rows"])
-            or not last_step <= entry["step"] <= ends[-1]
-            or entry["offset"] != written.get(entry["file"], 0)
-        ):
-            raise ValueError(f"a snapshot entry is not one the plugin writes: {str(entry)[:80]}")
+    for entry in entries:  # in step order, none after the last task end
+        if not last_step <= entry["step"] <= ends[-1]:
+            raise _not_the_plugins(entry)
         last_step = entry["step"]
-        written[entry["file"]] = entry["offset"] + len(entry["rows"]) * row_bytes
 
 
 def read_snapshot(
