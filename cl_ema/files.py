@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,16 +53,17 @@ def atomic_write(path: Path, data: str | bytes, *, durable: bool = True) -> None
             raise
 
 
-def append(path: Path, data: bytes | memoryview, at: int) -> None:
-    """Add ``data`` at the end of ``path``, which holds ``at`` bytes; ``at=0`` starts the file (replacing one
-    left from elsewhere). A file that holds another length was changed by someone else, and is refused rather
-    than written at the wrong place."""
+def append(path: Path, pieces: Sequence[bytes | memoryview], at: int) -> None:
+    """Add ``pieces``, one after the other, at the end of ``path``, which holds ``at`` bytes; ``at=0`` starts the
+    file (replacing one left from elsewhere). A file that holds another length was changed by someone else, and
+    is refused rather than written at the wrong place."""
     with writing(path), open(path, "wb" if at == 0 else "ab") as handle:
         if handle.tell() != at:
             raise UserError(
                 f"{path}: {handle.tell():,} bytes, not the {at:,} written into it (changed by another process?)"
             )
-        handle.write(data)
+        for piece in pieces:
+            handle.write(piece)
 
 
 def sync(paths: list[Path]) -> None:

@@ -165,9 +165,11 @@ def test_a_run_the_disk_cannot_hold_is_refused_in_one_line(tmp_path, monkeypatch
     assert "error: posthoc: the snapshots need" in err and "GiB free (posthoc.per_task or posthoc.dtype=bfloat16" in err
 
 
-def test_every_snapshot_is_on_disk_before_a_checkpoint_or_the_manifest_lists_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_every_snapshot_is_on_disk_before_a_checkpoint_or_the_manifest_lists_it(tmp_path, monkeypatch, checkpoint):
     """Snapshots skip the flush to disk when appended (it cost a small model more than its training): each is
-    flushed before the manifest, or a checkpoint's state, names it."""
+    flushed before the manifest, or a checkpoint's state, names it. The manifest is written for each checkpoint
+    and at the end, once each."""
     synced: dict[str, int] = {}  # each file's bytes when it was last flushed
     manifests: list[dict] = []
     real_sync, real_write = cl_ema.files.sync, plugin.atomic_write
@@ -196,9 +198,10 @@ def test_every_snapshot_is_on_disk_before_a_checkpoint_or_the_manifest_lists_it(
     monkeypatch.setattr(plugin, "sync", recording_sync)
     monkeypatch.setattr(plugin, "atomic_write", checked_write)
     monkeypatch.setattr(plugin.PostHocPlugin, "state_dict", checked_state)
-    run_experiment(tmp_path / "run", *RUN, "data.n_tasks=2")
+    run_experiment(tmp_path / "run", *RUN[:-1], f"checkpoint={checkpoint}", "data.n_tasks=2")
     listed = read_manifest(tmp_path / "run")["snapshots"]
     assert len(listed) == 1 + 2 * 16 and manifests[-1]["snapshots"] == listed
+    assert [len(m["task_ends"]) for m in manifests] == ([1, 2] if checkpoint else [2])
 
 
 def test_a_snapshot_the_disk_refuses_stops_the_run_in_one_line(tmp_path, monkeypatch):

@@ -14,11 +14,15 @@ Options: ``cl_ema.plugins.options.PostHoc``. Files, in the run folder:
 
 The snapshots are part of the resumable run: the checkpoint holds the list written up to it, and a run
 resumed from it cuts the files back to that list (removing what the stopped run wrote after its checkpoint),
-then writes the rest again, the same. A snapshot is appended without a flush to disk; the files are flushed, and
-the manifest that lists them written, at task ends and when a checkpoint takes the plugin's state: a flush per
-snapshot cost a small model's run more than its training steps. Raw and appended, because ``torch.save`` of a
-split-digits snapshot took 0.6 ms, twice its write, and a file per snapshot was 16 files a task to create,
-rename and flush (and a 20-task run's 321 files on a cluster's file quota).
+then writes the rest again, the same. A snapshot is appended without a flush to disk, its rows written
+straight from the shadows. The files are flushed, and the manifest that lists them written, when a checkpoint
+takes the plugin's state and at the last task end (or when ``flush()`` is called): nothing reads the manifest
+before the run ends unless a checkpoint refers to it (a run stopped without one can neither resume nor be
+rebuilt). A flush per snapshot cost a small model's run more than its training steps; one at every task end
+too doubled a split-digits run's flushing (0.025 s against 0.012 s, ``benchmarks/posthoc_overhead.py``).
+Raw and appended, because ``torch.save`` of a split-digits snapshot took 0.6 ms, twice its write, and a file
+per snapshot was 16 files a task to create, rename and flush (and a 20-task run's 321 files on a cluster's
+file quota).
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
         self.task_ends: list[int] = []
         self.plan: set[int] = set()  # steps of the current task at which the basis is saved (its end apart)
         self.unsynced: list[Path] = []  # files appended to since the last flush
+        self.listed = -1  # snapshots the manifest on disk lists (-1: none written by this plugin yet)
         self.written: dict[str, int] = {}  # bytes of each file, as the snapshots listed fill it
         self.resumed = False  # loaded from a checkpoint, the files not cut back to it yet
 
@@ -131,7 +136,8 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
     def after_training_exp(self, strategy, **kwargs) -> None:
         self.task_ends.append(self.engine.step)
         self.save(self.engine.step, live=True, basis=True)
-        self.flush()
+        if len(self.task_ends) == self.num_tasks:  # earlier task ends are flushed by their checkpoints, if any
+            self.flush()
 
     def save(self, step: int, *, live: bool, basis: bool) -> None:
         """Write one snapshot (the main process only); ``flush`` lists it in the manifest."""
@@ -147,14 +153,15 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
         self.written[file] = offset + len(rows) * self.row_bytes()
         if not is_main(strict=False):
             return
-        flat = torch.cat([t.detach().reshape(-1).to("cpu", self.dtype) for row in rows.values() for t in row])
-        append(self.folder / file, flat.view(torch.uint8).numpy().data, at=offset)
+        # each flat tensor as it is when it is on the CPU in the storage dtype: no copy
+        pieces = [t.detach().to("cpu", self.dtype).view(torch.uint8).numpy().data for row in rows.values() for t in row]
+        append(self.folder / file, pieces, at=offset)
         if self.folder / file not in self.unsynced:
             self.unsynced.append(self.folder / file)
 
     def flush(self) -> None:
         """The snapshots written so far on disk, then the manifest that lists them (the main process only)."""
-        if is_main(strict=False):
+        if is_main(strict=False) and self.listed != len(self.snapshots):  # a checkpoint at a task end: done
             sync(self.unsynced)
             self.unsynced.clear()
             self.write_manifest()
@@ -176,6 +183,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
 
     def write_manifest(self) -> None:
         atomic_write(self.folder / MANIFEST, json.dumps(self.manifest(), indent=1) + "\n")
+        self.listed = len(self.snapshots)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
