@@ -16,12 +16,15 @@ through task ``--trained-through`` (mid-stream), then the evaluation after that 
 (b) one pass (``cl_ema.evaluation.evaluate_tracks``, its default on a CPU): each batch built once, each
     track swapped in once and run on all of them;
 (c) one pass stacked (``stack=True``): the 21 averages in one forward, vmap over their stacked weights
-    (``live`` swapped).
+    (``live`` swapped);
+(f) the floor of (b): each track swapped in once and its forward run on every test batch, the batches built
+    beforehand and nothing counted. Exact evaluation on this device cannot take less.
 
 It checks that (b) gives exactly (a)'s accuracies, and counts how (c)'s logits and predictions differ from
 each track's own forward over the whole evaluation. Part 2: the wall time of the whole runs
 ``experiment=perm_mnist strategy=plain`` and ``strategy=averages`` (``data.n_tasks=--tasks``; 0 skips them),
-their training and evaluation, and the ratio. Everything in one process, ``threads`` as given.
+their training and evaluation, the ratio, and the least the averages run could take with exact evaluation: its
+training and (f) after each task (on its ``--tasks`` test sets). Everything in one process, ``threads`` as given.
 """
 
 from __future__ import annotations
@@ -144,7 +147,19 @@ def stacked_differences(run: Run, batch_size: int) -> tuple[int, int, int, int, 
     return logits_differ, logits, flips, predictions, largest
 
 
-def one_evaluation(args: argparse.Namespace) -> None:
+@torch.no_grad()
+def forwards_alone(run: Run, inputs: list[Tensor]) -> None:
+    """Each track's forward on every built batch, nothing else: the floor of evaluating the tracks exactly."""
+    run.model.eval()
+    for track in run.tracks:
+        with track.swap_in():
+            for batch in inputs:
+                run.model(batch)
+    run.model.train()
+
+
+def one_evaluation(args: argparse.Namespace) -> float:
+    """Part 1; returns (f) per test set (seconds: the forwards of every track on one task's test images)."""
     cfg = compose(*overrides(args.data_root, args.threads, "strategy=averages"))
     with tempfile.TemporaryDirectory() as folder:
         run = assemble(check(cfg), Path(folder), from_environment(), torch.device("cpu"))
@@ -165,6 +180,7 @@ def one_evaluation(args: argparse.Namespace) -> None:
         logits_differ, logits, flips, predictions, largest = stacked_differences(run, batch_size)
         print(f"(c) vs each track's own forward: {logits_differ:,} of {logits:,} logits differ (largest by "
               f"{largest:.3g}), {flips} of {predictions:,} predictions")  # fmt: skip
+        built = [run.stream.test.batch(b) for index in run.stream.test_indices for b in index.split(batch_size)]
         contenders: dict[str, Callable[[], object]] = {
             "(a) one track at a time": lambda: one_at_a_time(run, task, built_before),
             "(a') (a), today's batches": lambda: one_at_a_time(run, task, TensorStore.batch),
@@ -172,25 +188,31 @@ def one_evaluation(args: argparse.Namespace) -> None:
             "(c) one pass, stacked": lambda: evaluate_tracks(
                 run.model, run.tracks, run.stream, task, batch_size=batch_size, stack=True
             ),
+            "(f) the forwards alone": lambda: forwards_alone(run, built),
         }
         times = timed(contenders, args.rounds)
     base, n = times["(a) one track at a time"], len(run.tracks)
     for name, seconds in times.items():
         print(f"  {name:<26} {seconds:7.2f} s   {seconds / n:6.3f} s/track   (a)/this = {base / seconds:.2f}")
+    return times["(f) the forwards alone"] / run.stream.num_tasks
 
 
-def whole_runs(args: argparse.Namespace) -> None:
-    elapsed = {}
+def whole_runs(args: argparse.Namespace, forwards: float) -> None:
+    """Part 2; ``forwards``: (f) per test set, the floor of evaluating every track on one task."""
+    elapsed, train = {}, {}
     for strategy in ("plain", "averages"):
         cfg = compose(*overrides(args.data_root, args.threads, f"strategy={strategy}", f"data.n_tasks={args.tasks}"))
         with tempfile.TemporaryDirectory() as folder:
             started = time.perf_counter()
             results = launch(check(cfg), Path(folder), console=Console(file=io.StringIO()))
             elapsed[strategy] = time.perf_counter() - started
-        train, total = results.meta["train_s"], results.meta["elapsed_s"]
+        train[strategy], total = results.meta["train_s"], results.meta["elapsed_s"]
         print(f"  strategy={strategy:<9} {len(results.tracks):2} tracks: {elapsed[strategy]:6.1f} s in all "
-              f"(tasks: {train:.1f} s training, {total - train:.1f} s evaluating)")  # fmt: skip
+              f"(tasks: {train[strategy]:.1f} s training, {total - train[strategy]:.1f} s evaluating)")  # fmt: skip
     print(f"  averages / plain = {elapsed['averages'] / elapsed['plain']:.2f}")
+    floor = train["averages"] + args.tasks**2 * forwards  # after each task, every task's test set
+    print(f"  the least for averages with exact evaluation, its training + (f) on {args.tasks}² test sets: "
+          f"{floor:.1f} s, {floor / elapsed['plain']:.2f} x plain")  # fmt: skip
 
 
 def cpu() -> str:
@@ -213,10 +235,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"{cpu()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, device: cpu")
     print("one evaluation of strategy=averages on perm-MNIST:")
-    one_evaluation(args)
+    forwards = one_evaluation(args)
     if args.tasks:
         print(f"whole runs, experiment=perm_mnist data.n_tasks={args.tasks}:")
-        whole_runs(args)
+        whole_runs(args, forwards)
 
 
 if __name__ == "__main__":

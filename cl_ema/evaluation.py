@@ -23,7 +23,7 @@ are counted once per task and group, not per batch. The swapped path computes ex
 time did (the same forward on the same batches), so it is the default on a CPU, where the matmuls are
 compute-bound: a stacked forward is no faster there, and vmap's batched matmuls round differently in the
 last bits, so that a prediction whose two best logits are that close flips (``benchmarks/eval_tracks.py``,
-perm-MNIST, 21 averages: 0.9–1.2× the swapped path's time in two runs; 1 of 4.2 M predictions flipped). On an
+perm-MNIST, 21 averages: 0.9–1.2× the swapped path's time in four runs; 1 of 4.2 M predictions flipped). On an
 accelerator a small model's forward is bound by kernel launches, which stacking shares among the tracks.
 """
 
