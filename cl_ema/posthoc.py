@@ -71,7 +71,8 @@ def post_hoc_runs(root: Path) -> list[Path]:
     runs = sorted(path.parent for path in root.rglob("results.json"))
     if not runs:
         raise UserError(f"{root}: no run below it (no results.json)")
-    kept = [run for run in runs if (run / FOLDER / MANIFEST).is_file()]
+    # the folder, not the manifest: a run stopped without a checkpoint has no manifest, and is named as unfinished
+    kept = [run for run in runs if (run / FOLDER).is_dir()]
     if not kept:
         raise UserError(f"{root}: none of its {len(runs)} runs kept post-hoc snapshots (+plugin@posthoc=posthoc)")
     return kept

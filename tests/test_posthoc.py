@@ -328,6 +328,24 @@ def test_a_folder_of_runs_rebuilds_those_that_kept_snapshots(posthoc_run, tmp_pa
         add_tracks(tmp_path / "runs" / "d", [1], [], 0.02)
 
 
+def test_a_run_stopped_without_a_checkpoint_is_named_unfinished(tmp_path, monkeypatch, capsys):
+    """Its manifest is written only at the end: in a folder of runs it is still found, and refused in one line."""
+    from helpers import interrupt_in_task
+
+    from cl_ema.errors import Interrupted
+    from cl_ema.posthoc import main
+
+    with monkeypatch.context() as patched:
+        interrupt_in_task(patched, 1, 40)
+        with pytest.raises(Interrupted):
+            run_experiment(tmp_path / "runs" / "a", *RUN[:-1], "checkpoint=false", "data.n_tasks=2")
+    assert not (tmp_path / "runs" / "a" / "posthoc" / "manifest.json").exists()
+    with pytest.raises(SystemExit) as exited:
+        main([str(tmp_path / "runs"), "--horizons", "1"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and "the run is interrupted after 1/2 tasks" in err
+
+
 @pytest.fixture
 def stopped(tmp_path, monkeypatch):
     """A two-task run with snapshots, stopped with Ctrl-C at step 40 of task 1, after its first checkpoint."""
