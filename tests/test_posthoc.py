@@ -376,3 +376,22 @@ def test_a_resume_may_repeat_the_plugin_override(stopped, tmp_path):
     status, out, err = cli_in_process(f"resume={stopped}", *RUN, "data.n_tasks=2", cwd=tmp_path)
     assert status == 0 and "resuming" in out, err[-2000:]
     assert json.loads((stopped / "results.json").read_text())["status"] == "completed"
+
+
+def test_a_library_loop_longer_than_num_tasks_still_ends_with_the_whole_manifest(tmp_path):
+    """Used outside a cl_ema run, the plugin's ``num_tasks`` may be too small: every task end from it on is
+    flushed, so the manifest lists every task."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(3, 2)
+    posthoc = plugin.PostHocPlugin(task_steps=8, num_tasks=1, run_dir=tmp_path, per_task=2)
+    posthoc.attach(model)
+    loop = SimpleNamespace(dataloader=range(8), train_epochs=1)
+    for _ in range(3):
+        posthoc.before_training_exp(loop)
+        for _ in range(8):
+            model.weight.data.add_(1.0)  # an optimizer step
+            posthoc.after_update(loop)
+        posthoc.after_training_exp(loop)
+    manifest = json.loads((tmp_path / "posthoc" / "manifest.json").read_text())
+    assert manifest["task_ends"] == [8, 16, 24] and len(manifest["snapshots"]) == 1 + 3 * 2

@@ -52,7 +52,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """Keeps the basis of EMAs and writes its snapshots (see the module docstring). ``task_steps``: the first
     task's optimizer steps (the cadence is a share of it); ``num_tasks``: the stream's tasks (the disk the
-    snapshots need is known before training); ``run_dir``: where they go. A cl_ema run gives all three."""
+    snapshots need is known before training, and the manifest is written at the end of task ``num_tasks`` and
+    of every task after it; ``flush()`` writes it when training stops sooner); ``run_dir``: where they go. A
+    cl_ema run gives all three."""
 
     def __init__(
         self,
@@ -136,7 +138,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
     def after_training_exp(self, strategy, **kwargs) -> None:
         self.task_ends.append(self.engine.step)
         self.save(self.engine.step, live=True, basis=True)
-        if len(self.task_ends) == self.num_tasks:  # earlier task ends are flushed by their checkpoints, if any
+        if len(self.task_ends) >= self.num_tasks:  # earlier task ends are flushed by their checkpoints, if any
             self.flush()
 
     def save(self, step: int, *, live: bool, basis: bool) -> None:
