@@ -18,7 +18,10 @@ MNIST, a normalization) for every track, instead of once per track. The tracks a
   ``live`` track of a run with averages equals a ``plain`` run's on every device.
 
 Where several groups read the batches, the built batches are kept for all of them in blocks of at most
-``CACHE_BYTES``; each swapped track is swapped in once per block (once when the test sets fit). Predictions
+``CACHE_BYTES``; each swapped track is swapped in once per block (once when the test sets fit). A run evaluates
+the same test sets after every task: given a ``KeptBatches``, the batches built on a CPU are kept from one
+evaluation to the next (test sets of at most ``CACHE_BYTES`` in all), built once per run rather than once per
+task. On an accelerator building is a few kernels, and its memory is the model's. Predictions
 are counted once per task and group, not per batch. The swapped path computes exactly what one track at a
 time did (the same forward on the same batches), so it is the default on a CPU, where the matmuls are
 compute-bound: a stacked forward is no faster there, and vmap's batched matmuls round differently in the
@@ -32,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import groupby
 from operator import itemgetter
@@ -90,13 +93,15 @@ def evaluate_tracks(
     indices: Sequence[Tensor] | None = None,
     batch_size: int = 1024,
     stack: bool | None = None,
+    kept: KeptBatches | None = None,
 ) -> dict[str, Accuracies]:
     """Accuracy of each track on each test task in ``tasks`` (default: all) after training ``trained_through``,
     in one pass (see the module docstring); by track name, in the order of ``tracks``.
 
     ``indices`` overrides the test samples of each task (subsets for continual evaluation).
     ``trained_through=-1`` evaluates an untrained model over all classes. ``stack``: whether tracks may run
-    as one stacked forward (None: on an accelerator, not on a CPU). With several processes each evaluates
+    as one stacked forward (None: on an accelerator, not on a CPU). ``kept``: built batches kept for the next
+    evaluation of the same test sets (see the module docstring). With several processes each evaluates
     its share of every test set and the counts are summed. ``model`` is the unwrapped model the tracks
     swap into (not a DistributedDataParallel wrapper).
     """
@@ -108,24 +113,42 @@ def evaluate_tracks(
     seen, own = class_masks(stream, device)
     seen_now = seen[trained_through] if trained_through >= 0 else torch.ones_like(seen[0])
     full = [stream.test_indices[task] if indices is None else indices[task] for task in tasks]
-    batches = [(i, batch) for i, index in enumerate(full) for batch in my_share(index).split(batch_size)]
+    batches = [
+        (i, j, batch) for i, index in enumerate(full) for j, batch in enumerate(my_share(index).split(batch_size))
+    ]
+    sample_bytes = 4 * math.prod(stream.test.inputs.shape[1:])
+    keeping = (
+        kept is not None
+        and indices is None
+        and device.type == "cpu"
+        and sum(len(batch) for *_, batch in batches) * sample_bytes <= CACHE_BYTES
+    )
+
+    def built_batch(i: int, j: int, batch: Tensor) -> Tensor:
+        if not keeping or kept is None:
+            return stream.test.batch(batch)
+        key = (tasks[i], batch_size, j)
+        if key not in kept.inputs:
+            kept.inputs[key] = stream.test.batch(batch)
+        return kept.inputs[key]
+
     correct = torch.zeros(len(tracks), len(tasks), 2, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
     try:
         stack = device.type != "cpu" if stack is None else stack
-        sample = stream.test.batch(batches[0][1][:1]) if stack and batches else None  # for the test forward
+        sample = stream.test.batch(batches[0][-1][:1]) if stack and batches else None  # for the test forward
         groups = plan(model, tracks, sample, stack)
-        # several groups read each batch: keep the built batches, in blocks of at most CACHE_BYTES; one group
-        # reads them once, each built as it is read
+        # several groups read each batch: keep the built batches, in blocks of at most CACHE_BYTES (one block when
+        # they are kept for the next evaluation); one group reads them once, each built (or taken) as it is read
         keep = len(groups) > 1
-        sample_bytes = 4 * math.prod(stream.test.inputs.shape[1:]) if keep else 0
-        for block in _blocks(batches, sample_bytes, CACHE_BYTES):
+        for block in _blocks(batches, sample_bytes if keep and not keeping else 0, CACHE_BYTES):
             built = []  # per task of the block: its batches' inputs, and all their labels
             for i, part in groupby(block, key=itemgetter(0)):
-                pieces = [batch for _, batch in part]
-                inputs: Iterable[Tensor] = map(stream.test.batch, pieces)
-                built.append((i, list(inputs) if keep else inputs, stream.test.targets_at(torch.cat(pieces))))
+                items = list(part)
+                inputs: Iterable[Tensor] = (built_batch(*item) for item in items)
+                labels = stream.test.targets_at(torch.cat([batch for *_, batch in items]))
+                built.append((i, list(inputs) if keep else inputs, labels))
             for group in groups:
                 rows = torch.tensor(group.rows, device=device)
                 with group.loaded() as forward:
@@ -142,6 +165,14 @@ def evaluate_tracks(
         name: Accuracies([c[0] / n for c, n in zip(per_task, sizes)], [c[1] / n for c, n in zip(per_task, sizes)])
         for name, per_task in zip(names, counts)
     }
+
+
+@dataclass
+class KeptBatches:
+    """Test batches built by one ``evaluate_tracks`` for the next ones of the same run (see the module
+    docstring): by (task, batch size, batch number)."""
+
+    inputs: dict[tuple[int, int, int], Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -225,16 +256,18 @@ def _swapped(model: nn.Module, track: Track) -> Iterator[Forward]:
         yield lambda inputs: model(inputs).unsqueeze(0)
 
 
-def _blocks(batches: list[tuple[int, Tensor]], sample_bytes: int, budget: int) -> Iterator[list[tuple[int, Tensor]]]:
+def _blocks(
+    batches: list[tuple[int, int, Tensor]], sample_bytes: int, budget: int
+) -> Iterator[list[tuple[int, int, Tensor]]]:
     """Consecutive batches whose built inputs take at most ``budget`` bytes (at least one batch each)."""
-    block: list[tuple[int, Tensor]] = []
+    block: list[tuple[int, int, Tensor]] = []
     size = 0
     for item in batches:
-        if block and size + len(item[1]) * sample_bytes > budget:
+        if block and size + len(item[-1]) * sample_bytes > budget:
             yield block
             block, size = [], 0
         block.append(item)
-        size += len(item[1]) * sample_bytes
+        size += len(item[-1]) * sample_bytes
     if block:
         yield block
 

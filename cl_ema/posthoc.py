@@ -33,7 +33,7 @@ from cl_ema.data.stream import build_stream
 from cl_ema.distributed import resolve_device
 from cl_ema.ema import WeightAverages, row
 from cl_ema.errors import UserError, first_line
-from cl_ema.evaluation import evaluate_tracks
+from cl_ema.evaluation import KeptBatches, evaluate_tracks
 from cl_ema.models import build_model
 from cl_ema.options import OptionError
 from cl_ema.plugins import Track
@@ -134,11 +134,12 @@ def add_tracks(run_dir: Path, horizons: Sequence[float], decays: Sequence[float]
     ]
     for target in wanted:
         results.add_track(target.name)
+    kept = KeptBatches()  # the test sets, built once for every task end
     for task in range(len(manifest["task_ends"])):  # every target of a task end in one pass over the test sets
         for k, target in enumerate(wanted):
             for shadow, value in zip(engine.shadow_rows(k), fits[target.name][task][1]):
                 shadow.copy_(value.to(shadow.device))
-        evaluated = evaluate_tracks(model, tracks, stream, task, batch_size=c.train.eval_batch_size)
+        evaluated = evaluate_tracks(model, tracks, stream, task, batch_size=c.train.eval_batch_size, kept=kept)
         for name, accuracies in evaluated.items():
             results.record(name, task, accuracies)
     for target in wanted:

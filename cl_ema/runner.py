@@ -18,7 +18,7 @@ from cl_ema.console import Console
 from cl_ema.continual_eval import stability_metrics
 from cl_ema.distributed import Processes
 from cl_ema.errors import Interrupted, UserError
-from cl_ema.evaluation import evaluate_tracks
+from cl_ema.evaluation import KeptBatches, evaluate_tracks
 from cl_ema.files import atomic_write
 from cl_ema.plugins import Summarized
 from cl_ema.results import Results, save_outputs
@@ -78,6 +78,7 @@ def train_all_tasks(run: Run, console: Console) -> None:
     results, strategy, stream, train = run.results, run.strategy, run.stream, run.config.train
     started = time.perf_counter() - results.meta["elapsed_s"]
     logged = len(run.continual.points()) if run.continual else 0  # continual evaluations given to the loggers
+    kept = KeptBatches()  # the test sets, built at the first evaluation for the others
     try:
         for task in range(results.tasks_done, stream.num_tasks):
             steps_before, train_started = strategy.clock.train_iterations, time.perf_counter()
@@ -85,7 +86,9 @@ def train_all_tasks(run: Run, console: Console) -> None:
             results.meta["train_s"] = round(results.meta["train_s"] + time.perf_counter() - train_started, 3)
             results.meta["steps_per_task"].append(strategy.clock.train_iterations - steps_before)
             # every track in one pass: each test batch built once for all of them
-            evaluated = evaluate_tracks(run.model, run.tracks, stream, task, batch_size=train.eval_batch_size)
+            evaluated = evaluate_tracks(
+                run.model, run.tracks, stream, task, batch_size=train.eval_batch_size, kept=kept
+            )
             for name, accuracies in evaluated.items():
                 results.record(name, task, accuracies)
             results.tasks_done = task + 1

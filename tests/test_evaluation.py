@@ -141,6 +141,29 @@ def test_on_a_cpu_the_tracks_are_swapped_by_default_with_each_batch_built_once(m
     same(got, one_at_a_time(model, tracks, stream, 2))
 
 
+@pytest.mark.parametrize("several_groups", [False, True])
+def test_a_runs_evaluations_build_its_test_batches_once(monkeypatch, several_groups):
+    """Given a ``KeptBatches``, the test sets built by one evaluation serve the next ones, the same values; test
+    subsets (continual evaluation) and test sets over the budget are built each time."""
+    stream = digits(Scenario.permuted)
+    model = MLP(stream.spec, hidden=32)
+    tracks = trained(model, stream) if several_groups else [live_track()]
+    built = []
+    monkeypatch.setattr(stream.test, "batch", lambda index, batch=stream.test.batch: built.append(1) or batch(index))
+    kept = evaluation.KeptBatches()
+    got = [evaluate_tracks(model, tracks, stream, task, batch_size=64, kept=kept) for task in (1, 2)]
+    batches = sum(len(index.split(64)) for index in stream.test_indices)
+    assert len(built) == batches and len(kept.inputs) == batches  # at the first evaluation only
+    same(got[1], evaluate_tracks(model, tracks, stream, 2, batch_size=64))
+    built.clear()
+    subsets = [index[:10] for index in stream.test_indices]
+    evaluate_tracks(model, tracks, stream, 2, indices=subsets, kept=kept)
+    monkeypatch.setattr(evaluation, "CACHE_BYTES", 100 * 4 * 64)
+    over = evaluation.KeptBatches()
+    evaluate_tracks(model, tracks, stream, 2, batch_size=64, kept=over)
+    assert len(built) == len(subsets) + batches and not over.inputs
+
+
 def test_a_conv_net_with_batchnorm_is_swapped_and_gets_what_one_at_a_time_got():
     stream = digits()
     model = CNN(stream.spec, width=8)
@@ -167,7 +190,8 @@ def test_tracks_without_state_are_swapped_beside_the_stacked_ones_over_several_b
         (False, ["ema_0.95"]),
     ]
     got = evaluate_tracks(model, tracks, stream, 2, batch_size=64, stack=True)
-    blocks = len(list(evaluation._blocks([(0, b) for i in stream.test_indices for b in i.split(64)], 256, 100 * 256)))
+    batches = [(0, 0, b) for i in stream.test_indices for b in i.split(64)]
+    blocks = len(list(evaluation._blocks(batches, 256, 100 * 256)))
     assert blocks > 3 and swaps == {t.name: blocks if t.state is None else 0 for t in tracks}  # live too
     same(got, one_at_a_time(model, tracks, stream, 2, batch_size=64))
 
