@@ -15,6 +15,7 @@ through task ``--trained-through`` (mid-stream), then the evaluation after that 
     in-place arithmetic, the same values), to tell the two savings apart;
 (b) one pass (``cl_ema.evaluation.evaluate_tracks``, its default on a CPU): each batch built once, each
     track swapped in once and run on all of them;
+(b') (b) as a run makes it after its first evaluation: the batches that evaluation built kept (``KeptBatches``);
 (c) one pass stacked (``stack=True``): the 21 averages in one forward, vmap over their stacked weights
     (``live`` swapped);
 (f) the floor of (b): each track swapped in once and its forward run on every test batch, the batches built
@@ -24,12 +25,15 @@ It checks that (b) gives exactly (a)'s accuracies, and counts how (c)'s logits a
 each track's own forward over the whole evaluation. Part 2: the wall time of the whole runs
 ``experiment=perm_mnist strategy=plain`` and ``strategy=averages`` (``data.n_tasks=--tasks``; 0 skips them),
 their training and evaluation, the ratio, and the least the averages run could take with exact evaluation: its
-training and (f) after each task (on its ``--tasks`` test sets). Everything in one process, ``threads`` as given.
+training and (f) after each task (on its ``--tasks`` test sets); with ``--rebuilt``, the two runs again with
+their test batches built at every evaluation, as runs did before they kept them. Everything in one process,
+``threads`` as given.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import platform
@@ -38,6 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +53,7 @@ from cl_ema.console import Console
 from cl_ema.data.storage import TensorStore
 from cl_ema.data.stream import TaskStream
 from cl_ema.distributed import from_environment
-from cl_ema.evaluation import Accuracies, class_masks, evaluate_tracks, plan
+from cl_ema.evaluation import Accuracies, KeptBatches, class_masks, evaluate_tracks, plan
 from cl_ema.launch import launch
 
 
@@ -172,8 +177,10 @@ def one_evaluation(args: argparse.Namespace) -> float:
               f"batch {batch_size}")  # fmt: skip
         a, a2 = one_at_a_time(run, task, built_before), one_at_a_time(run, task, TensorStore.batch)
         b = evaluate_tracks(run.model, run.tracks, run.stream, task, batch_size=batch_size)
-        same = all(x[n].class_il == b[n].class_il and x[n].task_il == b[n].task_il for x in (a, a2) for n in a)
-        print(f"(a') and (b) give (a)'s accuracies exactly: {same}")
+        kept = KeptBatches()
+        b2 = evaluate_tracks(run.model, run.tracks, run.stream, task, batch_size=batch_size, kept=kept)
+        same = all(x[n].class_il == b[n].class_il and x[n].task_il == b[n].task_il for x in (a, a2, b2) for n in a)
+        print(f"(a'), (b) and (b') give (a)'s accuracies exactly: {same}")
         c = evaluate_tracks(run.model, run.tracks, run.stream, task, batch_size=batch_size, stack=True)
         differ = sum(x != y for n in a for x, y in zip(a[n].class_il + a[n].task_il, c[n].class_il + c[n].task_il))
         print(f"(c) accuracies that differ from (a)'s: {differ} of {2 * len(a) * run.stream.num_tasks}")
@@ -185,6 +192,9 @@ def one_evaluation(args: argparse.Namespace) -> float:
             "(a) one track at a time": lambda: one_at_a_time(run, task, built_before),
             "(a') (a), today's batches": lambda: one_at_a_time(run, task, TensorStore.batch),
             "(b) one pass": lambda: evaluate_tracks(run.model, run.tracks, run.stream, task, batch_size=batch_size),
+            "(b') (b), batches kept": lambda: evaluate_tracks(
+                run.model, run.tracks, run.stream, task, batch_size=batch_size, kept=kept
+            ),
             "(c) one pass, stacked": lambda: evaluate_tracks(
                 run.model, run.tracks, run.stream, task, batch_size=batch_size, stack=True
             ),
@@ -198,21 +208,28 @@ def one_evaluation(args: argparse.Namespace) -> float:
 
 
 def whole_runs(args: argparse.Namespace, forwards: float) -> None:
-    """Part 2; ``forwards``: (f) per test set, the floor of evaluating every track on one task."""
-    elapsed, train = {}, {}
-    for strategy in ("plain", "averages"):
-        cfg = compose(*overrides(args.data_root, args.threads, f"strategy={strategy}", f"data.n_tasks={args.tasks}"))
-        with tempfile.TemporaryDirectory() as folder:
-            started = time.perf_counter()
-            results = launch(check(cfg), Path(folder), console=Console(file=io.StringIO()))
-            elapsed[strategy] = time.perf_counter() - started
-        train[strategy], total = results.meta["train_s"], results.meta["elapsed_s"]
-        print(f"  strategy={strategy:<9} {len(results.tracks):2} tracks: {elapsed[strategy]:6.1f} s in all "
-              f"(tasks: {train[strategy]:.1f} s training, {total - train[strategy]:.1f} s evaluating)")  # fmt: skip
-    print(f"  averages / plain = {elapsed['averages'] / elapsed['plain']:.2f}")
-    floor = train["averages"] + args.tasks**2 * forwards  # after each task, every task's test set
-    print(f"  the least for averages with exact evaluation, its training + (f) on {args.tasks}² test sets: "
-          f"{floor:.1f} s, {floor / elapsed['plain']:.2f} x plain")  # fmt: skip
+    """Part 2; ``forwards``: (f) per test set, the floor of evaluating every track on one task. With
+    ``--rebuilt`` the runs are made again with their test batches built at every evaluation (as runs did
+    before they kept them)."""
+    variants = {"kept": contextlib.nullcontext, "rebuilt": lambda: mock.patch("cl_ema.runner.KeptBatches", type(None))}
+    for variant, patched in list(variants.items())[: 2 if args.rebuilt else 1]:
+        elapsed, train = {}, {}
+        print(f" test batches {'kept (as a run does)' if variant == 'kept' else 'built at every evaluation'}:")
+        for strategy in ("plain", "averages"):
+            cfg = compose(
+                *overrides(args.data_root, args.threads, f"strategy={strategy}", f"data.n_tasks={args.tasks}")
+            )
+            with tempfile.TemporaryDirectory() as folder, patched():
+                started = time.perf_counter()
+                results = launch(check(cfg), Path(folder), console=Console(file=io.StringIO()))
+                elapsed[strategy] = time.perf_counter() - started
+            train[strategy], total = results.meta["train_s"], results.meta["elapsed_s"]
+            print(f"  strategy={strategy:<9} {len(results.tracks):2} tracks: {elapsed[strategy]:6.1f} s in all "
+                  f"(tasks: {train[strategy]:.1f} s training, {total - train[strategy]:.1f} s evaluating)")  # fmt: skip
+        print(f"  averages / plain = {elapsed['averages'] / elapsed['plain']:.2f}")
+        floor = train["averages"] + args.tasks**2 * forwards  # after each task, every task's test set
+        print(f"  the least for averages with exact evaluation, its training + (f) on {args.tasks}² test sets: "
+              f"{floor:.1f} s, {floor / elapsed['plain']:.2f} x plain")  # fmt: skip
 
 
 def cpu() -> str:
@@ -231,6 +248,7 @@ def main() -> None:
     parser.add_argument("--trained-through", type=int, default=9, help="the task after which to evaluate (0-based)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=20, help="tasks of the whole runs (0: no whole runs)")
+    parser.add_argument("--rebuilt", action="store_true", help="the whole runs again, test batches not kept")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{cpu()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, device: cpu")
