@@ -163,7 +163,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
 
     def flush(self) -> None:
         """The snapshots written so far on disk, then the manifest that lists them (the main process only)."""
-        if is_main(strict=False) and self.listed != len(self.snapshots):  # a checkpoint at a task end: done
+        if is_main(strict=False) and self.listed != len(self.snapshots):  # else the manifest lists them all already
             sync(self.unsynced)
             self.unsynced.clear()
             self.write_manifest()
