@@ -21,7 +21,8 @@ Where several groups read the batches, the built batches are kept for all of the
 ``CACHE_BYTES``; each swapped track is swapped in once per block (once when the test sets fit). A run evaluates
 the same test sets after every task: given a ``KeptBatches``, the batches built on a CPU are kept from one
 evaluation to the next (test sets of at most ``CACHE_BYTES`` in all), built once per run rather than once per
-task. On an accelerator building is a few kernels, and its memory is the model's. Predictions
+task. On an accelerator building is a few kernels, and its memory is the model's. A held batch that a forward
+changed in place (its version counter moved) is built again for the next. Predictions
 are counted once per task and group, not per batch. The swapped path computes exactly what one track at a
 time did (the same forward on the same batches), so it is the default on a CPU, where the matmuls are
 compute-bound: a stacked forward is no faster there, and vmap's batched matmuls round differently in the
@@ -33,7 +34,7 @@ accelerator a small model's forward is bound by kernel launches, which stacking 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -124,14 +125,6 @@ def evaluate_tracks(
         and sum(len(batch) for *_, batch in batches) * sample_bytes <= CACHE_BYTES
     )
 
-    def built_batch(i: int, j: int, batch: Tensor) -> Tensor:
-        if not keeping or kept is None:
-            return stream.test.batch(batch)
-        key = (tasks[i], batch_size, j)
-        if key not in kept.inputs:
-            kept.inputs[key] = stream.test.batch(batch)
-        return kept.inputs[key]
-
     correct = torch.zeros(len(tracks), len(tasks), 2, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
@@ -139,24 +132,34 @@ def evaluate_tracks(
         stack = device.type != "cpu" if stack is None else stack
         sample = stream.test.batch(batches[0][-1][:1]) if stack and batches else None  # for the test forward
         groups = plan(model, tracks, sample, stack)
-        # several groups read each batch: keep the built batches, in blocks of at most CACHE_BYTES (one block when
-        # they are kept for the next evaluation); one group reads them once, each built (or taken) as it is read
-        keep = len(groups) > 1
-        for block in _blocks(batches, sample_bytes if keep and not keeping else 0, CACHE_BYTES):
-            built = []  # per task of the block: its batches' inputs, and all their labels
-            for i, part in groupby(block, key=itemgetter(0)):
-                items = list(part)
-                inputs: Iterable[Tensor] = (built_batch(*item) for item in items)
-                labels = stream.test.targets_at(torch.cat([batch for *_, batch in items]))
-                built.append((i, list(inputs) if keep else inputs, labels))
+        # several groups read each batch: the built batches are held, in blocks of at most CACHE_BYTES (one block
+        # when they are kept for the next evaluation); one group reads them once, each built as it is read
+        holding = len(groups) > 1 or keeping
+        held = kept.inputs if keeping and kept is not None else {}
+
+        def inputs_of(i: int, j: int, batch: Tensor) -> Tensor:
+            if not holding:
+                return stream.test.batch(batch)
+            key = (tasks[i], batch_size, j)
+            entry = held.get(key)
+            if entry is None or entry[0]._version != entry[1]:  # a forward wrote into its inputs: built again
+                inputs = stream.test.batch(batch)
+                entry = held[key] = (inputs, inputs._version)
+            return entry[0]
+
+        for block in _blocks(batches, sample_bytes if holding and not keeping else 0, CACHE_BYTES):
+            if not keeping:
+                held.clear()  # the block before's
+            block_tasks = [(i, list(part)) for i, part in groupby(block, key=itemgetter(0))]
+            labels = [stream.test.targets_at(torch.cat([batch for *_, batch in items])) for _, items in block_tasks]
             for group in groups:
                 rows = torch.tensor(group.rows, device=device)
                 with group.loaded() as forward:
-                    for i, inputs, labels in built:
+                    for (i, items), task_labels in zip(block_tasks, labels):
                         # counted once per task, not per batch: a few small operations per batch would cost as
                         # much as a small model's forward
-                        logits = torch.cat([forward(x) for x in inputs], 1)
-                        correct[rows, i] += _correct(logits, labels, (seen_now, own[tasks[i]]))
+                        logits = torch.cat([forward(inputs_of(*item)) for item in items], 1)
+                        correct[rows, i] += _correct(logits, task_labels, (seen_now, own[tasks[i]]))
     finally:
         model.train(was_training)
     counts = sum_over_processes(correct).tolist()
@@ -170,9 +173,10 @@ def evaluate_tracks(
 @dataclass
 class KeptBatches:
     """Test batches built by one ``evaluate_tracks`` for the next ones of the same run (see the module
-    docstring): by (task, batch size, batch number)."""
+    docstring): by (task, batch size, batch number), each with its version counter when it was built (a
+    model that changes its inputs in place gets them built again)."""
 
-    inputs: dict[tuple[int, int, int], Tensor] = field(default_factory=dict)
+    inputs: dict[tuple[int, int, int], tuple[Tensor, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

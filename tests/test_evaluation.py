@@ -164,6 +164,25 @@ def test_a_runs_evaluations_build_its_test_batches_once(monkeypatch, several_gro
     assert len(built) == len(subsets) + batches and not over.inputs
 
 
+def test_held_batches_a_model_wrote_into_are_built_again(monkeypatch):
+    """Held for the next track or kept for the next evaluation, a batch the forward changed is built again."""
+
+    class Scaling(MLP):  # scales its inputs in place, as a careless user model might
+        def forward(self, x):
+            return super().forward(x.mul_(2.0))
+
+    stream = digits()
+    model = Scaling(stream.spec, hidden=32)
+    tracks = trained(model, stream)
+    built = []
+    monkeypatch.setattr(stream.test, "batch", lambda index, batch=stream.test.batch: built.append(1) or batch(index))
+    kept = evaluation.KeptBatches()
+    got = [evaluate_tracks(model, tracks, stream, 2, kept=kept) for _ in range(2)]
+    assert len(built) == 2 * len(tracks) * sum(len(index.split(1024)) for index in stream.test_indices)
+    same(got[0], got[1])
+    same(got[0], one_at_a_time(model, tracks, stream, 2))
+
+
 def test_a_conv_net_with_batchnorm_is_swapped_and_gets_what_one_at_a_time_got():
     stream = digits()
     model = CNN(stream.spec, width=8)
