@@ -98,7 +98,7 @@ class PostHocPlugin(AveragingPlugin, supports_distributed=True):  # type: ignore
 
     def row_bytes(self) -> int:
         """Bytes of one row of a snapshot: the averaged tensors in the storage dtype."""
-        return sum(group.live.numel() for group in self.engine.groups) * torch.finfo(self.dtype).bits // 8
+        return sum(group.live.numel() for group in self.engine.groups) * self.dtype.itemsize
 
     def summary(self) -> str:
         horizons = ", ".join(f"{1 / (1 - d):,.0f}" for d in self.decays)
@@ -289,7 +289,7 @@ def check_manifest(manifest: Any) -> None:
     entries = manifest.get("snapshots")
     if not isinstance(entries, list) or not entries:
         raise ValueError("it lists no snapshots")
-    row_bytes = sum(pair[1] for group in layout for pair in group) * torch.finfo(DTYPES[manifest["dtype"]]).bits // 8
+    row_bytes = sum(pair[1] for group in layout for pair in group) * DTYPES[manifest["dtype"]].itemsize
     file_sizes(entries, rows, row_bytes)
     last_step = 0
     for entry in entries:  # in step order, none after the last task end
@@ -303,8 +303,8 @@ def read_snapshot(
 ) -> dict[str, list[torch.Tensor]]:
     """The rows of the snapshot of manifest entry ``entry`` in ``path`` (see the module docstring): by row name,
     one flat tensor per group of ``sizes`` elements. ValueError if the file ends before it does."""
-    rows, itemsize = entry["rows"], torch.finfo(dtype).bits // 8
-    size = len(rows) * sum(sizes) * itemsize
+    rows = entry["rows"]
+    size = len(rows) * sum(sizes) * dtype.itemsize
     with path.open("rb") as handle:
         handle.seek(entry["offset"])
         data = bytearray(handle.read(size))
