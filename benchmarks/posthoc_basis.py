@@ -177,7 +177,7 @@ def cheaper_bases(streams: Sequence[Stream], all_targets: dict[str, Targets], pe
         steps = snapshot_steps(ends, per_task)
         short = EMARule(horizon_decay(1 / per_task, stream.steps_per_task))
         delta = stream.steps_per_task / per_task
-        live = profiles_at(EMARule(0.0), ends, total)
+        first, live = profiles_at(short, steps, total), profiles_at(EMARule(0.0), ends, total)
         candidates = {
             "(1, 4), both updated each step": profiles_at(
                 EMARule(horizon_decay(4 / per_task, stream.steps_per_task)), steps, total
@@ -189,7 +189,7 @@ def cheaper_bases(streams: Sequence[Stream], all_targets: dict[str, Targets], pe
             "(1) and the live weights at every snapshot": profiles_at(EMARule(0.0), steps, total),
         }
         for name, second in candidates.items():
-            basis = torch.cat([profiles_at(short, steps, total), second, live])
+            basis = torch.cat([first, second, live])
             saved_at = torch.tensor([*steps, *steps, *ends])
             m = fit_targets(stream, targets, basis, saved_at, 2 * len(steps) + len(ends))
             print(f"  {stream.name:8} {name:46} {percent(m.within, 'worst'):>8}")
